@@ -1,0 +1,78 @@
+"""``report.md`` with PNG plots (matplotlib) of held-out accuracy, reward, KL and loss per round."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .store import Store  # noqa: E402
+
+PLOTS = {
+    "accuracy": (["eval/accuracy", "eval/strict_accuracy"], "held-out accuracy (greedy pass@1)"),
+    "reward": (["train/reward", "train/acceptance_rate"], "rollout reward and acceptance rate"),
+    "kl": (["eval/kl", "train/kl"], "KL to the reference (nats/token)"),
+    "loss": (["train/loss"], "training loss"),
+}
+
+
+def plot_metrics(metrics: dict[str, list[tuple[int, float]]], out_dir: Path) -> list[Path]:
+    """One PNG per entry of :data:`PLOTS` (metrics not logged are left out); returns the paths."""
+    paths = []
+    for name, (keys, title) in PLOTS.items():
+        series = [(k, metrics[k]) for k in keys if metrics.get(k)]
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+        for k, pts in series:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=k)
+        ax.set_xlabel("round")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_report(out: Path, store: Store, summary: dict) -> Path:
+    """Write ``out/report.md`` (summary table, significance, per-round table, plots)."""
+    plots_dir = out / "plots"
+    plots_dir.mkdir(exist_ok=True)
+    metrics = store.metrics()
+    pngs = plot_metrics(metrics, plots_dir)
+    b, a, sig = summary["eval_before"], summary["eval_after"], summary["significance"]
+    lines = [
+        "# Online RLHF run report", "",
+        f"Model `{summary['model']}`, tasks `{summary['tasks']}`, algorithm **{summary['algorithm']}**, "
+        f"{summary['rounds']} rounds, {summary['wall_seconds']:.0f} s wall.", "",
+        "| held-out (greedy pass@1) | before | after |", "|---|---|---|",
+        f"| accuracy | {b['accuracy']:.3f} [{b['accuracy_ci_low']:.3f}, {b['accuracy_ci_high']:.3f}] "
+        f"| {a['accuracy']:.3f} [{a['accuracy_ci_low']:.3f}, {a['accuracy_ci_high']:.3f}] |",
+        f"| strict accuracy (answer line) | {b['strict_accuracy']:.3f} | {a['strict_accuracy']:.3f} |",
+        f"| n | {b['n']} | {a['n']} |", "",
+        f"{sig['test']}: {int(sig['b'])} tasks improved, {int(sig['c'])} regressed, p = {sig['p_value']:.3g} "
+        "(95% Wilson intervals in brackets).", "",
+        "## Per round", "",
+    ]
+    keys = ["eval/accuracy", "eval/strict_accuracy", "train/reward", "train/acceptance_rate", "train/loss",
+            "eval/kl", "time/round_s"]
+    keys = [k for k in keys if k in metrics]
+    lines += ["| round | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    rounds = sorted({r for k in keys for r, _ in metrics[k]})
+    for r in rounds:
+        vals = {k: dict(metrics[k]).get(r) for k in keys}
+        lines.append(f"| {r} | " + " | ".join("" if v is None else f"{v:.4g}" for v in vals.values()) + " |")
+    lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in pngs]
+    lines += ["", "<details><summary>summary.json</summary>", "", "```json", json.dumps(summary, indent=2), "```",
+              "", "</details>", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,272 @@
+"""The run's database: every task, rollout, completion, verification, ranking, preference
+pair, policy version and metric, as SQLAlchemy models.
+
+SQLite in the run directory by default (WAL journal and a busy timeout, so concurrent
+writers wait instead of failing), or any SQLAlchemy URL such as PostgreSQL. Each stage of a
+round is written in one transaction, so an interrupted run leaves only whole stages behind
+and :func:`rlhf_workbench.loop.run` resumes from the last completed round.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+from .tasks import Task
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of all workbench tables."""
+
+
+class TaskRow(Base):
+    """A task (question with ground truth) and its split."""
+
+    __tablename__ = "tasks"
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    question: Mapped[str] = mapped_column(Text)
+    answer: Mapped[str] = mapped_column(Text)
+    answer_type: Mapped[str] = mapped_column(String(20))
+    context: Mapped[str | None] = mapped_column(Text, nullable=True)
+    choices: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    meta: Mapped[dict] = mapped_column("metadata", JSON, default=dict)
+    split: Mapped[str] = mapped_column(String(10), index=True)
+
+    def to_task(self) -> Task:
+        """The :class:`~rlhf_workbench.tasks.Task` this row stores."""
+        return Task(id=self.id, question=self.question, answer=self.answer, answer_type=self.answer_type,
+                    context=self.context, choices=self.choices, metadata=self.meta or {})
+
+
+class PolicyVersion(Base):
+    """A published policy: version 0 is the base model, version n the result of round n."""
+
+    __tablename__ = "policy_versions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("policy_versions.id"), nullable=True)
+    algorithm: Mapped[str] = mapped_column(String(20))
+    checkpoint: Mapped[str | None] = mapped_column(Text, nullable=True)
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class Rollout(Base):
+    """The traces sampled in one round by one policy version, with the sampling settings."""
+
+    __tablename__ = "rollouts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, index=True)
+    policy_version_id: Mapped[int] = mapped_column(ForeignKey("policy_versions.id"))
+    settings: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    completions: Mapped[list["CompletionRow"]] = relationship(back_populates="rollout", order_by="CompletionRow.id")
+
+
+class CompletionRow(Base):
+    """One sampled trace with its token ids and per-token log-probs under the sampling policy."""
+
+    __tablename__ = "completions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id"), index=True)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id"), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+    prompt_ids: Mapped[list] = mapped_column(JSON)
+    token_ids: Mapped[list] = mapped_column(JSON)
+    logps: Mapped[list] = mapped_column(JSON)
+    finished: Mapped[bool] = mapped_column(Boolean)
+    rollout: Mapped[Rollout] = relationship(back_populates="completions")
+    verification: Mapped["VerificationRow"] = relationship(back_populates="completion", uselist=False)
+
+
+class VerificationRow(Base):
+    """The verifier's verdict on a completion."""
+
+    __tablename__ = "verifications"
+    completion_id: Mapped[int] = mapped_column(ForeignKey("completions.id"), primary_key=True)
+    correct: Mapped[bool] = mapped_column(Boolean)
+    format_ok: Mapped[bool] = mapped_column(Boolean)
+    extracted: Mapped[str | None] = mapped_column(Text, nullable=True)
+    reason: Mapped[str] = mapped_column(Text)
+    completion: Mapped[CompletionRow] = relationship(back_populates="verification")
+
+
+class RankingRow(Base):
+    """A ranking of one prompt's traces from one source: ``ranks`` maps completion id -> rank
+    (0 best, ties allowed, None for wrong traces); ``rewards`` maps completion id -> reward."""
+
+    __tablename__ = "rankings"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id"), index=True)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id"))
+    source: Mapped[str] = mapped_column(String(50))
+    ranks: Mapped[dict] = mapped_column(JSON)
+    rewards: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class PreferencePair(Base):
+    """A DPO pair derived from a ranking: chosen is always a verified-correct trace."""
+
+    __tablename__ = "preference_pairs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ranking_id: Mapped[int] = mapped_column(ForeignKey("rankings.id"), index=True)
+    chosen_id: Mapped[int] = mapped_column(ForeignKey("completions.id"))
+    rejected_id: Mapped[int] = mapped_column(ForeignKey("completions.id"))
+
+
+class Metric(Base):
+    """A scalar logged during a run (TRL names where the concept is the same)."""
+
+    __tablename__ = "metrics"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, index=True)
+    name: Mapped[str] = mapped_column(String(100), index=True)
+    value: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class RunMeta(Base):
+    """Key/value facts about the run (its config, start time)."""
+
+    __tablename__ = "run_meta"
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[Any] = mapped_column(JSON)
+
+
+def make_engine(url: str) -> Engine:
+    """Engine for ``url``; SQLite gets WAL, a 30 s busy timeout and foreign keys on."""
+    engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
+    if url.startswith("sqlite"):
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _):
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+    return engine
+
+
+class Store:
+    """The run's database: open (creating tables) and write whole stages in transactions.
+
+    Args:
+        url: SQLAlchemy URL, or None for ``sqlite:///<run_dir>/workbench.db``.
+        run_dir: default location of the SQLite file.
+    """
+
+    def __init__(self, url: str | None = None, run_dir: str | Path | None = None):
+        if url is None:
+            if run_dir is None:
+                raise ValueError("Store needs a url or a run_dir")
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            url = f"sqlite:///{Path(run_dir) / 'workbench.db'}"
+        self.url = url
+        self.engine = make_engine(url)
+        Base.metadata.create_all(self.engine)
+        self.Session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def session(self) -> Session:
+        """A new session; use ``with store.session() as s, s.begin(): ...`` for one transaction."""
+        return self.Session()
+
+    # --- tasks -----------------------------------------------------------------------------
+    def add_tasks(self, tasks: list[Task], split: str) -> None:
+        """Insert tasks that are not stored yet (idempotent on id).
+
+        Raises:
+            ValueError: a stored task with the same id has another question, answer or split.
+        """
+        with self.session() as s, s.begin():
+            existing = {r.id: r for r in s.scalars(select(TaskRow).where(TaskRow.id.in_([t.id for t in tasks])))}
+            for t in tasks:
+                row = existing.get(t.id)
+                if row is not None:
+                    if (row.question, row.answer, row.split) != (t.question, t.answer, split):
+                        raise ValueError(f"task {t.id!r} is stored with another question/answer/split")
+                    continue
+                s.add(TaskRow(id=t.id, question=t.question, answer=t.answer, answer_type=t.answer_type,
+                              context=t.context, choices=t.choices, meta=dict(t.metadata), split=split))
+
+    def tasks(self, split: str) -> list[Task]:
+        """Stored tasks of a split, ordered by id."""
+        with self.session() as s:
+            return [r.to_task() for r in s.scalars(select(TaskRow).where(TaskRow.split == split).order_by(TaskRow.id))]
+
+    # --- policy versions and metrics ---------------------------------------------------------
+    def latest_version(self) -> PolicyVersion | None:
+        """The newest published policy version, or None."""
+        with self.session() as s:
+            return s.scalars(select(PolicyVersion).order_by(PolicyVersion.id.desc()).limit(1)).first()
+
+    def versions(self) -> list[PolicyVersion]:
+        """All published policy versions, oldest first."""
+        with self.session() as s:
+            return list(s.scalars(select(PolicyVersion).order_by(PolicyVersion.id)))
+
+    def publish_version(self, version: int, parent: int | None, algorithm: str, checkpoint: str | None,
+                        metrics: dict[str, float], round: int) -> None:
+        """Record a policy version and its round metrics in one transaction."""
+        with self.session() as s, s.begin():
+            s.add(PolicyVersion(id=version, parent_id=parent, algorithm=algorithm, checkpoint=checkpoint,
+                                metrics=metrics))
+            for k, v in metrics.items():
+                s.add(Metric(round=round, name=k, value=float(v)))
+
+    def metrics(self) -> dict[str, list[tuple[int, float]]]:
+        """All metrics as ``name -> [(round, value), ...]`` in round order."""
+        out: dict[str, list[tuple[int, float]]] = {}
+        with self.session() as s:
+            for m in s.scalars(select(Metric).order_by(Metric.round, Metric.id)):
+                out.setdefault(m.name, []).append((m.round, m.value))
+        return out
+
+    # --- run metadata --------------------------------------------------------------------------
+    def get_meta(self, key: str, default=None):
+        """A stored run fact, or ``default``."""
+        with self.session() as s:
+            row = s.get(RunMeta, key)
+            return default if row is None else row.value
+
+    def set_meta(self, key: str, value) -> None:
+        """Store a JSON-serialisable run fact."""
+        json.dumps(value)
+        with self.session() as s, s.begin():
+            s.merge(RunMeta(key=key, value=value))
+
+    # --- rollouts -------------------------------------------------------------------------------
+    def rollout_for_round(self, round: int) -> Rollout | None:
+        """The stored rollout of a round (with completions, verifications), or None."""
+        from sqlalchemy.orm import selectinload
+
+        with self.session() as s:
+            return s.scalars(
+                select(Rollout).where(Rollout.round == round)
+                .options(selectinload(Rollout.completions).selectinload(CompletionRow.verification))
+            ).first()
+
+    def rankings_for_rollout(self, rollout_id: int) -> list[RankingRow]:
+        """Rankings recorded for a rollout."""
+        with self.session() as s:
+            return list(s.scalars(select(RankingRow).where(RankingRow.rollout_id == rollout_id).order_by(RankingRow.id)))
+
+    def pairs_for_rollout(self, rollout_id: int) -> list[PreferencePair]:
+        """Preference pairs derived from a rollout's rankings."""
+        with self.session() as s:
+            return list(s.scalars(
+                select(PreferencePair).join(RankingRow, PreferencePair.ranking_id == RankingRow.id)
+                .where(RankingRow.rollout_id == rollout_id).order_by(PreferencePair.id)
+            ))
