@@ -12,6 +12,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Online RLHF 
 console = Console()
 
 
+@app.callback()
+def main() -> None:
+    """Online RLHF Workbench: sample, verify, rank and update a causal LM online."""
+
+
 def _parse_overrides(items: list[str]) -> dict:
     import yaml
 

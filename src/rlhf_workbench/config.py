@@ -40,6 +40,7 @@ class TaskConfig(_Strict):
     limit: int | None = Field(None, description="read at most this many tasks")
     heldout_fraction: float | None = Field(None, description="fraction held out when the file has no split")
     heldout_size: int | None = Field(None, description="number held out when the file has no split")
+    instruction: str | None = Field(None, description="final-answer instruction appended to every prompt (default per answer type)")
     max_heldout: int | None = Field(None, description="evaluate on at most this many held-out tasks")
 
 
@@ -97,6 +98,7 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(64, ge=1, description="completion cap for greedy evaluation")
     batch_size: int = Field(64, ge=1, description="prompts per generation batch")
     every_round: bool = Field(True, description="evaluate after every round (else only before and after)")
+    round_subset: int | None = Field(None, description="intermediate rounds evaluate only the first N held-out tasks")
     kl_samples: int = Field(32, ge=0, description="held-out completions used for the KL to the reference")
 
 

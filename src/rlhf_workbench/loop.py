@@ -17,6 +17,7 @@ import json
 import random
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -133,6 +134,8 @@ def run(cfg: RunConfig, out_dir: str | Path, console: Console | None = None) -> 
 
     # --- tasks: validated in full before anything is written --------------------------------
     tasks = load_tasks(cfg.tasks.path, cfg.tasks.format, cfg.tasks.limit)
+    if cfg.tasks.instruction:
+        tasks = [replace(t, instruction=cfg.tasks.instruction) for t in tasks]
     train, heldout = split_tasks(tasks, cfg.tasks.heldout_fraction, cfg.tasks.heldout_size, seed=cfg.seed)
     if cfg.tasks.max_heldout:
         heldout = heldout[: cfg.tasks.max_heldout]
@@ -163,10 +166,11 @@ def run(cfg: RunConfig, out_dir: str | Path, console: Console | None = None) -> 
     policy = pair.policy
     ev = cfg.eval
 
-    def run_eval(label: str) -> EvalResult:
+    def run_eval(label: str, subset: int | None = None) -> EvalResult:
+        tasks = heldout[:subset] if subset else heldout
         with Progress(console=console, transient=True) as bar:
-            job = bar.add_task(f"eval {label}", total=len(heldout))
-            return evaluate(pair, heldout, ev.max_new_tokens, ev.batch_size, cfg.model.mixed_precision,
+            job = bar.add_task(f"eval {label}", total=len(tasks))
+            return evaluate(pair, tasks, ev.max_new_tokens, ev.batch_size, cfg.model.mixed_precision,
                             ev.kl_samples, progress=lambda n: bar.advance(job, n))
 
     if latest is None:
@@ -200,7 +204,7 @@ def run(cfg: RunConfig, out_dir: str | Path, console: Console | None = None) -> 
         metrics = {**{f"train/{k}": v for k, v in {**stats, **train_stats}.items()},
                    "time/rollout_s": t_rollout, "time/update_s": t_update}
         if ev.every_round or round == cfg.rounds:
-            result = run_eval(f"v{round}")
+            result = run_eval(f"v{round}", None if round == cfg.rounds else ev.round_subset)
             _save_eval(out, round, result)
             metrics.update(result.metrics())
         ckpt_dir = out / "checkpoints" / f"v{round}"

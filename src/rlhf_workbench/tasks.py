@@ -32,6 +32,8 @@ class Task:
         context: optional passage (e.g. PubMedQA abstract) shown before the question.
         choices: optional multiple-choice options, letter -> option text, in display order.
         metadata: free-form extra fields kept from the source record.
+        instruction: overrides the answer-type's default final-answer instruction in :meth:`prompt`
+            (set from the run config's ``tasks.instruction``).
     """
 
     id: str
@@ -41,6 +43,7 @@ class Task:
     context: str | None = None
     choices: dict[str, str] | None = None
     metadata: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    instruction: str | None = None
 
     def prompt(self) -> str:
         """The user message sent to the policy: context, question, options and the
@@ -51,7 +54,7 @@ class Task:
         parts.append(self.question if not self.context else f"Question: {self.question}")
         if self.choices:
             parts.append("\n".join(f"{k}. {v}" for k, v in self.choices.items()))
-        parts.append(ANSWER_INSTRUCTIONS[self.answer_type])
+        parts.append(self.instruction or ANSWER_INSTRUCTIONS[self.answer_type])
         return "\n\n".join(parts)
 
 
