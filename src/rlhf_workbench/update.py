@@ -74,10 +74,10 @@ def dpo_update(pair: PolicyPair, optimizer, accelerator, pairs: list[tuple[Sampl
     Returns:
         Mean metrics over the phase with TRL's names: ``loss``, ``rewards/chosen``,
         ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``,
-        ``logps/rejected``, ``grad_norm``; empty when there are no pairs.
+        ``logps/rejected``, ``grad_norm``, ``steps`` (optimizer steps; 0 when there are no pairs).
     """
     if not pairs:
-        return {}
+        return {"steps": 0.0}
     pad_id = pair.tokenizer.pad_token_id
     flat = [s for p in pairs for s in p]
     ref = reference_logps(pair, flat, cfg)
@@ -105,7 +105,7 @@ def dpo_update(pair: PolicyPair, optimizer, accelerator, pairs: list[tuple[Sampl
             for k, v in stats.items():
                 sums.setdefault(k, []).append(v * n)
         sums.setdefault("grad_norm", []).append(_step(pair, optimizer, accelerator, cfg) * len(pairs) / n_steps)
-    return {k: sum(v) / len(pairs) for k, v in sums.items()}
+    return {**{k: sum(v) / len(pairs) for k, v in sums.items()}, "steps": float(n_steps)}
 
 
 def grpo_update(pair: PolicyPair, optimizer, accelerator, samples: list[Sample], cfg: RunConfig) -> dict[str, float]:
@@ -117,7 +117,8 @@ def grpo_update(pair: PolicyPair, optimizer, accelerator, samples: list[Sample],
     Old log-probs are the ones recorded at rollout (no recomputation).
 
     Returns:
-        Mean metrics: ``loss``, ``kl``, ``clip_ratio``, ``grad_norm``; empty if nothing to train on.
+        Mean metrics: ``loss``, ``kl``, ``clip_ratio``, ``grad_norm``, ``steps`` (optimizer steps
+        taken). When every advantage is 0 and β = 0 the objective is exactly 0 and no step is taken.
     """
     g = cfg.grpo
     pad_id = pair.tokenizer.pad_token_id
@@ -125,7 +126,7 @@ def grpo_update(pair: PolicyPair, optimizer, accelerator, samples: list[Sample],
     total = len(samples)
     active = [s for s in samples if g.beta > 0 or s.advantage != 0.0]
     if not active:
-        return {}
+        return {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "grad_norm": 0.0, "steps": 0.0}
     ref = reference_logps(pair, active, cfg, temperature) if g.beta > 0 else None
     max_len = cfg.rollout.max_new_tokens
     pair.train_module.train()
@@ -169,4 +170,5 @@ def grpo_update(pair: PolicyPair, optimizer, accelerator, samples: list[Sample],
         "kl": sums["kl"] / n_tok,
         "clip_ratio": sums["clip_ratio"] / n_tok,
         "grad_norm": sums["grad_norm"] / n_steps,
+        "steps": float(n_steps),
     }
