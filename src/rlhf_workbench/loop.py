@@ -139,15 +139,16 @@ def run(cfg: RunConfig, out_dir: str | Path, console: Console | None = None) -> 
     train, heldout = split_tasks(tasks, cfg.tasks.heldout_fraction, cfg.tasks.heldout_size, seed=cfg.seed)
     if cfg.tasks.max_heldout:
         heldout = heldout[: cfg.tasks.max_heldout]
-    assert not {t.id for t in train} & {t.id for t in heldout}, "held-out tasks leaked into train"
+    leaked = {t.id for t in train} & {t.id for t in heldout}
+    if leaked:
+        raise ValueError(f"{cfg.tasks.path}: tasks in both splits: {sorted(leaked)[:5]}")
     out.mkdir(parents=True, exist_ok=True)
     store = Store(cfg.db_url, out)
-    stored_cfg = store.get_meta("config")
-    if stored_cfg is not None and stored_cfg != cfg.model_dump(mode="json"):
-        stored_rounds = {**stored_cfg, "rounds": None}
-        if stored_rounds != {**cfg.model_dump(mode="json"), "rounds": None}:
-            raise ValueError(f"{out} holds a run with another config; use a new --out or the same config")
-    store.set_meta("config", cfg.model_dump(mode="json"))
+    config = cfg.model_dump(mode="json")
+    stored = store.get_meta("config")
+    if stored is not None and {**stored, "rounds": 0} != {**config, "rounds": 0}:  # more rounds is a resume
+        raise ValueError(f"{out} holds a run with another config; use a new --out or the same config")
+    store.set_meta("config", config)
     store.add_tasks(train, "train")
     store.add_tasks(heldout, "heldout")
     tasks_by_id = {t.id: t for t in train}
