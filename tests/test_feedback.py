@@ -21,7 +21,7 @@ def test_rank_rewards_best_middle_worst():
 
 
 def test_rank_group_ties_and_wrong():
-    ranks = rank_group([V(True), V(False), V(True), V(True)], [0.5, 9.0, 0.5, 0.7])
+    ranks = rank_group([True, False, True, True], [0.5, 9.0, 0.5, 0.7])
     assert ranks == [1, None, 1, 0]  # the wrong trace's high score does not rank it
 
 
@@ -48,4 +48,4 @@ def test_rule_ranker_prefers_format_then_short():
     ranker = RuleRanker([FeedbackSource(name="format", weight=1.0), FeedbackSource(name="length", weight=0.1)], 64)
     scores = ranker([C(10), C(40), C(10)], [V(True, True), V(True, True), V(True, False)])
     assert scores[0] > scores[1] > scores[2]
-    assert rank_group([V(True)] * 3, scores) == [0, 1, 2]
+    assert rank_group([True] * 3, scores) == [0, 1, 2]

@@ -61,6 +61,13 @@ class FeedbackSource(_Strict):
 
 
 class FeedbackConfig(_Strict):
+    source: Literal["rules", "human"] = Field(
+        "rules", description="who ranks the verified traces: rule rewards now, or annotators in the web app"
+    )
+    min_rankings: int = Field(8, ge=1, description="human: submitted items needed before an update runs")
+    annotators_per_item: int = Field(1, ge=1, description="human: annotators each item is shown to")
+    poll_seconds: float = Field(2.0, gt=0, description="human: how often the worker checks for new rankings")
+    min_verified: int = Field(2, ge=0, description="human: verified traces an item needs to be shown for ranking")
     sources: list[FeedbackSource] = Field(
         default_factory=lambda: [FeedbackSource(name="format", weight=1.0), FeedbackSource(name="length", weight=0.1)],
         description="sources whose weighted sum ranks the verified traces of a prompt",

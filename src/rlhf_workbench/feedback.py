@@ -58,18 +58,18 @@ class RuleRanker:
         ]
 
 
-def rank_group(verifications: Sequence[Verification], scores: Sequence[float]) -> list[int | None]:
-    """Dense ranks (0 = best, ties share a rank) of the correct traces; wrong traces get None.
+def rank_group(eligible: Sequence[bool], scores: Sequence[float]) -> list[int | None]:
+    """Dense ranks (0 = best, ties share a rank) of the eligible traces; the others get None.
 
     Args:
-        verifications: one per trace of a prompt.
+        eligible: one per trace of a prompt: verified correct (and not flagged).
         scores: ranker scores, same length (higher is better).
 
     Returns:
         ``ranks[i]`` for each trace.
     """
-    levels = sorted({round(s, 9) for s, v in zip(scores, verifications) if v.correct}, reverse=True)
-    return [levels.index(round(s, 9)) if v.correct else None for s, v in zip(scores, verifications)]
+    levels = sorted({round(s, 9) for s, ok in zip(scores, eligible) if ok}, reverse=True)
+    return [levels.index(round(s, 9)) if ok else None for s, ok in zip(scores, eligible)]
 
 
 def rank_rewards(ranks: Sequence[int | None]) -> list[float]:

@@ -28,6 +28,7 @@ from rich.progress import Progress
 
 from .config import RunConfig
 from .evaluate import EvalResult, evaluate, mcnemar_exact
+from .annotation import wait_for_human_rankings
 from .feedback import build_pairs, completion_rewards, make_ranker, rank_group
 from .losses import group_advantages
 from .models import load_policy, save_policy
@@ -36,7 +37,7 @@ from .rollout import Completion, generate
 from .store import CompletionRow, PreferencePair, RankingRow, Rollout, Store, VerificationRow
 from .tasks import load_tasks, split_tasks
 from .update import Sample, dpo_update, grpo_update
-from .verify import Verification, verify
+from .verify import verify
 
 
 def prompts_for_round(train: list, round: int, n: int, seed: int) -> list:
@@ -53,35 +54,58 @@ def prompts_for_round(train: list, round: int, n: int, seed: int) -> list:
 
 
 def _store_rollout(store: Store, round: int, version: int, settings: dict, tasks_by_id: dict,
-                   comps: list[Completion], cfg: RunConfig) -> int:
-    """Verify, rank and pair one round's completions and store them all in one transaction."""
-    ranker = make_ranker(cfg.feedback, cfg.rollout.max_new_tokens)
-    K = cfg.rollout.num_generations
+                   comps: list[Completion]) -> int:
+    """Verify one round's completions and store them with their verdicts in one transaction."""
     with store.session() as s, s.begin():
         rollout = Rollout(round=round, policy_version_id=version, settings=settings)
         s.add(rollout)
         s.flush()
-        for g in range(0, len(comps), K):
-            group = comps[g : g + K]
-            task = tasks_by_id[group[0].task_id]
-            vers = [verify(c.text, task) for c in group]
-            rows = [CompletionRow(rollout_id=rollout.id, task_id=task.id, index=c.index, text=c.text,
-                                  prompt_ids=c.prompt_ids, token_ids=c.token_ids, logps=c.logps, finished=c.finished)
-                    for c in group]
-            s.add_all(rows)
-            s.flush()
-            s.add_all(VerificationRow(completion_id=r.id, correct=v.correct, format_ok=v.format_ok,
-                                      extracted=v.extracted, reason=v.reason) for r, v in zip(rows, vers))
-            ranks = rank_group(vers, ranker(group, vers))
+        rows = [CompletionRow(rollout_id=rollout.id, task_id=c.task_id, index=c.index, text=c.text,
+                              prompt_ids=c.prompt_ids, token_ids=c.token_ids, logps=c.logps, finished=c.finished)
+                for c in comps]
+        s.add_all(rows)
+        s.flush()
+        s.add_all(VerificationRow(completion_id=r.id, **vars(verify(c.text, tasks_by_id[c.task_id])))
+                  for r, c in zip(rows, comps))
+        return rollout.id
+
+
+def _record_rankings(store: Store, rollout: Rollout, source: str, scores: dict[str, dict[int, float]],
+                     flagged: set[int], cfg: RunConfig) -> None:
+    """Turn per-task scores of the traces into rankings, rewards and DPO pairs (one transaction).
+
+    Wrong and flagged traces are unranked: reward 0, never chosen.
+    """
+    by_task: dict[str, list[CompletionRow]] = {}
+    for c in rollout.completions:
+        by_task.setdefault(c.task_id, []).append(c)
+    with store.session() as s, s.begin():
+        for task_id, task_scores in scores.items():
+            rows = by_task[task_id]
+            vers = [c.verification for c in rows]
+            ok = [v.correct and c.id not in flagged for v, c in zip(vers, rows)]
+            ranks = rank_group(ok, [task_scores.get(c.id, 0.0) for c in rows])
             rewards = completion_rewards(ranks, cfg.feedback.ranking_weight)
-            ranking = RankingRow(rollout_id=rollout.id, task_id=task.id, source="rules",
-                                 ranks={str(r.id): k for r, k in zip(rows, ranks)},
-                                 rewards={str(r.id): x for r, x in zip(rows, rewards)})
+            ranking = RankingRow(rollout_id=rollout.id, task_id=task_id, source=source,
+                                 ranks={str(c.id): k for c, k in zip(rows, ranks)},
+                                 rewards={str(c.id): x for c, x in zip(rows, rewards)})
             s.add(ranking)
             s.flush()
             for ci, ri in build_pairs(ranks, cfg.dpo.pairing, cfg.dpo.max_pairs_per_prompt):
                 s.add(PreferencePair(ranking_id=ranking.id, chosen_id=rows[ci].id, rejected_id=rows[ri].id))
-        return rollout.id
+
+
+def _rule_scores(rollout: Rollout, cfg: RunConfig) -> dict[str, dict[int, float]]:
+    """Rule-reward scores (weighted mix of the configured sources) of every trace, by task."""
+    ranker = make_ranker(cfg.feedback, cfg.rollout.max_new_tokens)
+    by_task: dict[str, list[CompletionRow]] = {}
+    for c in rollout.completions:
+        by_task.setdefault(c.task_id, []).append(c)
+    out = {}
+    for task_id, rows in by_task.items():
+        comps = [Completion(c.task_id, c.index, c.prompt_ids, c.token_ids, c.logps, c.text, c.finished) for c in rows]
+        out[task_id] = dict(zip((c.id for c in rows), ranker(comps, [c.verification for c in rows])))
+    return out
 
 
 def _round_batch(store: Store, rollout: Rollout, cfg: RunConfig):
@@ -195,8 +219,14 @@ def run(cfg: RunConfig, out_dir: str | Path, console: Console | None = None) -> 
                                  r.top_p, r.max_new_tokens, r.stop, r.batch_size, cfg.model.mixed_precision,
                                  progress=lambda n: bar.advance(job, n))
             settings = {**r.model_dump(), "do_sample": True, "mixed_precision": cfg.model.mixed_precision}
-            _store_rollout(store, round, round - 1, settings, tasks_by_id, comps, cfg)
+            _store_rollout(store, round, round - 1, settings, tasks_by_id, comps)
             rollout = store.rollout_for_round(round)
+        if not store.rankings_for_rollout(rollout.id):
+            if cfg.feedback.source == "rules":
+                _record_rankings(store, rollout, "rules", _rule_scores(rollout, cfg), set(), cfg)
+            else:  # experts rank in the web app; wait for enough of them (see annotation.py)
+                scores, flagged = wait_for_human_rankings(store, rollout, cfg, console)
+                _record_rankings(store, rollout, "human", scores, flagged, cfg)
         t_rollout = time.time() - t_round
         batch, stats = _round_batch(store, rollout, cfg)
         update = grpo_update if cfg.algorithm == "grpo" else dpo_update
