@@ -52,3 +52,29 @@ def tiny_model_dir(tokenizer_dir, tmp_path_factory) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def seed_rollout(store, pair, texts: dict, round: int = 1, version: int = 0, tasks: dict | None = None) -> int:
+    """Store a rollout of hand-written traces, as if policy ``version`` had sampled them.
+
+    ``texts`` maps task id -> list of completion texts. Token ids come from the real tokenizer and
+    the per-token log-probs from a real forward pass of ``pair.policy``; each trace is verified by
+    the real verifier. Returns the rollout id.
+    """
+    import torch
+
+    from rlhf_workbench.logprobs import completion_logps
+    from rlhf_workbench.loop import _store_rollout
+    from rlhf_workbench.rollout import Completion, render_prompt
+
+    tasks = tasks or {t.id: t for split in ("train", "heldout") for t in store.tasks(split)}
+    comps = []
+    for task_id, group in texts.items():
+        prompt = render_prompt(pair.tokenizer, tasks[task_id])
+        for k, text in enumerate(group):
+            ids = pair.tokenizer.encode(text, add_special_tokens=False) + [pair.tokenizer.eos_token_id]
+            full = torch.tensor([prompt + ids])
+            with torch.no_grad():
+                logps = completion_logps(pair.policy, full, torch.ones_like(full), len(ids))[0].tolist()
+            comps.append(Completion(task_id, k, prompt, ids, logps, text, True))
+    return _store_rollout(store, round, version, {"seeded": True}, tasks, comps)

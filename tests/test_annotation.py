@@ -1,0 +1,102 @@
+"""Annotation rules: accounts, blind items, and submissions that are refused without changing anything."""
+
+import pytest
+from sqlalchemy import select
+
+from rlhf_workbench.annotation import (AnnotationError, authenticate, check_password, create_user, hash_password,
+                                       human_scores, next_item, save_annotation)
+from rlhf_workbench.config import ModelConfig
+from rlhf_workbench.models import load_policy
+from rlhf_workbench.store import Annotation, Store
+from rlhf_workbench.tasks import Task
+
+from conftest import seed_rollout
+
+TASKS = [Task(id=f"q{i}", question=f"What is {i} + {i}?", answer=str(2 * i)) for i in range(1, 4)]
+
+
+@pytest.fixture()
+def seeded(tiny_model_dir, tmp_path):
+    store = Store(run_dir=tmp_path)
+    store.add_tasks(TASKS, "train")
+    store.publish_version(0, None, "base", None, {}, 0)
+    pair = load_policy(ModelConfig(name=str(tiny_model_dir), mixed_precision="no"))
+    texts = {t.id: [f"Answer: {t.answer}", f"{t.answer_type} so Answer: {t.answer}", "Answer: 999"] for t in TASKS}
+    texts["q3"] = ["Answer: 6", "Answer: 7", "Answer: 8"]  # one verified trace: not worth ranking
+    rid = seed_rollout(store, pair, texts)
+    alice = create_user(store, "alice", "correct horse")
+    bob = create_user(store, "bob", "battery staple")
+    return store, rid, alice, bob
+
+
+def test_passwords_are_salted_hashes():
+    h1, h2 = hash_password("secret pw"), hash_password("secret pw")
+    assert h1 != h2 and "secret" not in h1
+    assert check_password("secret pw", h1) and not check_password("secret pX", h1)
+
+
+def test_accounts(seeded):
+    store, _, alice, _ = seeded
+    assert authenticate(store, "alice", "correct horse").id == alice
+    assert authenticate(store, "alice", "wrong") is None and authenticate(store, "nobody", "x") is None
+    for bad in [("alice", "another pw1", "annotator"), ("carol", "short", "annotator"), ("dave", "long enough", "boss")]:
+        with pytest.raises(AnnotationError):
+            create_user(store, *bad)
+
+
+def test_items_are_blind_and_need_two_verified_traces(seeded):
+    store, rid, alice, bob = seeded
+    item = next_item(store, alice)
+    assert item.rollout_id == rid and item.policy_version == 0 and item.task.id == "q1"
+    assert len(item.verified) == 2 and len(item.rejected) == 1
+    assert "expected 2" in item.rejected[0].reason
+    seen = []
+    for user in (alice, bob):
+        it = next_item(store, user)
+        save_annotation(store, user, rid, it.task.id, "submitted", {t.completion_id: i for i, t in enumerate(it.verified)})
+        seen.append(it.task.id)
+    assert seen == ["q1", "q2"]  # one annotator per item: bob gets the next item
+    assert next_item(store, alice) is None  # q3 has one verified trace only
+    assert next_item(store, alice, annotators_per_item=2).task.id == "q2"  # a second opinion on bob's item
+    save_annotation(store, alice, rid, "q2", "skipped")
+    assert next_item(store, alice, annotators_per_item=2) is None
+    assert next_item(store, alice, min_verified=1).task.id == "q3"
+
+
+def _count(store):
+    with store.session() as s:
+        return [(a.user_id, a.task_id, a.status, a.ranks, a.revision) for a in s.scalars(select(Annotation))]
+
+
+def test_bad_submissions_change_nothing(seeded):
+    store, rid, alice, bob = seeded
+    item = next_item(store, alice)
+    ids = [t.completion_id for t in item.verified]
+    other = next_item(store, alice, min_verified=1)  # still q1 (nothing saved yet)
+    assert other.task.id == "q1"
+    q2_ids = [c.id for c in store.rollout_for_round(1).completions if c.task_id == "q2"]
+    before = _count(store)
+    bad = [
+        dict(status="submitted", ranks={ids[0]: 0}),  # does not cover every trace
+        dict(status="submitted", ranks={ids[0]: 0, q2_ids[0]: 1}),  # a trace of another item
+        dict(status="submitted", ranks={ids[0]: 0, ids[1]: -1}),  # negative rank
+        dict(status="submitted", ranks={ids[0]: 0, ids[1]: 1}, flagged=[q2_ids[0]]),
+        dict(status="maybe"),
+    ]
+    for kwargs in bad:
+        with pytest.raises(AnnotationError):
+            save_annotation(store, alice, rid, "q1", **kwargs)
+    assert _count(store) == before == []
+
+    draft = save_annotation(store, alice, rid, "q1", "draft", {ids[0]: 1}, "first look")
+    assert draft.revision == 0 and next_item(store, alice).draft.rationale == "first look"
+    save_annotation(store, alice, rid, "q1", "draft", {ids[0]: 0}, "second", revision=0)
+    with pytest.raises(AnnotationError, match="stale"):  # another tab still shows revision 0
+        save_annotation(store, alice, rid, "q1", "submitted", {ids[0]: 0, ids[1]: 0}, revision=0)
+    save_annotation(store, alice, rid, "q1", "submitted", {ids[0]: 0, ids[1]: 0}, "tie", [ids[1]], revision=1)
+    with pytest.raises(AnnotationError, match="already submitted"):
+        save_annotation(store, alice, rid, "q1", "submitted", {ids[0]: 1, ids[1]: 0}, revision=2)
+    assert _count(store) == [(alice, "q1", "submitted", {str(ids[0]): 0, str(ids[1]): 0}, 2)]
+
+    scores, flagged, n = human_scores(store, store.rollout_for_round(1))
+    assert n == 1 and flagged == {ids[1]} and scores["q1"] == {ids[0]: 0.0, ids[1]: 0.0} and scores["q2"] == {}
