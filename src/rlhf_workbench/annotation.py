@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import os
 import random
+import threading
 import time
 from dataclasses import dataclass
 
@@ -26,6 +27,9 @@ from .store import Annotation, BinaryFeedback, CompletionRow, RankingRow, Rollou
 from .tasks import Task
 
 ROLES = ("annotator", "admin")
+
+
+_WRITE_LOCK = threading.Lock()  # one check-then-write at a time per process (see save_annotation)
 
 
 class AnnotationError(ValueError):
@@ -117,9 +121,10 @@ def _item_traces(s, rollout_id: int, task_id: str) -> tuple[list[CompletionRow],
 
 
 def next_item(store: Store, user_id: int, annotators_per_item: int = 1, min_verified: int = 2) -> Item | None:
-    """The next item for an annotator: their own draft first, then the first open item with at
-    least ``min_verified`` verified traces that fewer than ``annotators_per_item`` people have
-    submitted or skipped and that this annotator has not; None when there is nothing to do."""
+    """The next item for an annotator: their own draft first, then an open item with at least
+    ``min_verified`` verified traces that fewer than ``annotators_per_item`` people have submitted
+    or skipped and that this annotator has not (fewest annotations first, ties in an order
+    shuffled per annotator); None when there is nothing to do. Newest rollout first."""
     with store.session() as s:
         for rollout in _open_rollouts(s):
             mine = {a.task_id: a for a in s.scalars(select(Annotation).where(
@@ -133,8 +138,12 @@ def next_item(store: Store, user_id: int, annotators_per_item: int = 1, min_veri
                                         .where(CompletionRow.rollout_id == rollout.id)
                                         .group_by(CompletionRow.task_id)).all())
             drafts = [t for t, a in mine.items() if a.status == "draft"]
-            candidates = drafts + sorted(t for t, n in n_verified.items() if n >= min_verified and t not in mine
-                                         and done.get(t, 0) < annotators_per_item)
+            # Fewest annotations first, then an order shuffled per annotator, so that annotators
+            # working at the same time are spread over different items.
+            open_ = [t for t, n in n_verified.items() if n >= min_verified and t not in mine
+                     and done.get(t, 0) < annotators_per_item]
+            open_.sort(key=lambda t: (done.get(t, 0), hashlib.sha256(f"{user_id}:{t}".encode()).hexdigest()))
+            candidates = drafts + open_
             if candidates:
                 task_id = candidates[0]
                 verified, rejected = _item_traces(s, rollout.id, task_id)
@@ -152,7 +161,7 @@ def next_item(store: Store, user_id: int, annotators_per_item: int = 1, min_veri
 
 def save_annotation(store: Store, user_id: int, rollout_id: int, task_id: str, status: str,
                     ranks: dict[int, int] | None = None, rationale: str = "", flagged: list[int] | None = None,
-                    revision: int | None = None) -> Annotation:
+                    revision: int | None = None, annotators_per_item: int | None = None) -> Annotation:
     """Save a draft, a submission or a skip of one item, after validating it.
 
     Args:
@@ -162,6 +171,10 @@ def save_annotation(store: Store, user_id: int, rollout_id: int, task_id: str, s
         flagged: completion ids of this item marked unsafe / clinically wrong.
         revision: the revision of the draft the page was showing (None when it showed none);
             a different stored revision means the draft is stale.
+        annotators_per_item: when given, a submission or skip is refused once the item already has
+            that many from other annotators (several annotators may have been shown the same item
+            at once). Checks and writes are serialised within the process, so concurrent
+            submissions to one app cannot overshoot; separate app processes on one database can.
 
     Returns:
         The stored annotation.
@@ -175,7 +188,7 @@ def save_annotation(store: Store, user_id: int, rollout_id: int, task_id: str, s
         raise AnnotationError(f"status must be draft, submitted or skipped, got {status!r}")
     ranks = {int(k): v for k, v in (ranks or {}).items()}
     flagged = [int(x) for x in (flagged or [])]
-    with store.session() as s, s.begin():
+    with _WRITE_LOCK, store.session() as s, s.begin():
         rollout = s.get(Rollout, rollout_id)
         if rollout is None or s.get(TaskRow, task_id) is None:
             raise AnnotationError(f"no item for rollout {rollout_id} and task {task_id!r}")
@@ -192,6 +205,12 @@ def save_annotation(store: Store, user_id: int, rollout_id: int, task_id: str, s
         if status == "submitted" and set(ranks) != verified_ids:
             missing = sorted(verified_ids - set(ranks))
             raise AnnotationError(f"rank every trace: traces {missing} have no rank")
+        if annotators_per_item is not None and status != "draft":
+            others = s.scalar(select(func.count()).select_from(Annotation).where(
+                Annotation.rollout_id == rollout_id, Annotation.task_id == task_id, Annotation.user_id != user_id,
+                Annotation.status.in_(("submitted", "skipped"))))
+            if others >= annotators_per_item:
+                raise AnnotationError(f"this item already has {others} annotation(s), enough; load the next one")
         existing = s.scalar(select(Annotation).where(Annotation.rollout_id == rollout_id, Annotation.task_id == task_id,
                                                     Annotation.user_id == user_id))
         if existing is not None and existing.status != "draft":

@@ -199,6 +199,7 @@ def run(cfg: RunConfig, out_dir: str | Path, console: Console | None = None) -> 
                             ev.kl_samples, progress=lambda n: bar.advance(job, n))
 
     if latest is None:
+        store.set_meta("status", {"state": "evaluating", "round": 0})
         before = run_eval("v0")
         _save_eval(out, 0, before)
         store.publish_version(0, None, "base", None, before.metrics(), round=0)
@@ -211,6 +212,7 @@ def run(cfg: RunConfig, out_dir: str | Path, console: Console | None = None) -> 
         t_round = time.time()
         rollout = store.rollout_for_round(round)
         if rollout is None:
+            store.set_meta("status", {"state": "generating", "round": round})  # shown on the dashboard
             batch_tasks = prompts_for_round(train, round, r.prompts_per_round, cfg.seed)
             set_seed(cfg.seed * 1000 + round)
             with Progress(console=console, transient=True) as bar:
@@ -230,11 +232,13 @@ def run(cfg: RunConfig, out_dir: str | Path, console: Console | None = None) -> 
         t_rollout = time.time() - t_round
         batch, stats = _round_batch(store, rollout, cfg)
         update = grpo_update if cfg.algorithm == "grpo" else dpo_update
+        store.set_meta("status", {"state": "training", "round": round})
         train_stats = update(pair, optimizer, accelerator, batch, cfg)
         t_update = time.time() - t_round - t_rollout
         metrics = {**{f"train/{k}": v for k, v in {**stats, **train_stats}.items()},
                    "time/rollout_s": t_rollout, "time/update_s": t_update}
         if ev.every_round or round == cfg.rounds:
+            store.set_meta("status", {"state": "evaluating", "round": round})
             result = run_eval(f"v{round}", None if round == cfg.rounds else ev.round_subset)
             _save_eval(out, round, result)
             metrics.update(result.metrics())
@@ -255,6 +259,7 @@ def run(cfg: RunConfig, out_dir: str | Path, console: Console | None = None) -> 
         )
 
     # --- outputs ---------------------------------------------------------------------------------
+    store.set_meta("status", {"state": "done", "round": cfg.rounds})
     final_dir = out / "policy"
     if final_dir.exists():
         shutil.rmtree(final_dir)

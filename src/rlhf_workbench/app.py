@@ -1,0 +1,612 @@
+"""The experts' web app (Gradio): rank verified traces, watch the run, try the policy.
+
+Three tabs behind a login (accounts from :mod:`rlhf_workbench.annotation`):
+
+- **Annotate**: one item at a time (a question, its ground truth, the verified traces in a
+  blind per-annotator order, the rejected traces folded away with the verifier's reason).
+  Ranks are 1 = best on the page (ties allowed) and stored 0-based. Keyboard: a digit fills the
+  next unranked trace, Backspace clears the last rank, Enter submits, S skips (never while
+  typing in the rationale).
+- **Dashboard**: held-out accuracy, reward, KL, loss and acceptance per round, rankings per
+  hour per annotator, inter-annotator agreement, the worker's status and the current version.
+- **Playground**: one question answered greedily by the current policy and by the reference
+  (base) model side by side, with thumbs up/down stored as binary feedback.
+
+The database is the only channel to the worker (the loop with ``feedback.source: human``).
+API endpoints for scripted clients (``gradio_client``, logged in with ``auth=(user, password)``):
+``/next_item`` (no arguments; the item as a JSON string, ``null`` when there is nothing to do)
+and ``/submit`` (rollout_id, task_id, ranks_json, rationale, flagged_json, revision; returns
+``"ok: ..."`` or ``"error: <reason>"``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from sqlalchemy import select  # noqa: E402
+
+from .annotation import (AnnotationError, Item, authenticate, next_item, record_binary_feedback,  # noqa: E402
+                         save_annotation)
+from .config import RunConfig  # noqa: E402
+from .store import Annotation, Store, User  # noqa: E402
+
+LATEX = [
+    {"left": "$$", "right": "$$", "display": True},
+    {"left": "$", "right": "$", "display": False},
+    {"left": "\\(", "right": "\\)", "display": False},
+    {"left": "\\[", "right": "\\]", "display": True},
+]
+NO_SESSION = "Your session has expired or you are not logged in: reload the page and log in again."
+
+# Keyboard-first annotation. Active only while the Annotate tab is shown; never while typing in
+# a text box (the rationale); inside a rank box the keys type normally and Enter submits.
+KEYBOARD_JS = """
+<script>
+(() => {
+  const visible = (el) => el && el.offsetParent !== null;
+  const rankInputs = () => [...document.querySelectorAll('.rank-input input')].filter(visible);
+  const setValue = (input, value) => {
+    const setter = Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set;
+    setter.call(input, value);
+    input.dispatchEvent(new Event('input', {bubbles: true}));
+    input.dispatchEvent(new Event('change', {bubbles: true}));
+  };
+  document.addEventListener('keydown', (e) => {
+    if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
+    const submit = document.querySelector('#submit-btn');
+    if (!visible(submit)) return;  // not on the Annotate page (or not logged in)
+    const t = e.target || document.body;
+    const tag = (t.tagName || '').toLowerCase();
+    if (tag === 'textarea' || tag === 'select' || t.isContentEditable) return;
+    if (tag === 'input' && !['checkbox', 'radio', 'button'].includes(t.type)) {
+      if (e.key === 'Enter' && t.closest('.rank-input')) { e.preventDefault(); submit.click(); }
+      return;
+    }
+    if (/^[1-9]$/.test(e.key)) {
+      const next = rankInputs().find((i) => i.value === '');
+      if (next) { e.preventDefault(); setValue(next, e.key); }
+    } else if (e.key === 'Backspace') {
+      const filled = rankInputs().filter((i) => i.value !== '');
+      if (filled.length) { e.preventDefault(); setValue(filled[filled.length - 1], ''); }
+    } else if (e.key === 'Enter') {
+      if (tag === 'button') return;  // the button's own Enter already clicks it
+      e.preventDefault(); submit.click();
+    } else if (e.key === 's' || e.key === 'S') {
+      e.preventDefault(); document.querySelector('#skip-btn').click();
+    }
+  });
+})();
+</script>
+"""
+
+CSS = """
+#item-header { font-size: 1.05em; }
+#keys-help { opacity: 0.75; font-size: 0.9em; }
+"""
+
+
+# --- small helpers ---------------------------------------------------------------------------------
+def _username(request: gr.Request | None) -> str | None:
+    return getattr(request, "username", None) if request is not None else None
+
+
+def _user_id(store: Store, request: gr.Request | None) -> int:
+    """The logged-in user's id; AnnotationError with a clear message when there is no session."""
+    name = _username(request)
+    if not name:
+        raise AnnotationError(NO_SESSION)
+    with store.session() as s:
+        uid = s.scalar(select(User.id).where(User.username == name))
+    if uid is None:
+        raise AnnotationError(f"{NO_SESSION} (account {name!r} not found)")
+    return uid
+
+
+def _question_md(item: Item) -> str:
+    t = item.task
+    parts = []
+    if t.context:
+        parts.append(f"**Context**\n\n{t.context}")
+    parts.append(f"**Question** (task `{t.id}`)\n\n{t.question}")
+    if t.choices:
+        parts.append("\n".join(f"- **{k}.** {v}" for k, v in t.choices.items()))
+    parts.append(f"**Ground truth:** `{t.answer}`")
+    return "\n\n".join(parts)
+
+
+def _rejected_md(item: Item) -> str:
+    if not item.rejected:
+        return "_No rejected traces._"
+    return "\n\n---\n\n".join(f"**Rejected {j}** · verifier: _{tr.reason}_\n\n{tr.text}"
+                              for j, tr in enumerate(item.rejected, 1))
+
+
+def _answer_md(text: str) -> str:
+    if not text.strip():
+        return f"_(blank answer: {len(text)} whitespace characters)_"
+    return text
+
+
+def _status_text(status: dict | None) -> str:
+    if not status:
+        return "Worker status: not started (no status recorded yet)."
+    state = status.get("state", "?")
+    rnd = status.get("round")
+    if state == "waiting":
+        left = max(0, status.get("need", 0) - status.get("have", 0))
+        return (f"Worker status: **waiting for {left} more ranking{'s' if left != 1 else ''}** "
+                f"(round {rnd}: {status.get('have', 0)} of {status.get('need', 0)} submitted).")
+    return f"Worker status: **{state}**" + (f" (round {rnd})." if rnd is not None else ".")
+
+
+def _line_plot(title: str, series: dict[str, list[tuple[int, float]]], ylabel: str = "") -> Figure:
+    fig = Figure(figsize=(5, 3.2), tight_layout=True)
+    ax = fig.add_subplot()
+    rounds = [r for points in series.values() for r, _ in points]
+    for name, points in series.items():
+        if points:
+            ax.plot([r for r, _ in points], [v for _, v in points], marker="o", label=name)
+    if rounds:
+        ax.set_xlim(min(rounds) - 0.5, max(rounds) + 0.5)
+    else:
+        ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes, color="gray")
+    if rounds and len(series) > 1:
+        ax.legend(fontsize=8)
+    ax.set_title(title)
+    ax.set_xlabel("round")
+    if 0 < len(set(rounds)) <= 12:
+        ax.set_xticks(sorted(set(rounds)))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def submissions_by_hour(store: Store) -> dict[str, list[tuple[datetime, int]]]:
+    """Submitted rankings per clock hour (UTC) per annotator, from the annotations table."""
+    with store.session() as s:
+        rows = s.execute(select(User.username, Annotation.updated_at).join(User, User.id == Annotation.user_id)
+                         .where(Annotation.status == "submitted")).all()
+    counts: dict[str, dict[datetime, int]] = {}
+    for name, ts in rows:
+        hour = ts.replace(minute=0, second=0, microsecond=0, tzinfo=ts.tzinfo or timezone.utc)
+        counts.setdefault(name, {}).setdefault(hour, 0)
+        counts[name][hour] += 1
+    return {name: sorted(per.items()) for name, per in counts.items()}
+
+
+def _rankings_plot(store: Store) -> Figure:
+    data = submissions_by_hour(store)
+    fig = Figure(figsize=(5, 3.2), tight_layout=True)
+    ax = fig.add_subplot()
+    if not data:
+        ax.text(0.5, 0.5, "no rankings yet", ha="center", va="center", transform=ax.transAxes, color="gray")
+    hours = sorted({h for points in data.values() for h, _ in points})[-12:]  # the last 12 active hours
+    width = 0.8 / max(1, len(data))
+    for j, (name, points) in enumerate(sorted(data.items())):
+        per = dict(points)
+        ax.bar([i + j * width for i in range(len(hours))], [per.get(h, 0) for h in hours], width, label=name)
+    if data:
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(hours))],
+                      [h.strftime("%m-%d %H:00") for h in hours], rotation=30, ha="right", fontsize=8)
+        ax.legend(fontsize=8)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(-0.5, max(len(hours), 4) - 0.5)
+    ax.set_title("rankings per hour per annotator")
+    ax.set_xlabel("hour (UTC)")
+    ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def _agreement_md(store: Store) -> str:
+    try:
+        from .agreement import agreement_summary
+    except ImportError:
+        return "**Inter-annotator agreement:** n/a (agreement module not installed)"
+    try:
+        summary = agreement_summary(store)
+    except Exception as e:  # noqa: BLE001 - the dashboard must render whatever the data
+        return f"**Inter-annotator agreement:** n/a ({e})"
+    if not summary:
+        return "**Inter-annotator agreement:** n/a (no item ranked by two annotators yet)"
+
+    def fmt(v):
+        if isinstance(v, float):
+            return "n/a" if v != v else f"{v:.3f}"
+        if isinstance(v, (dict, list)):
+            return f"`{json.dumps(v)[:200]}`"
+        return "n/a" if v is None else str(v)
+
+    rows = "\n".join(f"| {k} | {fmt(v)} |" for k, v in summary.items())
+    return f"**Inter-annotator agreement**\n\n| measure | value |\n|---|---|\n{rows}"
+
+
+def _annotator_table(store: Store) -> str:
+    with store.session() as s:
+        rows = s.execute(select(User.username, Annotation.status, Annotation.updated_at)
+                         .join(User, User.id == Annotation.user_id)).all()
+    per: dict[str, dict] = {}
+    for name, status, ts in rows:
+        d = per.setdefault(name, {"submitted": 0, "skipped": 0, "draft": 0, "times": []})
+        d[status] = d.get(status, 0) + 1
+        if status == "submitted":
+            d["times"].append(ts)
+    if not per:
+        return "_No annotations yet._"
+    lines = ["**Annotators** (rate: submitted per hour between their first and last submission)\n",
+             "| annotator | submitted | skipped | drafts | per hour |", "|---|---|---|---|---|"]
+    for name, d in sorted(per.items()):
+        t = d["times"]
+        span_h = max((max(t) - min(t)).total_seconds() / 3600, 1 / 60) if len(t) > 1 else None
+        rate = f"{len(t) / span_h:.1f}" if span_h else "n/a"
+        lines.append(f"| {name} | {d['submitted']} | {d['skipped']} | {d['draft']} | {rate} |")
+    return "\n".join(lines)
+
+
+class _PlaygroundModels:
+    """The latest policy and the reference, loaded lazily and reloaded when a new version appears."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.lock = threading.Lock()
+        self.version: int | None = None
+        self.pair = None
+
+    def answer(self, store: Store, prompt_task) -> tuple[int, str, str]:
+        from .models import load_policy
+        from .rollout import generate
+
+        latest = store.latest_version()
+        version = latest.id if latest is not None else 0
+        with self.lock:
+            if self.pair is None or version != self.version:
+                ckpt = latest.checkpoint if latest is not None and latest.id > 0 else None
+                self.pair = load_policy(self.cfg.model, checkpoint=ckpt)
+                self.pair.policy.eval()
+                self.version = version
+            pair, ev = self.pair, self.cfg.eval
+
+            def run(model):
+                return generate(model, pair.tokenizer, [prompt_task], num_generations=1, do_sample=False,
+                                max_new_tokens=ev.max_new_tokens, mixed_precision=self.cfg.model.mixed_precision,
+                                compute_logps=False)[0].text
+
+            policy_text = run(pair.policy)
+            with pair.reference_context():
+                ref_text = run(pair.ref_model)
+        return version, policy_text, ref_text
+
+
+# --- the app -----------------------------------------------------------------------------------------
+def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
+    """The three-tab Blocks app for a run (``Store(cfg.db_url, out_dir)``); launch with :func:`launch`."""
+    store = Store(cfg.db_url, out_dir)
+    fb = cfg.feedback
+    n_slots = cfg.rollout.num_generations
+    models = _PlaygroundModels(cfg)
+
+    # --- annotation logic (shared by the page and the API) -----------------------------------
+    def item_state(item: Item | None) -> dict | None:
+        if item is None:
+            return None
+        return {"rollout_id": item.rollout_id, "task_id": item.task.id, "round": item.round,
+                "policy_version": item.policy_version, "completion_ids": [t.completion_id for t in item.verified],
+                "rejected_ids": [t.completion_id for t in item.rejected],
+                "revision": item.draft.revision if item.draft is not None else -1}
+
+    def render(item: Item | None, status: str) -> list:
+        """Updates for every output of the annotation page (see ``page_outputs``)."""
+        if item is None:
+            updates = [gr.update(value="### Nothing to rank right now"),
+                       gr.update(value="All open items are done. New items appear here when the worker has "
+                                       "sampled the next round (checked every 10 s)."), None]
+            for _ in range(n_slots):
+                updates += [gr.update(visible=False), gr.update(value=""), gr.update(value=None),
+                            gr.update(value=False)]
+            updates += [gr.update(label="Rejected traces (0)"), gr.update(value=""), gr.update(value=""),
+                        gr.update(value=status)]
+            return updates
+        draft = item.draft
+        draft_ranks = {int(k): v for k, v in (draft.ranks or {}).items()} if draft else {}
+        draft_flags = set(draft.flagged or []) if draft else set()
+        header = f"### policy v{item.policy_version} · round {item.round}"
+        if draft is not None:
+            header += f" · draft revision {draft.revision}"
+        updates = [gr.update(value=header), gr.update(value=_question_md(item)), item_state(item)]
+        n = len(item.verified)
+        for i in range(n_slots):
+            if i < n:
+                tr = item.verified[i]
+                rank = draft_ranks.get(tr.completion_id)
+                updates += [gr.update(visible=True), gr.update(value=f"#### Trace {i + 1}\n\n{tr.text}"),
+                            gr.update(value=None if rank is None else rank + 1,
+                                      label=f"Rank of Trace {i + 1} (1 = best)"),
+                            gr.update(value=tr.completion_id in draft_flags)]
+            else:
+                updates += [gr.update(visible=False), gr.update(value=""), gr.update(value=None),
+                            gr.update(value=False)]
+        if n == 0:
+            status = (status + " " if status else "") + "This item has no verified trace: submit it to confirm, or skip it."
+        updates += [gr.update(label=f"Rejected traces ({len(item.rejected)}) · verifier's reasons"),
+                    gr.update(value=_rejected_md(item)), gr.update(value=draft.rationale if draft else ""),
+                    gr.update(value=status)]
+        return updates
+
+    def load_next(request: gr.Request, status: str = "") -> list:
+        try:
+            uid = _user_id(store, request)
+        except AnnotationError as e:
+            return render(None, f"**{e}**")
+        return render(next_item(store, uid, fb.annotators_per_item, fb.min_verified), status)
+
+    def collect(state: dict, values: list, require_all: bool) -> tuple[dict[int, int], list[int]]:
+        ids = state["completion_ids"]
+        ranks_in, flags_in = values[:n_slots], values[n_slots:]
+        ranks, missing = {}, []
+        for i, cid in enumerate(ids):
+            v = ranks_in[i]
+            if v is None or v == "":
+                missing.append(i + 1)
+                continue
+            if float(v) != int(float(v)) or not 1 <= int(float(v)) <= len(ids):
+                raise AnnotationError(f"Trace {i + 1}: a rank must be a whole number from 1 to {len(ids)} (1 = best)")
+            ranks[cid] = int(float(v)) - 1
+        if require_all and missing:
+            raise AnnotationError(f"rank every trace: Trace {', '.join(map(str, missing))} "
+                                  f"{'has' if len(missing) == 1 else 'have'} no rank")
+        flagged = [cid for i, cid in enumerate(ids) if flags_in[i]]
+        return ranks, flagged
+
+    def act(request: gr.Request, status_name: str, state: dict | None, rationale: str, values: list):
+        if state is None:
+            gr.Warning("No item is loaded.")
+            return [gr.skip()] * (len(page_outputs) - 1) + [gr.update(value="**No item is loaded.**")]
+        try:
+            uid = _user_id(store, request)
+            ranks, flagged = ({}, []) if status_name == "skipped" else collect(state, values,
+                                                                               status_name == "submitted")
+            revision = None if state["revision"] < 0 else state["revision"]
+            save_annotation(store, uid, state["rollout_id"], state["task_id"], status_name, ranks,
+                            rationale or "", flagged, revision, cfg.feedback.annotators_per_item)
+        except AnnotationError as e:
+            gr.Warning(str(e))
+            return [gr.skip()] * (len(page_outputs) - 1) + [gr.update(value=f"**Not saved:** {e}")]
+        done = {"submitted": "Submitted", "skipped": "Skipped", "draft": "Draft saved"}[status_name]
+        return load_next(request, f"{done} (task `{state['task_id']}`, round {state['round']}).")
+
+    # gradio passes the request only to positional parameters before *args, hence its place.
+    def submit_ui(request: gr.Request, state, rationale, *values):
+        return act(request, "submitted", state, rationale, list(values))
+
+    def draft_ui(request: gr.Request, state, rationale, *values):
+        return act(request, "draft", state, rationale, list(values))
+
+    def skip_ui(request: gr.Request, state, rationale, *values):
+        return act(request, "skipped", state, rationale, list(values))
+
+    def poll(request: gr.Request, state):
+        if state is not None:
+            return [gr.skip()] * len(page_outputs)
+        return load_next(request, "")
+
+    # --- API for scripted clients ----------------------------------------------------------------
+    def api_next_item(request: gr.Request) -> str:
+        """The logged-in annotator's next item as JSON (null when there is nothing to do):
+        rollout_id, task_id, round, policy_version, completion_ids (verified traces in display
+        order), rejected_ids, revision (-1 when no draft), question, answer."""
+        try:
+            uid = _user_id(store, request)
+        except AnnotationError as e:
+            return json.dumps({"error": str(e)})
+        item = next_item(store, uid, fb.annotators_per_item, fb.min_verified)
+        if item is None:
+            return "null"
+        return json.dumps({**item_state(item), "question": item.task.question, "answer": item.task.answer})
+
+    def api_submit(rollout_id: int, task_id: str, ranks_json: str, rationale: str, flagged_json: str,
+                   revision: int, request: gr.Request) -> str:
+        """Submit a ranking as the logged-in annotator. ranks_json: JSON object completion id ->
+        0-based rank (0 best, ties allowed); flagged_json: JSON list of completion ids; revision:
+        the draft revision shown, or -1 for none. Returns "ok: ..." or "error: <reason>"."""
+        try:
+            uid = _user_id(store, request)
+            try:
+                ranks = json.loads(ranks_json or "{}")
+                flagged = json.loads(flagged_json or "[]")
+            except json.JSONDecodeError as e:
+                raise AnnotationError(f"ranks_json / flagged_json must be JSON: {e}") from e
+            if not isinstance(ranks, dict) or not isinstance(flagged, list):
+                raise AnnotationError("ranks_json must be a JSON object and flagged_json a JSON list")
+            rev = None if revision is None or int(revision) < 0 else int(revision)
+            a = save_annotation(store, uid, int(rollout_id), str(task_id), "submitted", ranks, rationale or "",
+                                flagged, rev, cfg.feedback.annotators_per_item)
+        except (AnnotationError, ValueError, TypeError) as e:
+            return f"error: {e}"
+        return f"ok: submitted rollout {a.rollout_id} task {a.task_id}"
+
+    # --- dashboard ----------------------------------------------------------------------------------
+    def version_md() -> str:
+        latest = store.latest_version()
+        if latest is None:
+            return "### Current policy: none published yet"
+        when = latest.created_at.strftime("%Y-%m-%d %H:%M") if latest.created_at else ""
+        return f"### Current policy: v{latest.id}\n\npublished {when} UTC ({latest.algorithm})"
+
+    def dash_status():
+        return version_md(), _status_text(store.get_meta("status"))
+
+    def dash_refresh():
+        m = store.metrics()
+        acc = _line_plot("held-out accuracy", {"accuracy": m.get("eval/accuracy", []),
+                                               "strict": m.get("eval/strict_accuracy", [])})
+        rew = {"reward": m.get("train/reward", [])}
+        if "train/rewards/margins" in m:
+            rew["DPO reward margin"] = m["train/rewards/margins"]
+        reward = _line_plot("reward", rew)
+        kl = _line_plot("KL(policy ‖ reference), held-out", {"kl": m.get("eval/kl", [])}, "nats / token")
+        loss = _line_plot("training loss", {"loss": m.get("train/loss", [])})
+        accept = _line_plot("acceptance rate (verified / sampled)", {"acceptance": m.get("train/acceptance_rate", [])})
+        return (*dash_status(), acc, reward, kl, loss, accept, _rankings_plot(store), _annotator_table(store),
+                _agreement_md(store))
+
+    # --- playground ------------------------------------------------------------------------------------
+    def ask(question: str, instruction: str):
+        from .tasks import Task
+
+        if not question or not question.strip():
+            gr.Warning("Type a question first.")
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), None, "Type a question first."
+        task = Task(id="playground", question=question.strip(), answer="", answer_type="text",
+                    instruction=(instruction or "").strip() or None)
+        version, pol, ref = models.answer(store, task)
+        state = {"prompt": task.prompt(), "policy": pol, "reference": ref, "version": version}
+        return (f"#### Current policy v{version}", _answer_md(pol), "#### Reference (base model, v0)",
+                _answer_md(ref), state, "Rate each answer: thumbs up or down.")
+
+    def rate(which: str, label: bool):
+        def fn(state: dict | None, request: gr.Request):
+            if not state:
+                gr.Warning("Ask a question first.")
+                return "Ask a question first."
+            try:
+                uid = _user_id(store, request)
+            except AnnotationError as e:
+                gr.Warning(str(e))
+                return f"**{e}**"
+            version = state["version"] if which == "policy" else 0
+            record_binary_feedback(store, uid, version, state["prompt"], state[which], label)
+            return f"Recorded thumbs {'up' if label else 'down'} for the {which} answer (v{version})."
+        return fn
+
+    # --- layout -------------------------------------------------------------------------------------------
+    with gr.Blocks(title="RLHF workbench", analytics_enabled=False) as demo:
+        gr.Markdown("## Online RLHF workbench")
+        with gr.Tabs():
+            with gr.Tab("Annotate", id="annotate", elem_id="tab-annotate"):
+                header = gr.Markdown(elem_id="item-header")
+                question = gr.Markdown(elem_id="item-question", latex_delimiters=LATEX)
+                state = gr.State(None)
+                gr.Markdown("Keys: **1–9** rank the next unranked trace (1 = best, ties allowed) · **Backspace** "
+                            "clears the last rank · **Enter** submits · **S** skips (not while typing in the "
+                            "rationale).", elem_id="keys-help")
+                slot_parts, rank_boxes, flag_boxes = [], [], []
+                for i in range(n_slots):
+                    with gr.Column(visible=False, variant="panel", elem_id=f"trace-{i + 1}",
+                                   elem_classes=["trace"]) as grp:
+                        text = gr.Markdown(latex_delimiters=LATEX, line_breaks=True, elem_id=f"trace-text-{i + 1}")
+                        with gr.Row():
+                            rank = gr.Number(label=f"Rank of Trace {i + 1} (1 = best)", precision=0,
+                                             elem_id=f"rank-{i + 1}", elem_classes=["rank-input"])
+                            flag = gr.Checkbox(label="flag unsafe / clinically wrong", elem_id=f"flag-{i + 1}")
+                    slot_parts += [grp, text, rank, flag]
+                    rank_boxes.append(rank)
+                    flag_boxes.append(flag)
+                with gr.Accordion("Rejected traces", open=False, elem_id="rejected") as rejected_acc:
+                    rejected_md = gr.Markdown(latex_delimiters=LATEX, line_breaks=True)
+                rationale = gr.Textbox(label="Rationale (optional)", lines=2, elem_id="rationale")
+                with gr.Row():
+                    submit_btn = gr.Button("Submit (Enter)", variant="primary", elem_id="submit-btn")
+                    draft_btn = gr.Button("Save draft", elem_id="draft-btn")
+                    skip_btn = gr.Button("Skip (S)", elem_id="skip-btn")
+                    reload_btn = gr.Button("Reload item", elem_id="reload-btn")
+                status = gr.Markdown(elem_id="annotate-status")
+                page_outputs = [header, question, state, *slot_parts, rejected_acc, rejected_md, rationale, status]
+                inputs = [state, rationale, *rank_boxes, *flag_boxes]
+                for btn, fn in ((submit_btn, submit_ui), (draft_btn, draft_ui), (skip_btn, skip_ui)):
+                    btn.click(fn, inputs, page_outputs, api_visibility="private", concurrency_limit=None,
+                              trigger_mode="once")
+                reload_btn.click(load_next, None, page_outputs, api_visibility="private", concurrency_limit=None)
+                demo.load(load_next, None, page_outputs, api_visibility="private", concurrency_limit=None)
+                gr.Timer(10).tick(poll, [state], page_outputs, api_visibility="private", concurrency_limit=None,
+                                  show_progress="hidden")
+
+            with gr.Tab("Dashboard", id="dashboard", elem_id="tab-dashboard") as dash_tab:
+                with gr.Row():
+                    current = gr.Markdown(elem_id="current-version")
+                    train_status = gr.Markdown(elem_id="training-status")
+                    refresh_btn = gr.Button("Refresh", elem_id="refresh-btn", scale=0)
+                with gr.Row():
+                    p_acc = gr.Plot(label="accuracy", show_label=False, elem_id="plot-accuracy")
+                    p_reward = gr.Plot(label="reward", show_label=False, elem_id="plot-reward")
+                    p_kl = gr.Plot(label="KL", show_label=False, elem_id="plot-kl")
+                with gr.Row():
+                    p_loss = gr.Plot(label="loss", show_label=False, elem_id="plot-loss")
+                    p_accept = gr.Plot(label="acceptance", show_label=False, elem_id="plot-acceptance")
+                    p_rank = gr.Plot(label="rankings per hour", show_label=False, elem_id="plot-rankings")
+                with gr.Row():
+                    annotators = gr.Markdown(elem_id="annotators")
+                    agreement = gr.Markdown(elem_id="agreement")
+                dash_outputs = [current, train_status, p_acc, p_reward, p_kl, p_loss, p_accept, p_rank, annotators,
+                                agreement]
+                demo.load(dash_status, None, [current, train_status], api_visibility="private")
+                refresh_btn.click(dash_refresh, None, dash_outputs, api_visibility="private")
+                dash_tab.select(dash_refresh, None, dash_outputs, api_visibility="private")
+                gr.Timer(15).tick(dash_status, None, [current, train_status], api_visibility="private",
+                                  concurrency_limit=None, show_progress="hidden")
+
+            with gr.Tab("Playground", id="playground", elem_id="tab-playground"):
+                pg_question = gr.Textbox(label="Question", lines=3, elem_id="pg-question")
+                pg_instruction = gr.Textbox(label="Answer instruction appended to the question (as in training)",
+                                            value=cfg.tasks.instruction or "", elem_id="pg-instruction")
+                ask_btn = gr.Button("Ask both models", variant="primary", elem_id="ask-btn")
+                pg_state = gr.State(None)
+                with gr.Row():
+                    with gr.Column():
+                        pol_title = gr.Markdown("#### Current policy")
+                        pol_answer = gr.Markdown(elem_id="policy-answer", latex_delimiters=LATEX)
+                        with gr.Row():
+                            pol_up = gr.Button("Thumbs up", elem_id="policy-up", scale=0)
+                            pol_down = gr.Button("Thumbs down", elem_id="policy-down", scale=0)
+                    with gr.Column():
+                        ref_title = gr.Markdown("#### Reference (base model)")
+                        ref_answer = gr.Markdown(elem_id="reference-answer", latex_delimiters=LATEX)
+                        with gr.Row():
+                            ref_up = gr.Button("Thumbs up", elem_id="reference-up", scale=0)
+                            ref_down = gr.Button("Thumbs down", elem_id="reference-down", scale=0)
+                pg_status = gr.Markdown(elem_id="pg-status")
+                ask_btn.click(ask, [pg_question, pg_instruction],
+                              [pol_title, pol_answer, ref_title, ref_answer, pg_state, pg_status],
+                              api_visibility="private", concurrency_limit=1)
+                for btn, which, label in ((pol_up, "policy", True), (pol_down, "policy", False),
+                                          (ref_up, "reference", True), (ref_down, "reference", False)):
+                    btn.click(rate(which, label), [pg_state], [pg_status], api_visibility="private",
+                              concurrency_limit=None)
+
+        gr.api(api_next_item, api_name="next_item", concurrency_limit=None)
+        gr.api(api_submit, api_name="submit", concurrency_limit=None)
+    demo.queue(default_concurrency_limit=8)
+    demo.workbench_store = store  # for launch()'s login check
+    return demo
+
+
+def launch(cfg: RunConfig, out_dir: Path, host: str = "127.0.0.1", port: int = 7860, block: bool = True,
+           demo: gr.Blocks | None = None) -> gr.Blocks:
+    """Build (unless given) and serve the app with a login backed by the accounts table.
+
+    Args:
+        block: serve until interrupted; False returns at once with the server running in a thread
+            (stop it with ``demo.close()``).
+    """
+    for key in ("NO_PROXY", "no_proxy"):  # gradio calls its own URL at start-up
+        have = [x for x in os.environ.get(key, "").split(",") if x]
+        os.environ[key] = ",".join(dict.fromkeys([*have, "127.0.0.1", "localhost"]))
+    demo = demo or build_app(cfg, out_dir)
+    store = demo.workbench_store
+
+    def check(username: str, password: str) -> bool:
+        return authenticate(store, username, password) is not None
+
+    demo.launch(server_name=host, server_port=port, auth=check, ssr_mode=False, prevent_thread_lock=not block,
+                auth_message="Online RLHF workbench: log in with your annotator account.", head=KEYBOARD_JS,
+                css=CSS, quiet=True, show_error=True)
+    return demo
