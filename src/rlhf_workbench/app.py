@@ -403,7 +403,8 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
     def api_next_item(request: gr.Request) -> str:
         """The logged-in annotator's next item as JSON (null when there is nothing to do):
         rollout_id, task_id, round, policy_version, completion_ids (verified traces in display
-        order), rejected_ids, revision (-1 when no draft), question, answer."""
+        order), texts (those traces' texts, same order), rejected_ids, revision (-1 when no draft),
+        question, answer."""
         try:
             uid = _user_id(store, request)
         except AnnotationError as e:
@@ -411,7 +412,8 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
         item = next_item(store, uid, fb.annotators_per_item, fb.min_verified)
         if item is None:
             return "null"
-        return json.dumps({**item_state(item), "question": item.task.question, "answer": item.task.answer})
+        return json.dumps({**item_state(item), "texts": [t.text for t in item.verified],
+                           "question": item.task.question, "answer": item.task.answer})
 
     def api_submit(rollout_id: int, task_id: str, ranks_json: str, rationale: str, flagged_json: str,
                    revision: int, request: gr.Request) -> str:
