@@ -78,3 +78,17 @@ def seed_rollout(store, pair, texts: dict, round: int = 1, version: int = 0, tas
                 logps = completion_logps(pair.policy, full, torch.ones_like(full), len(ids))[0].tolist()
             comps.append(Completion(task_id, k, prompt, ids, logps, text, True))
     return _store_rollout(store, round, version, {"seeded": True}, tasks, comps)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread and no ``datasets`` progress bars for a module (light CPU, deterministic
+    sums in the TRL comparisons); restores the thread count afterwards."""
+    import datasets
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    datasets.disable_progress_bars()
+    yield
+    torch.set_num_threads(previous)

@@ -55,13 +55,8 @@ from rlhf_workbench.losses import kto_loss, rloo_advantages, rloo_loss  # noqa: 
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Keep CPU use light and results deterministic."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    datasets.disable_progress_bars()
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(single_thread):
+    """Every test in this module runs with one torch thread (see conftest.single_thread)."""
 
 
 def _common_args(tmp_path, batch_size: int) -> dict:
