@@ -5,7 +5,6 @@ from accelerate import Accelerator
 
 from rlhf_workbench.config import ModelConfig, RunConfig
 from rlhf_workbench.logprobs import completion_logps
-from rlhf_workbench.losses import dpo_loss
 from rlhf_workbench.models import load_policy, save_policy
 from rlhf_workbench.rollout import generate
 from rlhf_workbench.tasks import Task

@@ -30,10 +30,8 @@ from rlhf_workbench.reward_model import (RewardModelRanker, RewardPair, _rewards
                                          pairwise_accuracy, split_hh_dialogue, train_reward_model)
 
 from conftest import seed_rollout  # noqa: E402
-
-VOCAB = 128
-PAD = 0
-ATOL = 1e-5
+from test_losses_vs_trl import ATOL, PAD, VOCAB  # noqa: E402
+from test_losses_vs_trl import make_tokenizer as make_lm_tokenizer  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -42,12 +40,9 @@ def _one_thread(single_thread):
 
 
 def make_tokenizer():
-    """In-memory word-level tokenizer: ``<pad>``=0, ``<eos>``=1, ``<unk>``=2, ``w3``..``w127``."""
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
-    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>",
-                                               unk_token="<unk>")
+    """The in-memory word-level tokenizer of the TRL comparisons, padding on the right as a
+    reward model reads its score at the last real token."""
+    tok = make_lm_tokenizer()
     tok.padding_side = "right"
     return tok
 

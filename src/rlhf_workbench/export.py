@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import aliased
 
-from .store import Annotation, CompletionRow, PreferencePair, RankingRow, Rollout, Store, TaskRow, User
+from .store import Annotation, CompletionRow, PreferencePair, RankingRow, Rollout, Store, User
 
 SOURCES = ("human", "rules", "all")
 RATIONALE_SEP = "\n\n"
@@ -43,7 +42,6 @@ def preference_rows(store: Store, source: str = "all") -> list[dict]:
     """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
-    instruction = ((store.get_meta("config") or {}).get("tasks") or {}).get("instruction")
     chosen, rejected = aliased(CompletionRow), aliased(CompletionRow)
     q = (select(PreferencePair.id, PreferencePair.chosen_id, PreferencePair.rejected_id, RankingRow.source,
                 RankingRow.rollout_id, RankingRow.task_id, Rollout.round, Rollout.policy_version_id,
@@ -57,16 +55,13 @@ def preference_rows(store: Store, source: str = "all") -> list[dict]:
         q = q.where(RankingRow.source == source)
     with store.session() as s:
         pairs = s.execute(q).all()
-        prompts: dict[str, str] = {}
-        for task_id in {p.task_id for p in pairs}:
-            task = s.get(TaskRow, task_id).to_task()
-            prompts[task_id] = (replace(task, instruction=instruction) if instruction else task).prompt()
         annotations: dict[tuple[int, str], list[tuple[str, str]]] = {}
         for rollout_id, task_id, user, rationale in s.execute(
                 select(Annotation.rollout_id, Annotation.task_id, User.username, Annotation.rationale)
                 .join(User, User.id == Annotation.user_id)
                 .where(Annotation.status == "submitted").order_by(Annotation.id)):
             annotations.setdefault((rollout_id, task_id), []).append((user, rationale or ""))
+    prompts = store.prompts({p.task_id for p in pairs})
     rows = []
     for p in pairs:
         human = p.source == "human"

@@ -164,12 +164,13 @@ def pairs_from_rankings(store, source: str | None = None, with_margin: bool = Fa
 
     Returns:
         Pairs ordered by ranking id, then chosen (rank, id), then rejected (rank, id). The
-        prompt is ``task.prompt() + "\\n\\n"`` (:meth:`rlhf_workbench.tasks.Task.prompt`), the
-        completions are the traces' decoded texts.
+        prompt is the user message the task was shown with in the run (:meth:`Store.prompts`,
+        the run's ``tasks.instruction`` applied) + ``"\\n\\n"``; the completions are the traces'
+        decoded texts.
     """
     from sqlalchemy import select
 
-    from .store import CompletionRow, RankingRow, TaskRow
+    from .store import CompletionRow, RankingRow
 
     pairs: list[RewardPair] = []
     with store.session() as s:
@@ -179,8 +180,7 @@ def pairs_from_rankings(store, source: str | None = None, with_margin: bool = Fa
         rankings = list(s.scalars(q))
         ids = {int(k) for r in rankings for k in r.ranks}
         texts = {c.id: c.text for c in s.scalars(select(CompletionRow).where(CompletionRow.id.in_(ids)))}
-        prompts = {t.id: t.to_task().prompt() + "\n\n"
-                   for t in s.scalars(select(TaskRow).where(TaskRow.id.in_({r.task_id for r in rankings})))}
+    prompts = {k: v + "\n\n" for k, v in store.prompts({r.task_id for r in rankings}).items()}
     for r in rankings:
         ranks = {int(k): v for k, v in r.ranks.items()}
         present = [v for v in ranks.values() if v is not None]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine,
-                        event, func, select)
+                        event, select)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
@@ -254,6 +254,24 @@ class Store:
         """Stored tasks of a split, ordered by id."""
         with self.session() as s:
             return [r.to_task() for r in s.scalars(select(TaskRow).where(TaskRow.split == split).order_by(TaskRow.id))]
+
+    def prompts(self, task_ids) -> dict[str, str]:
+        """The user message each task was shown with in this run: :meth:`Task.prompt` with the run
+        config's ``tasks.instruction`` applied when it overrides the default.
+
+        Raises:
+            KeyError: a task id that is not stored.
+        """
+        from dataclasses import replace
+
+        instruction = ((self.get_meta("config") or {}).get("tasks") or {}).get("instruction")
+        ids = set(task_ids)
+        with self.session() as s:
+            rows = {r.id: r for r in s.scalars(select(TaskRow).where(TaskRow.id.in_(ids)))}
+        missing = ids - set(rows)
+        if missing:
+            raise KeyError(f"tasks not stored: {sorted(missing)[:5]}")
+        return {i: replace(r.to_task(), instruction=instruction or None).prompt() for i, r in rows.items()}
 
     # --- policy versions and metrics ---------------------------------------------------------
     def latest_version(self) -> PolicyVersion | None:
