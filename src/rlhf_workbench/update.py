@@ -23,13 +23,17 @@ class Sample:
     """A prompt and one completion as token ids, with what the losses need.
 
     ``old_logps`` are the sampling policy's per-token log-probs recorded at rollout
-    (temperature-scaled); ``advantage`` is used by GRPO.
+    (temperature-scaled); ``advantage`` is used by GRPO and RLOO; ``reward`` is the
+    sequence-level score (PPO's score, RLOO's reward); ``label`` is KTO's
+    desirable (True) / undesirable (False) tag.
     """
 
     prompt_ids: list[int]
     token_ids: list[int]
     old_logps: list[float] | None = None
     advantage: float = 0.0
+    reward: float = 0.0
+    label: bool | None = None
 
 
 def _chunks(items: list, size: int):
