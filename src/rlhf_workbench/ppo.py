@@ -1,0 +1,386 @@
+"""PPO with a learned critic for language models (Ouyang et al. 2022; Schulman et al. 2017).
+
+One call of :func:`ppo_update` trains on one rollout batch. For each completion ``y`` of
+prompt ``x`` (tokens ``y_0 … y_{n-1}``, state ``s_t = x y_{<t}``), in order:
+
+1. rollout quantities, no gradient (π_old = the policy that sampled, all log-probs at the
+   rollout temperature τ, i.e. of ``softmax(logits / τ)``)::
+
+       logp_old_t = log π_old(y_t | s_t)          recorded at rollout
+       logp_ref_t = log π_ref(y_t | s_t)          frozen reference
+       V_old_t    = V_φ(s_t)                      critic, value of the state *before* y_t
+       score      = r(x, y)  [- missing_eos_penalty if y was cut by max_new_tokens]
+
+2. per-token reward with a KL penalty (k1; Ouyang et al. eq. 2; score on the last token)::
+
+       kl_t = logp_old_t - logp_ref_t
+       r_t  = -β kl_t + [t = n-1] · score
+
+3. GAE (Schulman et al. 2016, eq. 16), episode ends after y_{n-1} (V_n = 0)::
+
+       δ_t = r_t + γ V_old_{t+1} - V_old_t
+       A_t = δ_t + γλ A_{t+1}
+       R_t = A_t + V_old_t                         value targets
+
+4. whiten: ``A ← (A - mean(A)) / sqrt(var(A) + 1e-8)`` over all completion tokens of the batch
+
+5. ``ppo_epochs`` × ``num_mini_batches`` optimizer steps on a shuffled batch, each over
+   micro-batches with gradient accumulation (token-weighted, so the step's loss is the
+   minibatch's token mean whatever the micro-batch size)::
+
+       ρ_t    = exp(logp_t - logp_old_t)
+       L^π    = mean_t max(-A_t ρ_t, -A_t clip(ρ_t, 1-ε, 1+ε))                  (PPO eq. 7)
+       L^V    = ½ mean_t max((V_t - R_t)², (clip(V_t, V_old_t ± c) - R_t)²)
+       loss   = L^π + vf_coef L^V - entropy_coef mean_t H_t
+
+   then one clipped-gradient AdamW step on the policy and the critic together.
+
+The maths is in :mod:`rlhf_workbench.losses` (:func:`~rlhf_workbench.losses.kl_penalty_rewards`,
+:func:`~rlhf_workbench.losses.gae_advantages`, :func:`~rlhf_workbench.losses.masked_whiten`,
+:func:`~rlhf_workbench.losses.ppo_loss`); TRL's PPOTrainer/PPOv2Trainer is the reference
+design and metrics carry its names.
+
+The critic is ``AutoModelForSequenceClassification`` (``num_labels=1``) loaded by
+:func:`rlhf_workbench.reward_model.load_reward_model`, used per token as TRL PPOv2's
+``get_reward`` does: the backbone (``model.<base_model_prefix>``) then the ``score`` head on
+every position. Huang et al. (2024) initialise the value model from the reward model; a run
+with rule rewards has none, so by default it starts from the policy's base model with a
+fresh head (``ppo.critic_init`` can name a reward model or any other checkpoint instead).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedModel
+
+from .config import RunConfig
+from .logprobs import completion_logps, selective_log_softmax
+from .losses import explained_variance, gae_advantages, kl_penalty_rewards, masked_whiten, ppo_loss
+from .models import PolicyPair, resolve_model_path
+from .rollout import autocast, pad_batch
+from .update import Sample, reference_logps
+
+CRITIC_DIR = "critic"  # suggested sub-directory of a round checkpoint for save_critic
+
+
+class Critic(torch.nn.Module):
+    """Per-token value model: a sequence-classification model's backbone and scalar ``score`` head.
+
+    ``forward`` returns the head applied to every position's last hidden state, so the value at
+    position ``i`` is ``V(tokens[: i + 1])``. Calling the wrapper (rather than the backbone
+    directly) keeps it usable under ``accelerator.prepare`` (DDP hooks run in ``forward``).
+
+    Attributes:
+        model: the ``AutoModelForSequenceClassification`` (``num_labels=1``) it wraps; this is
+            what :func:`save_critic` saves.
+    """
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        if not hasattr(model, "score") or not hasattr(model, model.base_model_prefix):
+            raise ValueError(
+                f"Critic: {type(model).__name__} has no `score` head or `{model.base_model_prefix}` backbone"
+            )
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` float32 values for ``[B, L]`` token ids (position ids follow the mask, as
+        :func:`rlhf_workbench.logprobs.completion_logps`); values at padding are meaningless."""
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        backbone = getattr(self.model, self.model.base_model_prefix)
+        hidden = backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        return self.model.score(hidden).squeeze(-1).float()
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DDP / accelerate wrapper (``.module``), or the module itself."""
+    while hasattr(module, "module") and isinstance(module.module, torch.nn.Module):
+        module = module.module
+    return module
+
+
+def load_critic(cfg: RunConfig, checkpoint: str | None = None, base_path: str | None = None) -> Critic:
+    """Load the critic: from a saved critic directory, else a fresh scalar head on a backbone.
+
+    Args:
+        cfg: the run config (``model.name`` / ``model.cache_dir`` / ``model.dtype``,
+            ``model.gradient_checkpointing``, ``ppo.critic_init``).
+        checkpoint: a directory written by :func:`save_critic` (resume); loaded as is.
+        base_path: already-resolved path of the policy's base model (skips
+            :func:`rlhf_workbench.models.resolve_model_path`).
+
+    Returns:
+        A :class:`Critic` in train mode, dtype ``cfg.model.dtype``. Without ``checkpoint`` its
+        backbone is ``ppo.critic_init`` if set, else the policy's base model (not a resumed
+        policy checkpoint), and its ``score`` head is freshly initialised by transformers (seed
+        torch first for reproducibility). Always full-parameter, also when the policy uses LoRA.
+    """
+    from .reward_model import load_reward_model
+
+    base = base_path or resolve_model_path(cfg.model.name, cfg.model.cache_dir)
+    source = checkpoint or (resolve_model_path(cfg.ppo.critic_init, cfg.model.cache_dir) if cfg.ppo.critic_init else base)
+    tokenizer = AutoTokenizer.from_pretrained(base)  # only for the pad id load_reward_model sets
+    model, _ = load_reward_model(source, cfg.model.dtype, tokenizer=tokenizer)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return Critic(model).train()
+
+
+def save_critic(critic: torch.nn.Module, out_dir: str | Path) -> Path:
+    """Save the critic so that :func:`load_critic` (``checkpoint=out_dir``) restores it exactly.
+
+    Accepts the :class:`Critic` or its accelerate/DDP wrapper. Written to a temporary sibling and
+    renamed (as :func:`rlhf_workbench.models.save_policy`), so a crash never leaves a partial
+    directory; an existing ``out_dir`` is replaced.
+
+    Returns:
+        ``out_dir`` as a Path.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    _unwrap(critic).model.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def make_optimizer(pair: PolicyPair, critic: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
+    """One AdamW over policy and critic: group 0 the policy's trainable parameters at
+    ``cfg.optim.lr``, group 1 the critic's at ``cfg.ppo.critic_lr``; weight decay
+    ``cfg.optim.weight_decay`` for both. Build it before ``accelerator.prepare``; its
+    ``state_dict`` covers both modules (save it with the checkpoint to resume)."""
+    return torch.optim.AdamW(
+        [
+            {"params": [p for p in pair.policy.parameters() if p.requires_grad], "lr": cfg.optim.lr},
+            {"params": [p for p in _unwrap(critic).parameters() if p.requires_grad], "lr": cfg.ppo.critic_lr},
+        ],
+        lr=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+    )
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def token_values(critic: torch.nn.Module, samples: list[Sample], pad_id: int, mixed_precision: str = "no",
+                 batch_size: int | None = None) -> torch.Tensor:
+    """Critic values aligned with the completion tokens: ``values[i, t] = V(prompt_i + y_i[:t])``.
+
+    The value of completion token ``t`` is the value of the state *before* it is emitted, i.e.
+    the head's output at the position of the preceding token (the last prompt token for
+    ``t = 0``), the same position whose logits give ``log π(y_t | ·)``. With
+    :func:`rlhf_workbench.rollout.pad_batch`'s layout (left-padded prompts, right-padded
+    completions of length ``T``) these are columns ``-T-1 … -2`` of the row (TRL PPOv2:
+    ``full_value[:, context_length - 1 : -1]``).
+
+    Args:
+        critic: a :class:`Critic` (or its accelerate wrapper).
+        samples: prompts and completions (``prompt_ids``, ``token_ids``).
+        pad_id: the tokenizer's pad id.
+        mixed_precision: ``"bf16"`` runs the forward under autocast.
+        batch_size: sequences per forward (None: all at once). Gradients flow unless the caller
+            disables them.
+
+    Returns:
+        ``[B, T]`` float32 values on the critic's device, ``T`` the longest completion, zero at padding.
+    """
+    device = _device(critic)
+    out = []
+    size = batch_size or len(samples)
+    T = max(1, max(len(s.token_ids) for s in samples))
+    for i in range(0, len(samples), size):
+        chunk = samples[i : i + size]
+        ids, mask, cmask = pad_batch([s.prompt_ids for s in chunk], [s.token_ids for s in chunk], pad_id)
+        ids, mask, cmask = ids.to(device), mask.to(device), cmask.to(device)
+        t = cmask.shape[1]
+        with autocast(mixed_precision):
+            v = critic(ids, mask)[:, -t - 1 : -1]
+        v = torch.where(cmask.bool(), v, torch.zeros_like(v))
+        out.append(torch.nn.functional.pad(v, (0, T - t)))
+    return torch.cat(out)
+
+
+def _policy_forward(model, samples: list[Sample], pad_id: int, temperature: float, mixed_precision: str,
+                    with_entropy: bool, device: torch.device):
+    """``(logps [B, T], entropy [B, T] or None, completion_mask [B, T])`` of the sampled tokens
+    under ``softmax(logits / temperature)``; entropy (nats) of that distribution per position."""
+    ids, mask, cmask = pad_batch([s.prompt_ids for s in samples], [s.token_ids for s in samples], pad_id)
+    ids, mask, cmask = ids.to(device), mask.to(device), cmask.to(device)
+    T = cmask.shape[1]
+    if not with_entropy:
+        with autocast(mixed_precision):
+            return completion_logps(model, ids, mask, T, temperature), None, cmask
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with autocast(mixed_precision):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                       logits_to_keep=T + 1).logits
+    logits = logits[:, :-1, :].float() / temperature
+    logps = selective_log_softmax(logits, ids[:, -T:])
+    entropy = torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return logps, entropy, cmask
+
+
+def _eos_ids(pair: PolicyPair) -> set[int]:
+    tok = pair.tokenizer
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    gen = getattr(getattr(pair.policy, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen if isinstance(gen, list) else [gen] if gen is not None else [])
+    return ids
+
+
+def truncated(samples: list[Sample], pair: PolicyPair, stop: list[str] | None = None) -> list[bool]:
+    """Whether each completion was cut by the length cap: it ends neither with an EOS id (the
+    tokenizer's or the generation config's) nor with the token ids of a stop string, which is
+    :func:`rlhf_workbench.rollout.generate`'s ``finished`` flag negated. Prefer passing the stored
+    ``finished`` flags to :func:`ppo_update` when you have them."""
+    eos = _eos_ids(pair)
+    stop_ids = [pair.tokenizer.encode(s, add_special_tokens=False) for s in stop or []]
+    out = []
+    for s in samples:
+        ids = s.token_ids
+        done = bool(ids) and (ids[-1] in eos or any(x and ids[-len(x):] == x for x in stop_ids))
+        out.append(not done)
+    return out
+
+
+def ppo_update(pair: PolicyPair, critic: torch.nn.Module, optimizer, accelerator, samples: list[Sample],
+               cfg: RunConfig, finished: list[bool] | None = None) -> dict[str, float]:
+    """PPO on one rollout batch (see the module docstring for the equations, in order).
+
+    Args:
+        pair: policy / reference / tokenizer; the policy forward goes through ``pair.train_module``.
+        critic: a :class:`Critic` (or its accelerate-prepared wrapper).
+        optimizer: from :func:`make_optimizer` (both modules' parameters; prepared or not).
+        accelerator: the ``accelerate.Accelerator`` (``backward``, ``clip_grad_norm_``).
+        samples: one per completion: ``prompt_ids``, ``token_ids``, ``old_logps`` (per token,
+            recorded at rollout at ``cfg.rollout.temperature``) and ``reward`` (the sequence
+            score). Completions without tokens are skipped. Whitening (advantages, and rewards
+            when ``whiten_rewards``) is over this call's batch (per process under DDP) and is
+            skipped when the batch has fewer than two completion tokens.
+        cfg: ``cfg.ppo`` hyperparameters, ``cfg.optim`` (``micro_batch_size``, ``max_grad_norm``),
+            ``cfg.rollout.temperature``, ``cfg.model.mixed_precision``.
+        finished: per sample, whether it ended with EOS / a stop string (the rollout's
+            ``Completion.finished``); needed only for ``ppo.missing_eos_penalty``, inferred from
+            the tokens with :func:`truncated` when None.
+
+    Returns:
+        Metrics named as TRL's PPO trainers log them: ``objective/kl`` (mean over sequences of
+        the summed k1 KL, nats), ``objective/entropy`` (mean summed ``-logp_old``),
+        ``objective/non_score_reward`` (mean summed ``-β kl``), ``objective/scores`` (mean score
+        after the missing-EOS penalty), ``objective/rlhf_reward`` (their sum),
+        ``val/explained_variance`` (of the returns by the rollout values), and averaged over
+        optimizer steps: ``policy/approxkl_avg``, ``policy/clipfrac_avg``, ``loss/policy_avg``,
+        ``loss/value_avg``, ``val/clipfrac_avg``, ``val/ratio``, ``policy/entropy_avg`` (only
+        when ``entropy_coef > 0``), ``loss`` (total), ``grad_norm``; and ``steps`` (optimizer
+        steps, ``ppo_epochs × min(num_mini_batches, B)``; 0 when there is nothing to train on).
+
+    Raises:
+        ValueError: a sample without ``old_logps`` of the completion's length, or ``finished``
+            of the wrong length.
+    """
+    p = cfg.ppo
+    if finished is not None and len(finished) != len(samples):
+        raise ValueError(f"ppo_update: {len(finished)} finished flags for {len(samples)} samples")
+    keep = [i for i, s in enumerate(samples) if s.token_ids]
+    if finished is None and p.missing_eos_penalty is not None:
+        finished = [not t for t in truncated(samples, pair, cfg.rollout.stop)]
+    samples = [samples[i] for i in keep]
+    finished = [finished[i] for i in keep] if finished is not None else None
+    if not samples:
+        return {"loss": 0.0, "grad_norm": 0.0, "steps": 0.0}
+    for s in samples:
+        if s.old_logps is None or len(s.old_logps) != len(s.token_ids):
+            raise ValueError("ppo_update: every sample needs old_logps, one per completion token (from the rollout)")
+
+    pad_id = pair.tokenizer.pad_token_id
+    temperature = cfg.rollout.temperature
+    mp = cfg.model.mixed_precision
+    device = _device(critic)
+    B = len(samples)
+    T = max(len(s.token_ids) for s in samples)
+    mask = torch.zeros(B, T, dtype=torch.long, device=device)
+    old_logps = torch.zeros(B, T, device=device)
+    ref = torch.zeros(B, T, device=device)
+
+    # 1. rollout quantities (no gradient)
+    ref_rows = reference_logps(pair, samples, cfg, temperature)
+    for i, s in enumerate(samples):
+        n = len(s.token_ids)
+        mask[i, :n] = 1
+        old_logps[i, :n] = torch.tensor(s.old_logps, dtype=torch.float32)
+        ref[i, :n] = ref_rows[i].to(device)
+    was_training = critic.training
+    critic.eval()
+    with torch.no_grad():
+        old_values = token_values(critic, samples, pad_id, mp, cfg.optim.micro_batch_size)
+    critic.train(was_training)
+    scores = torch.tensor([float(s.reward) for s in samples], device=device)
+    if p.missing_eos_penalty is not None:
+        scores = scores - p.missing_eos_penalty * torch.tensor([not f for f in finished], dtype=torch.float32, device=device)
+
+    # 2.-4. rewards with the KL penalty, GAE, whitening
+    with torch.no_grad():
+        rewards, kl = kl_penalty_rewards(scores, old_logps, ref, mask, p.kl_coef)
+        if p.whiten_rewards and mask.sum() > 1:
+            rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
+        advantages, returns = gae_advantages(rewards, old_values, mask, p.gamma, p.lam)
+        if p.whiten_advantages and mask.sum() > 1:
+            advantages = masked_whiten(advantages, mask) * mask
+    non_score = (-p.kl_coef * kl).sum(1).mean().item()
+    metrics: dict[str, float] = {
+        "objective/kl": kl.sum(1).mean().item(),
+        "objective/entropy": (-old_logps * mask).sum(1).mean().item(),
+        "objective/non_score_reward": non_score,
+        "objective/scores": scores.mean().item(),
+        "objective/rlhf_reward": scores.mean().item() + non_score,
+        "val/explained_variance": explained_variance(old_values, returns, mask).item(),
+    }
+
+    # 5. epochs x minibatches x micro-batches
+    with_entropy = p.entropy_coef > 0
+    policy = pair.train_module
+    policy.train()
+    critic.train()
+    params = [q for q in policy.parameters() if q.requires_grad] + [q for q in critic.parameters() if q.requires_grad]
+    n_mb = min(p.num_mini_batches, B)
+    sums: dict[str, float] = {}
+    steps = 0
+    for _ in range(p.ppo_epochs):
+        perm = torch.randperm(B)
+        for mb in torch.tensor_split(perm, n_mb):
+            mb = mb.tolist()
+            mb_tokens = float(mask[mb].sum())
+            step: dict[str, float] = {}
+            for j in range(0, len(mb), cfg.optim.micro_batch_size):
+                idx = mb[j : j + cfg.optim.micro_batch_size]
+                batch = [samples[i] for i in idx]
+                logps, entropy, cmask = _policy_forward(policy, batch, pad_id, temperature, mp, with_entropy, device)
+                t = cmask.shape[1]
+                values = token_values(critic, batch, pad_id, mp)
+                loss, stats = ppo_loss(
+                    logps, old_logps[idx, :t], values, old_values[idx, :t], advantages[idx, :t], returns[idx, :t],
+                    cmask, p.cliprange, p.cliprange_value, p.vf_coef, entropy, p.entropy_coef,
+                )
+                weight = float(cmask.sum()) / mb_tokens  # token share: the step's loss is the minibatch token mean
+                accelerator.backward(loss * weight)
+                step["loss"] = step.get("loss", 0.0) + loss.item() * weight
+                for k, v in stats.items():
+                    step[k] = step.get(k, 0.0) + v.item() * weight
+            step["grad_norm"] = float(accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps += 1
+            for k, v in step.items():
+                sums[k] = sums.get(k, 0.0) + v
+    metrics.update({k: v / steps for k, v in sums.items()})
+    metrics["steps"] = float(steps)
+    return metrics
