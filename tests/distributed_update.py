@@ -1,0 +1,159 @@
+"""One update of every algorithm on a fixed global batch, for comparing process counts.
+
+    python tests/distributed_update.py OUT_DIR                       # one process
+    accelerate launch --num_processes 2 --cpu --num_machines 1 --mixed_precision no \\
+        --dynamo_backend no --main_process_port PORT tests/distributed_update.py OUT_DIR
+
+Builds a tiny random Llama from a config with a fixed seed (nothing read from disk, no
+tokenizer: token ids are drawn from a seeded generator), and for each case in ``CASES`` trains
+a fresh copy of it with one call of the update on the same global batch, on every process.
+The optimizer is plain SGD, so the parameter change is ``-lr ×`` the clipped global gradient
+(summed over the phase's steps) and comparing it compares gradients. The main process writes
+``OUT_DIR/results.json`` (per case: the returned metrics, ``delta_abs_sum`` = Σ|Δθ|, the
+metrics every process returned, and a parameter checksum per process, which DDP keeps equal)
+and ``OUT_DIR/deltas.pt`` (per case, the flattened parameter change).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import types
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rlhf_workbench.config import RunConfig
+from rlhf_workbench.logprobs import completion_logps
+from rlhf_workbench.models import PolicyPair
+from rlhf_workbench.update import Sample, dpo_update, grpo_update, kto_update, rloo_update, sft_update
+
+VOCAB, PAD, TEMPERATURE = 96, 0, 0.7
+
+
+def base_model() -> LlamaForCausalLM:
+    """The tiny Llama every case starts from (seed 0, fp32)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(cfg)
+
+
+def _ids(g: torch.Generator, n: int) -> list[int]:
+    return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
+
+def _with_old_logps(model, samples: list[Sample], g: torch.Generator) -> list[Sample]:
+    """Rollout-like old log-probs: the model's own at the sampling temperature, perturbed a little
+    so that ratios differ from 1 (and some clip)."""
+    with torch.no_grad():
+        for s in samples:
+            ids = torch.tensor([s.prompt_ids + s.token_ids])
+            lp = completion_logps(model, ids, torch.ones_like(ids), len(s.token_ids), TEMPERATURE)[0]
+            s.old_logps = (lp + 0.15 * torch.randn(lp.shape, generator=g)).tolist()
+    return samples
+
+
+def batches(model) -> dict:
+    """The fixed global batches (different prompt and completion lengths)."""
+    g = torch.Generator().manual_seed(1234)
+    prompts = [_ids(g, n) for n in (5, 3, 7)]
+    lengths = [4, 9, 2, 6, 11, 3, 7, 5, 8]
+
+    def grouped(k_per_prompt: int, n_prompts: int) -> list[Sample]:
+        return [Sample(prompts[p], _ids(g, lengths[(p * k_per_prompt + k) % len(lengths)]))
+                for p in range(n_prompts) for k in range(k_per_prompt)]
+
+    grpo = _with_old_logps(model, grouped(3, 2) + [Sample(prompts[2], _ids(g, 6))], g)  # 7 samples
+    for s, a in zip(grpo, [1.2, -0.4, -0.8, 0.0, 0.9, -0.9, 0.5]):
+        s.advantage = a
+    rloo = _with_old_logps(model, grouped(3, 2), g)  # 2 groups of K = 3
+    for s, r in zip(rloo, [1.0, 0.0, 0.2, 0.0, 0.0, 1.0]):
+        s.reward = r
+    dpo = [(Sample(prompts[i % 3], _ids(g, lengths[i])), Sample(prompts[i % 3], _ids(g, lengths[i + 3])))
+           for i in range(5)]
+    kto = grouped(2, 3)[:5]
+    for s, label in zip(kto, [True, False, False, True, True]):
+        s.label = label
+    sft = grouped(2, 3)[:5]
+    return {"grpo": grpo, "rloo": rloo, "dpo": dpo, "kto": kto, "sft": sft}
+
+
+# name: (update, batch key, config overrides)
+CASES = {
+    "grpo": (grpo_update, "grpo", {"grpo": {"beta": 0.04, "loss_type": "grpo"}, "optim": {"steps_per_round": 2}}),
+    "grpo_dapo": (grpo_update, "grpo", {"grpo": {"beta": 0.0, "loss_type": "dapo", "epsilon_high": 0.28}}),
+    "grpo_dr": (grpo_update, "grpo", {"grpo": {"beta": 0.0, "loss_type": "dr_grpo"}, "optim": {"steps_per_round": 3}}),
+    "dpo": (dpo_update, "dpo", {"optim": {"steps_per_round": 3}}),  # steps of 2, 2, 1 pairs: an empty shard
+    "dpo_accum": (dpo_update, "dpo", {"optim": {"micro_batch_size": 4}, "dpo": {"loss_type": "ipo"}}),
+    "rloo": (rloo_update, "rloo", {}),
+    "rloo_norm": (rloo_update, "rloo", {"rloo": {"beta": 0.0, "normalize_advantages": True},
+                                        "optim": {"steps_per_round": 2}}),
+    "kto": (kto_update, "kto", {"optim": {"steps_per_round": 2}}),
+    "sft": (sft_update, "sft", {"sft": {"epochs": 2}}),
+    # LoRA: the reference is the wrapped policy with adapters disabled (padding forwards keep DDP in step).
+    "kto_lora": (kto_update, "kto", {"optim": {"steps_per_round": 2, "lr": 1.0}, "lora": True}),
+}
+
+
+def run_case(accelerator: Accelerator, base, batch, update, overrides: dict) -> tuple[dict, torch.Tensor]:
+    raw = {"model": {"name": "tiny", "mixed_precision": "no"},
+           "rollout": {"num_generations": 3, "temperature": TEMPERATURE, "max_new_tokens": 12},
+           "optim": {"lr": 0.1, "micro_batch_size": 2, "max_grad_norm": 1.0}}
+    overrides = dict(overrides)
+    lora = overrides.pop("lora", False)
+    for key, value in overrides.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    cfg = RunConfig.model_validate(raw)
+    policy = copy.deepcopy(base)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(1)
+        policy = get_peft_model(policy, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+        pair = PolicyPair(policy=policy, reference=None, tokenizer=types.SimpleNamespace(pad_token_id=PAD))
+    else:
+        reference = copy.deepcopy(base).eval().requires_grad_(False)
+        pair = PolicyPair(policy=policy, reference=reference, tokenizer=types.SimpleNamespace(pad_token_id=PAD))
+    params = [p for p in policy.parameters() if p.requires_grad]
+    before = torch.cat([p.detach().flatten().clone() for p in params])
+    optimizer = torch.optim.SGD(params, lr=cfg.optim.lr)
+    pair.train_module, optimizer = accelerator.prepare(policy, optimizer)
+    stats = update(pair, optimizer, accelerator, copy.deepcopy(batch), cfg)
+    after = torch.cat([p.detach().flatten() for p in params])
+    return stats, after - before
+
+
+def main(out_dir: str) -> None:
+    torch.set_num_threads(1)
+    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    base = base_model()
+    data = batches(base)
+    results, deltas = {}, {}
+    for name, (update, key, overrides) in CASES.items():
+        stats, delta = run_case(accelerator, base, data[key], update, overrides)
+        results[name] = {
+            "metrics": stats,
+            "delta_abs_sum": delta.abs().sum().item(),
+            "metrics_by_process": gather_object([stats]) if accelerator.num_processes > 1 else [stats],
+            "checksum_by_process": gather_object([(delta.double() * torch.arange(delta.numel())).sum().item()])
+            if accelerator.num_processes > 1 else [None],
+        }
+        deltas[name] = delta
+    if accelerator.is_main_process:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps({"num_processes": accelerator.num_processes, "cases": results},
+                                                     indent=1))
+        torch.save(deltas, out / "deltas.pt")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

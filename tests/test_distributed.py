@@ -1,0 +1,95 @@
+"""Data-parallel updates: a 2-process CPU run (``accelerate launch``, DDP over gloo) of every
+update gives the same loss, gradient norm and parameter change as a 1-process run on the same
+global batch, to float tolerance.
+
+``tests/distributed_update.py`` runs one update per case (GRPO ``grpo``/``dapo``/``dr_grpo``,
+DPO sigmoid and IPO, RLOO with and without the KL penalty, KTO with full weights and with LoRA,
+SFT) on a tiny random Llama with SGD, so the parameter change is ``-lr ×`` the clipped global
+gradient. The cases cover several optimizer steps, gradient accumulation over micro-batches
+(``no_sync``), shards of unequal size, a process with an empty shard (DPO's last step has one
+pair for two processes) and padding forwards of the LoRA reference (the wrapped policy).
+
+Note: in accelerate 1.15 ``accelerate launch --cpu --num_processes 2`` starts a single process
+unless MPI is used (``--mpirun_hostfile``); ``--multi_gpu`` on a machine without a visible GPU
+starts the processes with torchrun and accelerate picks gloo (``DistributedType.MULTI_CPU``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed_update import CASES
+
+SCRIPT = Path(__file__).with_name("distributed_update.py")
+RTOL, ATOL = 1e-5, 1e-6  # metrics; parameter changes: max |Δ1 - Δ2| <= RTOL · max |Δ1|
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """Both runs, started concurrently: ``{"one": (results, deltas), "two": (results, deltas)}``."""
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    tmp = tmp_path_factory.mktemp("distributed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": "",
+           "HF_HOME": str(tmp / "hf"),  # no user accelerate config (default_config.yaml) applies
+           "HF_HUB_OFFLINE": "1"}
+    commands = {
+        "one": [sys.executable, str(SCRIPT), str(tmp / "one")],
+        "two": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
+                str(SCRIPT), str(tmp / "two")],
+    }
+    procs = {k: subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for k, cmd in commands.items()}
+    out = {}
+    try:
+        for k, proc in procs.items():
+            log, _ = proc.communicate(timeout=300)
+            assert proc.returncode == 0, f"{k}-process run failed ({' '.join(commands[k])}):\n{log[-6000:]}"
+            out[k] = (json.loads((tmp / k / "results.json").read_text()),
+                      torch.load(tmp / k / "deltas.pt", weights_only=True))
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    assert out["one"][0]["num_processes"] == 1 and out["two"][0]["num_processes"] == 2
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_processes_match_one(runs, case):
+    (res1, d1), (res2, d2) = runs["one"], runs["two"]
+    m1, m2 = res1["cases"][case]["metrics"], res2["cases"][case]["metrics"]
+    assert m1["steps"] >= 1 and d1[case].abs().max() > 0  # a real step was taken
+    assert set(m1) == set(m2)
+    for key in ("loss", "grad_norm"):
+        assert m2[key] == pytest.approx(m1[key], rel=RTOL, abs=1e-9), key
+    for key in m1:
+        assert m2[key] == pytest.approx(m1[key], rel=RTOL, abs=ATOL), key
+    scale = d1[case].abs().max().item()
+    assert (d1[case] - d2[case]).abs().max().item() <= RTOL * scale
+    assert res2["cases"][case]["delta_abs_sum"] == pytest.approx(res1["cases"][case]["delta_abs_sum"], rel=RTOL)
+
+
+def test_every_process_reports_the_same(runs):
+    """Metrics are reduced across processes, and DDP leaves every process with the same weights."""
+    for case, result in runs["two"][0]["cases"].items():
+        first, second = result["metrics_by_process"]
+        assert first == second, case
+        a, b = result["checksum_by_process"]
+        assert a == b, case
