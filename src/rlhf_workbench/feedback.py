@@ -1,25 +1,38 @@
 """Feedback: turn verified traces into a ranking per prompt, rewards and preference pairs.
 
 The verifier decides correct vs wrong; a pluggable ranker orders the *correct* traces of a
-prompt (here: rule rewards such as format and length, mixed with weights; the expert web
-page and model-based sources plug in as other rankers). Wrong traces are never ranked
-above a correct one, never get a positive reward and are never chosen.
+prompt. :func:`make_ranker` mixes the configured sources with weights,
+``score = Σ_s w_s · score_s``: rule rewards (format, length, verifier; in [0, 1]), a trained
+reward model (z-scored within the prompt's correct traces) and an LLM judge (win rate in
+[0, 1], :mod:`rlhf_workbench.judge`); the expert web page ranks in its own way
+(:mod:`rlhf_workbench.annotation`). Wrong traces are never ranked above a correct one, never
+get a positive reward and are never chosen.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import math
+from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 from .config import FeedbackConfig, FeedbackSource
 from .rollout import Completion
+from .tasks import Task
 from .verify import Verification
+
+RULE_SOURCES = ("format", "length", "verifier")
 
 
 class Ranker(Protocol):
-    """Scores the traces of one prompt; higher is better. Only correct traces' scores are used."""
+    """Scores the traces of one prompt; higher is better. Only correct traces' scores are used.
 
-    def __call__(self, completions: Sequence[Completion], verifications: Sequence[Verification]) -> list[float]: ...
+    ``task`` is the prompt's :class:`~rlhf_workbench.tasks.Task` (the question and ground truth);
+    rankers that only look at the traces ignore it, model-based ones (the judge) need it.
+    """
+
+    def __call__(self, completions: Sequence[Completion], verifications: Sequence[Verification],
+                 task: Task | None = None) -> list[float]: ...
 
 
 def rule_score(source: FeedbackSource, completion: Completion, verification: Verification, max_tokens: int) -> float:
@@ -51,7 +64,8 @@ class RuleRanker:
     sources: list[FeedbackSource]
     max_tokens: int
 
-    def __call__(self, completions, verifications) -> list[float]:
+    def __call__(self, completions, verifications, task: Task | None = None) -> list[float]:
+        """One score per trace; ``task`` is not needed (accepted for the :class:`Ranker` protocol)."""
         return [
             sum(s.weight * rule_score(s, c, v, self.max_tokens) for s in self.sources)
             for c, v in zip(completions, verifications)
@@ -124,6 +138,156 @@ def build_pairs(
     return pairs[:max_pairs]
 
 
-def make_ranker(cfg: FeedbackConfig, max_tokens: int) -> Ranker:
-    """The ranker a config describes (rule sources mixed with weights)."""
-    return RuleRanker(cfg.sources, max_tokens)
+def _eligible(verifications: Sequence) -> list[bool]:
+    """Traces a model-based source scores: verified correct (a None verification counts as correct)."""
+    return [v is None or bool(v.correct) for v in verifications]
+
+
+def zscore(values: Sequence[float]) -> list[float]:
+    """``(x - mean) / std`` with the population std; all zeros when fewer than two values or std 0."""
+    n = len(values)
+    if n < 2:
+        return [0.0] * n
+    mean = sum(values) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in values) / n)
+    return [0.0] * n if std < 1e-12 else [(x - mean) / std for x in values]
+
+
+@dataclass
+class StandardizedRanker:
+    """Runs ``inner`` on a prompt's verified-correct traces only and z-scores its scores over them.
+
+    Used for the reward model, whose raw scalar has an arbitrary offset and scale (Bradley–Terry
+    is shift-invariant): within a group the standardised score has mean 0 and std 1 (population
+    std, over the correct traces), so its weight is comparable to the [0, 1] rule and judge
+    scores. Wrong traces are not scored and get 0.0 (they are never ranked anyway); a group with
+    fewer than two correct traces, or equal raw scores, gets all zeros.
+    """
+
+    inner: Ranker
+
+    def __call__(self, completions, verifications, task: Task | None = None) -> list[float]:
+        """Standardised scores, one per trace."""
+        idx = [i for i, ok in enumerate(_eligible(verifications)) if ok]
+        out = [0.0] * len(completions)
+        if not idx:
+            return out
+        raw = self.inner([completions[i] for i in idx], [verifications[i] for i in idx], task=task)
+        for i, z in zip(idx, zscore(raw)):
+            out[i] = z
+        return out
+
+
+@dataclass
+class MixedRanker:
+    """Weighted sum of sources: ``score = Σ_s w_s · score_s``.
+
+    Attributes:
+        parts: ``(weight, name, ranker)``; each ranker returns its source's unweighted score.
+            A part with weight 0 is skipped (:func:`make_ranker` leaves such sources out).
+    """
+
+    parts: list[tuple[float, str, Ranker]] = field(default_factory=list)
+
+    def __call__(self, completions, verifications, task: Task | None = None) -> list[float]:
+        """Mixed scores, one per trace.
+
+        Raises:
+            ValueError: a model-based part needs ``task`` and it is None (the judge).
+        """
+        total = [0.0] * len(completions)
+        for weight, _, ranker in self.parts:
+            if weight == 0:
+                continue
+            for i, s in enumerate(ranker(completions, verifications, task=task)):
+                total[i] += weight * s
+        return total
+
+    def stats(self) -> dict[str, float]:
+        """Counters of the model-based parts for logging (the judge's ``judge/calls``,
+        ``judge/consistency_rate``, ...); empty when there are none."""
+        out: dict[str, float] = {}
+        for _, name, ranker in self.parts:
+            st = getattr(ranker, "stats", None)
+            if st is not None and hasattr(st, "as_dict"):
+                out.update(st.as_dict(f"{name}/"))
+        return out
+
+
+@functools.lru_cache(maxsize=4)
+def _reward_model(path: str):
+    """A trained reward model and tokenizer, loaded once per process (GPU when available)."""
+    import torch
+
+    from .reward_model import load_reward_model
+
+    model, tokenizer = load_reward_model(path)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return model.eval(), tokenizer
+
+
+@functools.lru_cache(maxsize=4)
+def _local_judge(name: str):
+    """A local judge model, loaded once per process."""
+    from .judge import LocalChat
+
+    return LocalChat.load(name)
+
+
+def make_source_ranker(source: FeedbackSource, max_tokens: int, seed: int = 0) -> Ranker:
+    """The unweighted ranker of one source.
+
+    - rule sources: :class:`RuleRanker` of that source alone, weight 1, in [0, 1];
+    - ``reward_model``: :class:`~rlhf_workbench.reward_model.RewardModelRanker` on
+      ``source.path`` (loaded with :func:`~rlhf_workbench.reward_model.load_reward_model`,
+      cached per process), wrapped in :class:`StandardizedRanker`;
+    - ``judge``: :class:`~rlhf_workbench.judge.JudgeRanker` over an
+      :class:`~rlhf_workbench.judge.OpenAIChat` (``source.url``) or a cached
+      :class:`~rlhf_workbench.judge.LocalChat` (``source.model``), win rate in [0, 1].
+
+    Raises:
+        ValueError: unknown source name.
+        OSError: the reward model or local judge cannot be loaded.
+        rlhf_workbench.judge.JudgeError: the judge endpoint cannot be reached or its key is unset.
+    """
+    if source.name in RULE_SOURCES:
+        return RuleRanker([source.model_copy(update={"weight": 1.0})], max_tokens)
+    if source.name == "reward_model":
+        from .reward_model import RewardModelRanker
+
+        model, tokenizer = _reward_model(source.path)
+        return StandardizedRanker(RewardModelRanker(model, tokenizer))
+    if source.name == "judge":
+        from .judge import JudgeRanker, OpenAIChat, PairwiseJudge
+
+        backend = (OpenAIChat(source.url, source.api_model, source.api_key_env, source.timeout)
+                   if source.url is not None else _local_judge(source.model))
+        return JudgeRanker(PairwiseJudge(backend), max_pairs=source.max_pairs, seed=seed)
+    raise ValueError(f"unknown feedback source {source.name!r}")
+
+
+def make_ranker(cfg: FeedbackConfig, max_tokens: int, seed: int = 0) -> Ranker:
+    """The ranker a config describes: ``Σ_s w_s · score_s`` over ``cfg.sources``.
+
+    With only rule sources this is a :class:`RuleRanker`; otherwise a :class:`MixedRanker` whose
+    rule sources form one part and each reward model or judge one more (see
+    :func:`make_source_ranker`). Building it loads the models (cached per process) and, for a
+    judge given by ``url`` without ``api_model``, asks the endpoint for its model list.
+
+    Args:
+        cfg: feedback settings.
+        max_tokens: the rollout's completion cap (the ``length`` rule's scale).
+        seed: seed of the judge's pair subsets (``max_pairs``).
+    """
+    rules = [s for s in cfg.sources if s.name in RULE_SOURCES]
+    others = [s for s in cfg.sources if s.name not in RULE_SOURCES]
+    if not others:
+        return RuleRanker(rules, max_tokens)
+    parts: list[tuple[float, str, Ranker]] = [(1.0, "rules", RuleRanker(rules, max_tokens))] if rules else []
+    for k, s in enumerate(others):
+        if s.weight == 0:  # not loaded, not called
+            continue
+        name = s.name if sum(o.name == s.name for o in others) == 1 else f"{s.name}{k}"
+        parts.append((s.weight, name, make_source_ranker(s, max_tokens, seed)))
+    return MixedRanker(parts)

@@ -368,9 +368,11 @@ class RewardModelRanker:
     """Scores one prompt's traces with a reward model (a :class:`rlhf_workbench.feedback.Ranker`).
 
     The text scored is ``task.prompt() + "\\n\\n" + completion.text``, the format of
-    :func:`pairs_from_rankings`, when ``tasks`` knows the completion's task; otherwise the
-    decoded ``prompt_ids`` (chat template included) followed by the text. Verifications are
-    ignored: the feedback code already keeps wrong traces below correct ones.
+    :func:`pairs_from_rankings`, when the call's ``task`` is given or ``tasks`` knows the
+    completion's task; otherwise the decoded ``prompt_ids`` (chat template included) followed by
+    the text. Verifications are ignored: the feedback code already keeps wrong traces below
+    correct ones. Scores are the raw scalars (:class:`rlhf_workbench.feedback.StandardizedRanker`
+    z-scores them within a group when the reward model is a mixed feedback source).
     """
 
     model: PreTrainedModel
@@ -379,11 +381,13 @@ class RewardModelRanker:
     batch_size: int = 8
     max_length: int | None = 512
 
-    def __call__(self, completions, verifications) -> list[float]:
+    def __call__(self, completions, verifications, task=None) -> list[float]:
+        """Raw rewards, one per completion; ``task`` (a :class:`~rlhf_workbench.tasks.Task`) is the
+        prompt's task, used for every completion when given."""
         prompts = []
         for c in completions:
-            task = (self.tasks or {}).get(c.task_id)
-            prompts.append(task.prompt() + "\n\n" if task is not None
+            t = task if task is not None else (self.tasks or {}).get(c.task_id)
+            prompts.append(t.prompt() + "\n\n" if t is not None
                            else self.tokenizer.decode(c.prompt_ids, skip_special_tokens=False))
         return score_texts(self.model, self.tokenizer, prompts, [c.text for c in completions],
                            self.batch_size, self.max_length)

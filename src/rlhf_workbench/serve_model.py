@@ -1,0 +1,317 @@
+"""Serve the project's own model behind an OpenAI-compatible chat API.
+
+    rlhf serve-model --model smollm2-135m --port 8001
+    curl http://127.0.0.1:8001/v1/chat/completions -H 'content-type: application/json' \\
+         -d '{"messages": [{"role": "user", "content": "What is 2 + 3?"}], "temperature": 0}'
+
+Endpoints (the subset of the OpenAI Chat Completions API that a judge or an evaluation
+harness needs; https://platform.openai.com/docs/api-reference/chat):
+
+- ``POST /v1/chat/completions``: ``messages`` (required), ``model``, ``temperature`` (0 is
+  greedy), ``top_p``, ``max_tokens`` (``max_completion_tokens`` is accepted as an alias), ``n``,
+  ``stop`` (a string or a list of strings; cut from the returned text, as OpenAI does) and
+  ``seed``. Unknown fields are ignored, ``stream: true`` is refused. The answer follows the
+  OpenAI schema: ``id``, ``object: "chat.completion"``, ``created``, ``model``,
+  ``choices[{index, message{role, content}, finish_reason}]`` (``"stop"`` when the model
+  emitted EOS or a stop string, ``"length"`` when it hit ``max_tokens``) and ``usage``
+  (``prompt_tokens``, ``completion_tokens`` summed over the choices, ``total_tokens``).
+- ``GET /v1/models``: the one served model.
+
+The prompt is the tokenizer's chat template applied to ``messages`` with the generation
+prompt appended, exactly as :func:`rlhf_workbench.rollout.render_prompt` renders a task, so
+the served model answers as it does in the loop. One model serves all requests: generation
+is serialised with a lock. Invalid requests get HTTP 400 with an OpenAI-style error whose
+``message`` and ``param`` name the field at fault; an unknown ``model`` gets 404.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEFAULT_MAX_TOKENS = 256
+
+
+class ChatMessage(BaseModel):
+    """One chat turn. ``content`` is a string or a list of OpenAI content parts (text parts only)."""
+
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+    def text(self) -> str:
+        """The turn's text (text parts joined)."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+
+
+class ChatRequest(BaseModel):
+    """Body of ``POST /v1/chat/completions`` (OpenAI's field names and meanings)."""
+
+    model_config = ConfigDict(extra="ignore")
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    model: str | None = None
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v):
+        if isinstance(v, str):
+            v = [v]
+        if v is not None and (len(v) > 4 or any(not s for s in v)):
+            raise ValueError("at most 4 non-empty stop strings")
+        return v
+
+
+class APIError(Exception):
+    """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type = status, message, param, type_
+
+
+def _error_body(message: str, param: str | None, type_: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": None}}
+
+
+class ChatModel:
+    """A causal LM and its tokenizer answering chat requests, one at a time (thread-safe).
+
+    Args:
+        model: a ``transformers`` causal LM (eval mode is set here).
+        tokenizer: its tokenizer; needs a chat template.
+        name: the model id reported by the API.
+    """
+
+    def __init__(self, model, tokenizer, name: str):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(f"{name}: the tokenizer has no chat template")
+        self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
+        self.lock = threading.Lock()
+        gen_eos = model.generation_config.eos_token_id
+        self.eos_ids = {tokenizer.eos_token_id} | set(
+            gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        self.eos_ids.discard(None)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Chat-templated prompt token ids (generation prompt appended), as ``render_prompt``."""
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    @torch.no_grad()
+    def complete(self, req: ChatRequest) -> dict:
+        """Answer one request; returns the OpenAI response object (a dict)."""
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        prompt = self.prompt_ids(messages)
+        max_new = req.max_tokens or req.max_completion_tokens or DEFAULT_MAX_TOKENS
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and len(prompt) + max_new > limit:
+            raise APIError(400, f"max_tokens: prompt ({len(prompt)} tokens) + max_tokens ({max_new}) exceeds the "
+                                f"model's context of {limit} tokens", "max_tokens")
+        greedy = req.temperature == 0
+        rows = 1 if greedy else req.n  # greedy choices are identical: generate once
+        device = next(self.model.parameters()).device
+        input_ids = torch.tensor([prompt] * rows, dtype=torch.long, device=device)
+        kwargs: dict[str, Any] = dict(max_new_tokens=max_new, pad_token_id=self.pad_id, do_sample=not greedy)
+        if greedy:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(temperature=req.temperature, top_p=req.top_p, top_k=0)
+        if req.stop:
+            kwargs.update(stop_strings=req.stop, tokenizer=self.tokenizer)
+        with self.lock:
+            if req.seed is not None:
+                torch.manual_seed(req.seed)
+            seqs = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+        choices, completion_tokens = [], 0
+        for i in range(req.n):
+            text, n_tokens, reason = self._finish(seqs[i % rows, len(prompt):].tolist(), max_new, req.stop or [])
+            completion_tokens += n_tokens
+            choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                            "logprobs": None, "finish_reason": reason})
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": self.name, "choices": choices,
+            "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion_tokens,
+                      "total_tokens": len(prompt) + completion_tokens},
+        }
+
+    def _finish(self, row: list[int], max_new: int, stop: list[str]) -> tuple[str, int, str]:
+        """``(text, generated token count, finish_reason)`` of one generated row."""
+        for i, t in enumerate(row):
+            if t in self.eos_ids:
+                return self.tokenizer.decode(row[:i], skip_special_tokens=True), i + 1, "stop"
+        while row and row[-1] == self.pad_id:  # a finished row of a sampled batch
+            row = row[:-1]
+        text = self.tokenizer.decode(row, skip_special_tokens=True)
+        cuts = [text.find(s) for s in stop if s in text]
+        if cuts:
+            return text[: min(cuts)], len(row), "stop"
+        return text, len(row), "length" if len(row) >= max_new else "stop"
+
+
+def make_app(model, tokenizer, model_name: str):
+    """The FastAPI app serving ``model`` as ``model_name`` (see the module docstring).
+
+    Args:
+        model: a causal LM (e.g. ``models.load_policy(cfg).policy``).
+        tokenizer: its tokenizer (with a chat template).
+        model_name: id reported by ``/v1/models`` and in responses; a request naming another
+            model gets 404.
+
+    Raises:
+        ValueError: the tokenizer has no chat template.
+    """
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    chat = ChatModel(model, tokenizer, model_name)
+    app = FastAPI(title=f"rlhf serve-model: {model_name}")
+    app.state.chat = chat
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        msgs, param = [], None
+        for err in exc.errors():
+            loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+            field = "body" if err.get("type") == "json_invalid" else ".".join(loc) or "body"
+            param = param or field
+            msgs.append(f"{field}: {err.get('msg')}")
+        return JSONResponse(status_code=400, content=_error_body("invalid request: " + "; ".join(msgs), param))
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return JSONResponse(status_code=exc.status, content=_error_body(exc.message, exc.param, exc.type))
+
+    @app.get("/v1/models")
+    def list_models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "rlhf-workbench"}]}
+
+    @app.post("/v1/chat/completions")
+    def chat_completions(req: ChatRequest) -> dict:  # sync: runs in the thread pool, the lock serialises
+        if req.stream:
+            raise APIError(400, "stream: streaming is not supported; send stream=false", "stream")
+        if req.model is not None and req.model != model_name:
+            raise APIError(404, f"model: {req.model!r} is not served here; available: {model_name!r}", "model",
+                           "not_found_error")
+        return chat.complete(req)
+
+    return app
+
+
+def load_served_model(name: str, dtype: str = "fp32", cache_dir: str | None = None):
+    """Load a model to serve: ``(model, tokenizer)``.
+
+    Args:
+        name: a preset short name (the bundled ``smollm2-135m``), a hub id, a local model
+            directory, a run checkpoint (``runs/x/checkpoints/v3``; a LoRA adapter checkpoint
+            is merged into its base) or a run directory (its final ``policy/``, else its newest
+            checkpoint).
+        dtype: ``"fp32"`` or ``"bf16"``.
+        cache_dir: where the bundled GGUF is converted (see :func:`models.resolve_model_path`).
+
+    Raises:
+        FileNotFoundError: a run directory without ``policy/`` or checkpoints.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from .models import DTYPES, load_tokenizer, resolve_model_path
+
+    path = Path(name)
+    if path.is_dir() and not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+        ckpts = sorted((p for p in (path / "checkpoints").glob("v*") if p.name[1:].isdigit()),
+                       key=lambda p: int(p.name[1:])) if (path / "checkpoints").is_dir() else []
+        if (path / "policy").is_dir():
+            path = path / "policy"
+        elif ckpts:
+            path = ckpts[-1]
+        else:
+            raise FileNotFoundError(f"{name}: no model here (config.json, adapter_config.json, policy/ or checkpoints/v*)")
+    if path.is_dir() and (path / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype]).merge_and_unload()
+        tokenizer = load_tokenizer(str(path))
+    else:
+        resolved = str(path) if path.exists() else resolve_model_path(name, cache_dir)
+        tokenizer = load_tokenizer(resolved)
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=DTYPES[dtype])
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return model.eval(), tokenizer
+
+
+class ServerThread:
+    """A uvicorn server running an app in a daemon thread (for tests and in-process judges).
+
+    Use as a context manager or call :meth:`start` / :meth:`stop`. With ``port=0`` the OS
+    picks a free port; :attr:`port` and :attr:`base_url` (``http://host:port/v1``) are set once
+    the server accepts connections.
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        self.host = host
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, name="rlhf-serve-model", daemon=True)
+        self.port: int | None = None
+
+    @property
+    def base_url(self) -> str:
+        """``http://host:port/v1``, the base URL an OpenAI client takes."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self, timeout: float = 30.0) -> "ServerThread":
+        """Start serving and wait until the socket is bound.
+
+        Raises:
+            RuntimeError: the server did not start within ``timeout`` seconds (e.g. port in use).
+        """
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"serve-model: server on {self.host} did not start within {timeout:.0f}s")
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the server to exit and wait for its thread."""
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve(model, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 8001) -> None:
+    """Serve ``model`` on ``host:port`` until interrupted (blocking; ``rlhf serve-model``)."""
+    import uvicorn
+
+    uvicorn.run(make_app(model, tokenizer, model_name), host=host, port=port, log_level="info")
