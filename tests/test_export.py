@@ -29,7 +29,7 @@ def build_store(tmp_path):
           Completion("t1", 2, [1], [9], [-0.3], "4", True)]
     _store_rollout(store, 1, 0, {}, {"t1": T1}, c1)
     r1 = store.rollout_for_round(1)
-    _record_rankings(store, r1, "rules", _rule_scores(r1, cfg), set(), cfg)
+    _record_rankings(store, r1, "rules", _rule_scores(r1, cfg)[0], set(), cfg)
     store.publish_version(1, 0, "dpo", None, {}, round=1)
 
     c2 = [Completion("t2", 0, [1], [5, 6, 7], [-0.1] * 3, "3 + 5 = 8\nAnswer: 8", True),

@@ -30,7 +30,7 @@ def test_round_trip(tmp_path):
     comps = [Completion("t1", 0, [1, 2], [5, 6, 7], [-0.5, -1.25, -0.125], "2 + 2 = 4\nAnswer: 4", True),
              Completion("t1", 1, [1, 2], [8], [-2.0], "Answer: 5", True)]
     rid = _store_rollout(store, 1, 0, {"temperature": 0.7}, {"t1": TASKS[0]}, comps)
-    _record_rankings(store, store.rollout_for_round(1), "rules", _rule_scores(store.rollout_for_round(1), cfg), set(), cfg)
+    _record_rankings(store, store.rollout_for_round(1), "rules", _rule_scores(store.rollout_for_round(1), cfg)[0], set(), cfg)
 
     again = Store(url)  # a fresh engine: everything came from the database
     assert again.tasks("train") == TASKS[:1] and again.tasks("heldout") == TASKS[1:]

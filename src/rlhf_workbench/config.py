@@ -12,6 +12,7 @@ from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -55,9 +56,85 @@ class RolloutConfig(_Strict):
 
 
 class FeedbackSource(_Strict):
-    name: Literal["format", "length", "verifier"] = Field(..., description="rule reward source")
+    """One ranking signal; :func:`rlhf_workbench.feedback.make_ranker` ranks a prompt's verified
+    traces by ``Σ_s weight_s · score_s`` over all sources.
+
+    Scores: the rule sources ``format``, ``length``, ``verifier`` lie in [0, 1]; ``reward_model``
+    is the reward model's scalar z-scored over the prompt's verified-correct traces (mean 0,
+    std 1, so weights are comparable); ``judge`` is the trace's win rate in [0, 1] in
+    position-swapped pairwise comparisons by an LLM judge (:mod:`rlhf_workbench.judge`).
+    Fields that do not belong to the source's ``name`` are errors.
+    """
+
+    name: Literal["format", "length", "verifier", "reward_model", "judge"] = Field(
+        ..., description="rule reward (format, length, verifier), a trained reward model, or an LLM judge")
     weight: float = Field(1.0, description="weight in the mixed score")
     target_tokens: int | None = Field(None, description="length source: preferred length (shorter is better if None)")
+    path: str | None = Field(None, description="reward_model: directory of a trained reward model (load_reward_model)")
+    url: str | None = Field(None, description="judge: base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8001/v1")
+    model: str | None = Field(None, description="judge: local model (preset, hub id or path) run in-process, greedy")
+    api_model: str | None = Field(None, description="judge with url: model name sent to the API (default: first id of GET <url>/models)")
+    api_key_env: str | None = Field(None, description="judge with url: environment variable holding the API key (never the key itself)")
+    timeout: float = Field(60.0, gt=0, description="judge with url: seconds allowed per HTTP request")
+    max_pairs: int | None = Field(None, ge=1, description="judge: at most this many trace pairs per prompt, each judged in both orders (None: all)")
+
+    @model_validator(mode="after")
+    def _check_source_fields(self) -> "FeedbackSource":
+        owners = {"path": "reward_model", "url": "judge", "model": "judge", "api_model": "judge",
+                  "api_key_env": "judge", "timeout": "judge", "max_pairs": "judge"}
+        given = {f for f in owners if getattr(self, f) != type(self).model_fields[f].default}  # model_dump round-trips
+        for field, owner in owners.items():
+            if field in given and self.name != owner:
+                raise ValueError(f"field `{field}` only applies to the {owner} source, not {self.name!r}")
+        if self.name == "reward_model" and not self.path:
+            raise ValueError("reward_model source: field `path` is required (a trained reward-model directory)")
+        if self.name == "judge":
+            if (self.url is None) == (self.model is None):
+                raise ValueError("judge source: set exactly one of `url` (an OpenAI-compatible base URL) "
+                                 "or `model` (a local model name or path)")
+            if self.url is not None and not self.url.startswith(("http://", "https://")):
+                raise ValueError(f"judge source: field `url` must start with http:// or https://, got {self.url!r}")
+            for field in ("api_model", "api_key_env", "timeout"):
+                if self.url is None and field in given:
+                    raise ValueError(f"judge source: field `{field}` only applies with `url`, not with a local `model`")
+            import re
+
+            if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
+                raise ValueError("judge source: field `api_key_env` names an environment variable (e.g. "
+                                 "OPENAI_API_KEY), not the key itself")
+        return self
+
+
+class SafetyConfig(_Strict):
+    """Safety filter (:mod:`rlhf_workbench.safety`): flagged traces are treated like wrong ones
+    (unranked, reward 0, never chosen). Needs at least one of the three checks."""
+
+    patterns: list[str] = Field(default_factory=list, description="regexes, case-insensitive, searched anywhere in a trace")
+    patterns_file: str | None = Field(None, description="file of regexes, one per line, '#' comments; bundled:<name> for a shipped list")
+    classifier: str | None = Field(None, description="text-classification model (local path or hub id) run with transformers.pipeline")
+    classifier_label: str = Field("unsafe", description="classifier: label whose probability flags a trace")
+    threshold: float = Field(0.5, gt=0, le=1, description="classifier: flag when the label's probability is >= this")
+
+    @field_validator("patterns")
+    @classmethod
+    def _compile_patterns(cls, patterns: list[str]) -> list[str]:
+        import re
+
+        for i, p in enumerate(patterns):
+            try:
+                re.compile(p, re.IGNORECASE)
+            except re.error as e:
+                raise ValueError(f"patterns[{i}]: invalid regex {p!r}: {e}") from e
+        return patterns
+
+    @model_validator(mode="after")
+    def _check_checks(self) -> "SafetyConfig":
+        if not (self.patterns or self.patterns_file or self.classifier):
+            raise ValueError("safety: set at least one of `patterns`, `patterns_file` or `classifier`")
+        for field in ("classifier_label", "threshold"):
+            if getattr(self, field) != type(self).model_fields[field].default and not self.classifier:
+                raise ValueError(f"safety: field `{field}` only applies with `classifier`")
+        return self
 
 
 class FeedbackConfig(_Strict):
@@ -73,6 +150,7 @@ class FeedbackConfig(_Strict):
         description="sources whose weighted sum ranks the verified traces of a prompt",
     )
     ranking_weight: float = Field(0.2, ge=0, description="GRPO reward = correct + ranking_weight * rank_reward (correct only)")
+    safety: SafetyConfig | None = Field(None, description="flag unsafe traces so they are never preferred (None: no filter)")
 
 
 class DPOConfig(_Strict):
@@ -91,6 +169,58 @@ class GRPOConfig(_Strict):
     epsilon_high: float | None = Field(None, description="upper clip range (DAPO clip-higher); default ε")
     loss_type: Literal["grpo", "dr_grpo", "bnpo", "dapo"] = Field("grpo", description="token aggregation")
     scale_rewards: Literal["group", "batch", "none"] = Field("group", description="advantage std scaling")
+
+
+class PPOConfig(_Strict):
+    """PPO with a learned critic (Ouyang et al. 2022; Huang et al. 2024 N+ details; TRL PPOv2 defaults)."""
+
+    kl_coef: float = Field(0.05, ge=0, description="β of the per-token k1 KL penalty in the reward (TRL PPOv2 default)")
+    cliprange: float = Field(0.2, gt=0, description="ε of the clipped policy ratio")
+    cliprange_value: float = Field(0.2, gt=0, description="clip of the new values around the rollout values")
+    vf_coef: float = Field(0.1, ge=0, description="weight of the value loss in the total loss")
+    gamma: float = Field(1.0, ge=0, le=1, description="discount γ of GAE (1: undiscounted, as TRL)")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE λ")
+    ppo_epochs: int = Field(4, ge=1, description="passes over the rollout batch per round (TRL num_ppo_epochs)")
+    num_mini_batches: int = Field(1, ge=1, description="optimizer steps per epoch (batch split evenly, shuffled)")
+    whiten_advantages: bool = Field(True, description="standardise advantages over the batch's completion tokens")
+    whiten_rewards: bool = Field(False, description="rescale per-token rewards to unit variance (mean kept)")
+    entropy_coef: float = Field(0.0, ge=0, description="entropy bonus weight (>0 computes full-vocabulary entropy)")
+    critic_lr: float = Field(
+        1e-5, gt=0, description="critic learning rate (TRL/N+ use one lr for policy and value model; default = optim.lr)"
+    )
+    critic_init: str | None = Field(
+        None, description="model the critic's backbone starts from (e.g. a reward model); default the policy's base model"
+    )
+    missing_eos_penalty: float | None = Field(
+        None, ge=0, description="subtracted from the score of a completion cut by max_new_tokens (TRL/N+ detail)"
+    )
+
+
+class RLOOConfig(_Strict):
+    """REINFORCE leave-one-out (Ahmadian et al. 2024) as TRL 1.16's ``RLOOTrainer``: the KL penalty
+    is folded into the sequence reward, the loss clips a sequence-level ratio (see ``losses.rloo_*``)."""
+
+    beta: float = Field(0.05, ge=0, description="β of the k1 KL penalty subtracted from the reward (TRL default 0.05; 0 skips the reference pass)")
+    epsilon: float = Field(0.2, gt=0, description="lower clip range ε of the sequence ratio")
+    epsilon_high: float | None = Field(None, gt=0, description="upper clip range; default ε")
+    normalize_advantages: bool = Field(False, description="standardise the advantages over the whole batch (TRL default False)")
+    reward_clip_range: tuple[float, float] | None = Field(None, description="(min, max) the rewards are clamped to before the baseline")
+
+
+class KTOConfig(_Strict):
+    """Kahneman-Tversky Optimization on unpaired desirable / undesirable traces (Ethayarajh et al. 2024; TRL defaults)."""
+
+    beta: float = Field(0.1, gt=0, description="β of the implicit reward")
+    desirable_weight: float = Field(1.0, gt=0, description="λ_D, weight of the desirable (thumbs-up) terms")
+    undesirable_weight: float = Field(1.0, gt=0, description="λ_U, weight of the undesirable (thumbs-down) terms")
+
+
+class SFTConfig(_Strict):
+    """Rejection-sampling fine-tuning (RAFT, Dong et al. 2023; RFT, Yuan et al. 2023) on verified-correct traces."""
+
+    warmup_rounds: int = Field(0, ge=0, description="initial rounds that run SFT on verified traces before the main algorithm")
+    lr: float | None = Field(None, gt=0, description="learning rate for SFT phases (default optim.lr)")
+    epochs: int = Field(1, ge=1, description="passes over the verified traces per SFT round")
 
 
 class OptimConfig(_Strict):
@@ -112,7 +242,7 @@ class EvalConfig(_Strict):
 class RunConfig(_Strict):
     """A whole run: the loop in :func:`rlhf_workbench.loop.run` reads nothing else."""
 
-    algorithm: Literal["grpo", "dpo"] = Field("grpo", description="policy update")
+    algorithm: Literal["grpo", "dpo", "ppo", "rloo", "kto"] = Field("grpo", description="policy update")
     rounds: int = Field(10, ge=0, description="online rounds (rollout -> update -> eval)")
     seed: int = Field(0, description="seed for sampling, task order and initialisation")
     db_url: str | None = Field(None, description="SQLAlchemy URL (default: sqlite file in the run directory)")
@@ -123,6 +253,10 @@ class RunConfig(_Strict):
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    rloo: RLOOConfig = Field(default_factory=RLOOConfig)
+    kto: KTOConfig = Field(default_factory=KTOConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 

@@ -3,8 +3,11 @@
     rlhf run --config configs/demo.yaml --out runs/demo
 
 Round ``n`` samples K traces per prompt from policy version ``n-1``, verifies them against
-the ground truth, ranks the verified ones, updates the policy (GRPO on group-relative
-advantages or DPO on pairs whose chosen trace is always verified-correct), evaluates on the
+the ground truth, ranks the verified ones (rule rewards, reward model, LLM judge or experts;
+a safety filter can flag traces so they are never preferred), updates the policy (GRPO on
+group-relative advantages, RLOO, PPO with a value model, DPO on pairs whose chosen trace is
+always verified-correct, or KTO on desirable/undesirable traces; the first
+``sft.warmup_rounds`` rounds fine-tune on the verified traces instead), evaluates on the
 held-out split and publishes version ``n``. Every stage is written to the database in its
 own transaction; running the same command again resumes after the last published version,
 re-using a stored rollout of an unfinished round, so nothing is lost or sampled twice.
@@ -20,9 +23,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from datetime import timedelta
+
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
 from rich.console import Console
 from rich.progress import Progress
 
@@ -32,12 +37,14 @@ from .annotation import wait_for_human_rankings
 from .feedback import build_pairs, completion_rewards, make_ranker, rank_group
 from .losses import group_advantages
 from .models import load_policy, save_policy
+from .ppo import load_critic, make_optimizer, ppo_update, save_critic
+from .safety import make_safety_filter
 from .report import write_report
-from .rollout import Completion, generate
+from .rollout import Completion, HFEngine
 from .store import CompletionRow, PreferencePair, RankingRow, Rollout, Store, VerificationRow
 from .tasks import load_tasks, split_tasks
-from .update import Sample, dpo_update, grpo_update
-from .verify import verify
+from .update import Sample, dpo_update, grpo_update, kto_update, rloo_update, sft_update
+from .verify import Verification, verify
 
 
 def prompts_for_round(train: list, round: int, n: int, seed: int) -> list:
@@ -95,44 +102,92 @@ def _record_rankings(store: Store, rollout: Rollout, source: str, scores: dict[s
                 s.add(PreferencePair(ranking_id=ranking.id, chosen_id=rows[ci].id, rejected_id=rows[ri].id))
 
 
-def _rule_scores(rollout: Rollout, cfg: RunConfig) -> dict[str, dict[int, float]]:
-    """Rule-reward scores (weighted mix of the configured sources) of every trace, by task."""
-    ranker = make_ranker(cfg.feedback, cfg.rollout.max_new_tokens)
+def _safety_flags(rollout: Rollout, cfg: RunConfig) -> dict[int, str]:
+    """Completion id -> reason for every trace the configured safety filter flags (none without one)."""
+    if cfg.feedback.safety is None:
+        return {}
+    rows = list(rollout.completions)
+    reasons = make_safety_filter(cfg.feedback.safety)([c.text for c in rows])
+    return {c.id: why for c, why in zip(rows, reasons) if why}
+
+
+def _rule_scores(rollout: Rollout, cfg: RunConfig, tasks_by_id: dict | None = None,
+                 flagged: set[int] = frozenset()) -> tuple[dict[str, dict[int, float]], dict[str, float]]:
+    """Scores of every trace from the configured automatic sources (a weighted mix of rule
+    rewards, reward model and LLM judge), by task, and the sources' statistics (judge calls and
+    consistency). Flagged traces are shown to the ranker as wrong, so no judge call is spent on them.
+    """
+    ranker = make_ranker(cfg.feedback, cfg.rollout.max_new_tokens, seed=cfg.seed)
     by_task: dict[str, list[CompletionRow]] = {}
     for c in rollout.completions:
         by_task.setdefault(c.task_id, []).append(c)
     out = {}
     for task_id, rows in by_task.items():
         comps = [Completion(c.task_id, c.index, c.prompt_ids, c.token_ids, c.logps, c.text, c.finished) for c in rows]
-        out[task_id] = dict(zip((c.id for c in rows), ranker(comps, [c.verification for c in rows])))
-    return out
+        vers = [Verification(correct=c.verification.correct and c.id not in flagged, extracted=c.verification.extracted,
+                             format_ok=c.verification.format_ok, reason=c.verification.reason) for c in rows]
+        task = (tasks_by_id or {}).get(task_id)
+        out[task_id] = dict(zip((c.id for c in rows), ranker(comps, vers, task=task)))
+    stats = ranker.stats() if hasattr(ranker, "stats") else {}
+    return out, stats
 
 
-def _round_batch(store: Store, rollout: Rollout, cfg: RunConfig):
-    """Training inputs of a stored rollout: GRPO samples with advantages, or DPO pairs; plus stats."""
+def _round_batch(store: Store, rollout: Rollout, cfg: RunConfig, algorithm: str | None = None):
+    """Training inputs of a stored rollout for ``algorithm``, plus rollout statistics.
+
+    - ``grpo``: every trace with its group-relative advantage (reward from the ranking).
+    - ``rloo`` / ``ppo``: every trace with its sequence reward (groups contiguous, K per prompt).
+    - ``kto``: desirable = best-ranked verified traces, undesirable = wrong or flagged ones;
+      correct traces ranked below the best are left out.
+    - ``sft``: the verified-correct traces, one per distinct text (rejection-sampling fine-tuning).
+    - ``dpo``: ``(chosen, rejected)`` pairs stored with the ranking.
+
+    ``algorithm`` defaults to ``cfg.algorithm``.
+    """
+    algorithm = algorithm or cfg.algorithm
     comps = {c.id: c for c in rollout.completions}
     rankings = store.rankings_for_rollout(rollout.id)
     K = cfg.rollout.num_generations
-    samples, rewards = [], []
+    samples, rewards, ranks = [], [], []
     for rk in rankings:
         for cid, reward in rk.rewards.items():
             c = comps[int(cid)]
-            samples.append(Sample(c.prompt_ids, c.token_ids, c.logps))
+            samples.append(Sample(c.prompt_ids, c.token_ids, c.logps, reward=reward))
             rewards.append(reward)
+            ranks.append((rk.task_id, c.text, rk.ranks.get(cid)))
     r = torch.tensor(rewards, dtype=torch.float32)
     stats = {
-        "reward": r.mean().item(),
-        "reward_std": r.view(-1, K).std(dim=1).mean().item() if len(r) >= K else 0.0,
+        "reward": r.mean().item() if len(r) else 0.0,
+        "reward_std": r.view(-1, K).std(dim=1).mean().item() if len(r) >= K and len(r) % K == 0 else 0.0,
         "acceptance_rate": sum(c.verification.correct for c in comps.values()) / max(1, len(comps)),
         "format_rate": sum(c.verification.format_ok for c in comps.values()) / max(1, len(comps)),
         "completions/mean_length": sum(len(c.token_ids) for c in comps.values()) / max(1, len(comps)),
         "completions/clipped_ratio": sum(not c.finished for c in comps.values()) / max(1, len(comps)),
     }
-    if cfg.algorithm == "grpo":
+    if algorithm == "grpo":
         adv = group_advantages(r, K, cfg.grpo.scale_rewards)
         for s, a in zip(samples, adv.tolist()):
             s.advantage = a
         return samples, stats
+    if algorithm in ("rloo", "ppo"):
+        return samples, stats
+    if algorithm == "kto":
+        batch = []
+        for s, (_, _, rank) in zip(samples, ranks):
+            if rank is None or rank == 0:
+                s.label = rank == 0
+                batch.append(s)
+        stats["desirable"] = float(sum(s.label for s in batch))
+        stats["undesirable"] = float(sum(not s.label for s in batch))
+        return batch, stats
+    if algorithm == "sft":
+        seen, batch = set(), []
+        for s, (task_id, text, rank) in zip(samples, ranks):
+            if rank is not None and (task_id, text) not in seen:
+                seen.add((task_id, text))
+                batch.append(s)
+        stats["sft_traces"] = float(len(batch))
+        return batch, stats
     pairs = [(Sample(comps[p.chosen_id].prompt_ids, comps[p.chosen_id].token_ids),
               Sample(comps[p.rejected_id].prompt_ids, comps[p.rejected_id].token_ids))
              for p in store.pairs_for_rollout(rollout.id)]
@@ -140,18 +195,56 @@ def _round_batch(store: Store, rollout: Rollout, cfg: RunConfig):
     return pairs, stats
 
 
+def _stored_config(stored: dict | None) -> dict | None:
+    """A run's stored config with defaults filled in for fields added since it was written, so an
+    older run directory still resumes; a field that no longer exists makes it differ (``{}``)."""
+    if stored is None:
+        return None
+    try:
+        return RunConfig.model_validate(stored).model_dump(mode="json")
+    except ValueError:
+        return {}
+
+
+def _share(accelerator: Accelerator, obj):
+    """``obj`` as computed on the main process, on every process (identity for one process)."""
+    if accelerator.num_processes == 1:
+        return obj
+    box = [obj]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def _update(algorithm: str, pair, critic, optimizer, accelerator, batch, cfg: RunConfig) -> dict[str, float]:
+    """One round's policy update with ``algorithm`` (looked up at call time)."""
+    if algorithm == "ppo":
+        return ppo_update(pair, critic, optimizer, accelerator, batch, cfg)
+    updates = {"grpo": grpo_update, "dpo": dpo_update, "rloo": rloo_update, "kto": kto_update, "sft": sft_update}
+    return updates[algorithm](pair, optimizer, accelerator, batch, cfg)
+
+
 def run(cfg: RunConfig, out_dir: str | Path, console: Console | None = None) -> dict:
     """Run (or resume) the online loop described by ``cfg``, writing everything under ``out_dir``.
 
+    Under ``accelerate launch`` (several processes, DDP) every process loads the policy and
+    generates its share of each round's prompts; the main process alone reads and writes the
+    database, ranks, evaluates and saves checkpoints, and broadcasts each round's training batch;
+    every process then trains on its shard of that batch (see :mod:`rlhf_workbench.update`).
+    With human feedback the other processes wait (process-group timeout: one day).
+
     Returns:
         The summary also written to ``out_dir/summary.json``: ``eval_before`` / ``eval_after``
-        (``accuracy``, ``n`` and more), ``rounds``, ``wall_seconds``, ``significance``.
+        (``accuracy``, ``n`` and more), ``rounds``, ``wall_seconds``, ``significance``
+        (on the main process; other processes return an empty dict).
 
     Raises:
         TaskFormatError: bad task file (before anything is written).
         ValueError: the run directory holds a run with a different config.
     """
-    console = console or Console()
+    accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(days=1))])
+    main = accelerator.is_main_process
+    console = console or Console(quiet=not main)
     out = Path(out_dir)
     t0 = time.time()
     set_seed(cfg.seed)
@@ -166,29 +259,45 @@ def run(cfg: RunConfig, out_dir: str | Path, console: Console | None = None) -> 
     leaked = {t.id for t in train} & {t.id for t in heldout}
     if leaked:
         raise ValueError(f"{cfg.tasks.path}: tasks in both splits: {sorted(leaked)[:5]}")
-    out.mkdir(parents=True, exist_ok=True)
-    store = Store(cfg.db_url, out)
-    config = cfg.model_dump(mode="json")
-    stored = store.get_meta("config")
-    if stored is not None and {**stored, "rounds": 0} != {**config, "rounds": 0}:  # more rounds is a resume
-        raise ValueError(f"{out} holds a run with another config; use a new --out or the same config")
-    store.set_meta("config", config)
-    store.add_tasks(train, "train")
-    store.add_tasks(heldout, "heldout")
     tasks_by_id = {t.id: t for t in train}
+    store, error, latest_id, ckpt = None, None, None, None
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        store = Store(cfg.db_url, out)
+        config = cfg.model_dump(mode="json")
+        stored = _stored_config(store.get_meta("config"))
+        if stored is not None and {**stored, "rounds": 0} != {**config, "rounds": 0}:  # more rounds is a resume
+            error = f"{out} holds a run with another config; use a new --out or the same config"
+        else:
+            store.set_meta("config", config)
+            store.add_tasks(train, "train")
+            store.add_tasks(heldout, "heldout")
+            latest = store.latest_version()
+            latest_id = None if latest is None else latest.id
+            ckpt = latest.checkpoint if latest is not None and latest.id > 0 else None
+    error, latest_id, ckpt = _share(accelerator, (error, latest_id, ckpt))
+    if error:
+        raise ValueError(error)
     console.print(f"[bold]tasks[/]: {len(train)} train, {len(heldout)} held-out from {cfg.tasks.path}")
 
     # --- models: resume from the newest published version ------------------------------------
-    latest = store.latest_version()
-    ckpt = latest.checkpoint if latest is not None and latest.id > 0 else None
     pair = load_policy(cfg.model, checkpoint=ckpt)
-    accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
-    optimizer = torch.optim.AdamW([p for p in pair.policy.parameters() if p.requires_grad],
-                                  lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    critic = None
+    if cfg.algorithm == "ppo":
+        critic = load_critic(cfg, checkpoint=str(Path(ckpt) / "critic") if ckpt else None)
+        optimizer = make_optimizer(pair, critic, cfg)
+    else:
+        optimizer = torch.optim.AdamW([p for p in pair.policy.parameters() if p.requires_grad],
+                                      lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     if ckpt and (Path(ckpt) / "optimizer.pt").exists():
         optimizer.load_state_dict(torch.load(Path(ckpt) / "optimizer.pt", weights_only=True))
-    pair.train_module, optimizer = accelerator.prepare(pair.policy, optimizer)
-    policy = pair.policy
+    if critic is not None:
+        pair.train_module, critic, optimizer = accelerator.prepare(pair.policy, critic, optimizer)
+    else:
+        pair.train_module, optimizer = accelerator.prepare(pair.policy, optimizer)
+    if pair.reference is not None:
+        pair.reference.to(accelerator.device)
+    engine = HFEngine(pair.policy, pair.tokenizer, cfg.rollout.batch_size, cfg.model.mixed_precision)
     ev = cfg.eval
 
     def run_eval(label: str, subset: int | None = None) -> EvalResult:
@@ -198,43 +307,64 @@ def run(cfg: RunConfig, out_dir: str | Path, console: Console | None = None) -> 
             return evaluate(pair, tasks, ev.max_new_tokens, ev.batch_size, cfg.model.mixed_precision,
                             ev.kl_samples, progress=lambda n: bar.advance(job, n))
 
-    if latest is None:
-        store.set_meta("status", {"state": "evaluating", "round": 0})
-        before = run_eval("v0")
-        _save_eval(out, 0, before)
-        store.publish_version(0, None, "base", None, before.metrics(), round=0)
-        console.print(f"v0 held-out accuracy {before.accuracy:.3f} (strict {before.strict_accuracy:.3f}, n={before.n})")
-        latest = store.latest_version()
+    if latest_id is None:
+        if main:
+            store.set_meta("status", {"state": "evaluating", "round": 0})
+            before = run_eval("v0")
+            _save_eval(out, 0, before)
+            store.publish_version(0, None, "base", None, before.metrics(), round=0)
+            console.print(f"v0 held-out accuracy {before.accuracy:.3f} (strict {before.strict_accuracy:.3f}, n={before.n})")
+        latest_id = 0
+        accelerator.wait_for_everyone()
 
     # --- the rounds ---------------------------------------------------------------------------
     r = cfg.rollout
-    for round in range(latest.id + 1, cfg.rounds + 1):
+    rank, world = accelerator.process_index, accelerator.num_processes
+    for round in range(latest_id + 1, cfg.rounds + 1):
         t_round = time.time()
-        rollout = store.rollout_for_round(round)
-        if rollout is None:
-            store.set_meta("status", {"state": "generating", "round": round})  # shown on the dashboard
-            batch_tasks = prompts_for_round(train, round, r.prompts_per_round, cfg.seed)
-            set_seed(cfg.seed * 1000 + round)
+        rollout = store.rollout_for_round(round) if main else None
+        if not _share(accelerator, rollout is not None):
+            if main:
+                store.set_meta("status", {"state": "generating", "round": round})  # shown on the dashboard
+            batch_tasks = prompts_for_round(train, round, r.prompts_per_round, cfg.seed)[rank::world]
+            set_seed(cfg.seed * 1000 + round + 7919 * rank)
             with Progress(console=console, transient=True) as bar:
                 job = bar.add_task(f"round {round}: rollout", total=len(batch_tasks) * r.num_generations)
-                comps = generate(policy, pair.tokenizer, batch_tasks, r.num_generations, True, r.temperature,
-                                 r.top_p, r.max_new_tokens, r.stop, r.batch_size, cfg.model.mixed_precision,
-                                 progress=lambda n: bar.advance(job, n))
-            settings = {**r.model_dump(), "do_sample": True, "mixed_precision": cfg.model.mixed_precision}
-            _store_rollout(store, round, round - 1, settings, tasks_by_id, comps)
-            rollout = store.rollout_for_round(round)
-        if not store.rankings_for_rollout(rollout.id):
-            if cfg.feedback.source == "rules":
-                _record_rankings(store, rollout, "rules", _rule_scores(rollout, cfg), set(), cfg)
-            else:  # experts rank in the web app; wait for enough of them (see annotation.py)
-                scores, flagged = wait_for_human_rankings(store, rollout, cfg, console)
-                _record_rankings(store, rollout, "human", scores, flagged, cfg)
+                comps = engine.generate(batch_tasks, r.num_generations, r.temperature, r.top_p, r.max_new_tokens,
+                                        r.stop, progress=lambda n: bar.advance(job, n))
+            if world > 1:
+                comps = gather_object(comps)
+            if main:
+                settings = {**r.model_dump(), "do_sample": True, "mixed_precision": cfg.model.mixed_precision,
+                            "num_processes": world}
+                _store_rollout(store, round, round - 1, settings, tasks_by_id, comps)
+                rollout = store.rollout_for_round(round)
+        algorithm = "sft" if round <= cfg.sft.warmup_rounds else cfg.algorithm
+        batch = stats = None
+        if main:
+            feedback_stats = {}
+            if not store.rankings_for_rollout(rollout.id):
+                unsafe = _safety_flags(rollout, cfg)
+                if cfg.feedback.source == "rules":
+                    scores, feedback_stats = _rule_scores(rollout, cfg, tasks_by_id, set(unsafe))
+                    _record_rankings(store, rollout, "rules", scores, set(unsafe), cfg)
+                else:  # experts rank in the web app; wait for enough of them (see annotation.py)
+                    scores, flagged = wait_for_human_rankings(store, rollout, cfg, console)
+                    _record_rankings(store, rollout, "human", scores, flagged | set(unsafe), cfg)
+                feedback_stats["safety_flagged"] = float(len(unsafe))
+                for cid, why in list(unsafe.items())[:5]:
+                    console.print(f"[yellow]safety filter[/]: completion {cid} flagged: {why}")
+            batch, stats = _round_batch(store, rollout, cfg, algorithm)
+            stats.update(feedback_stats)
+            store.set_meta("status", {"state": "training", "round": round})
+        batch, stats = _share(accelerator, (batch, stats))
         t_rollout = time.time() - t_round
-        batch, stats = _round_batch(store, rollout, cfg)
-        update = grpo_update if cfg.algorithm == "grpo" else dpo_update
-        store.set_meta("status", {"state": "training", "round": round})
-        train_stats = update(pair, optimizer, accelerator, batch, cfg)
+        train_stats = _update(algorithm, pair, critic, optimizer, accelerator, batch, cfg)
+        engine.sync_weights(pair.policy)
         t_update = time.time() - t_round - t_rollout
+        if not main:
+            accelerator.wait_for_everyone()  # the main process evaluates and saves the checkpoint
+            continue
         metrics = {**{f"train/{k}": v for k, v in {**stats, **train_stats}.items()},
                    "time/rollout_s": t_rollout, "time/update_s": t_update}
         if ev.every_round or round == cfg.rounds:
@@ -246,19 +376,24 @@ def run(cfg: RunConfig, out_dir: str | Path, console: Console | None = None) -> 
         if ckpt_dir.exists():  # left by a crash between saving and publishing
             shutil.rmtree(ckpt_dir)
         save_policy(pair, ckpt_dir)
+        if critic is not None:
+            save_critic(accelerator.unwrap_model(critic), ckpt_dir / "critic")
         torch.save(optimizer.state_dict(), ckpt_dir / "optimizer.pt")
         metrics["time/round_s"] = time.time() - t_round
-        store.publish_version(round, round - 1, cfg.algorithm, str(ckpt_dir), metrics, round=round)
+        store.publish_version(round, round - 1, algorithm, str(ckpt_dir), metrics, round=round)
         _prune_checkpoints(out / "checkpoints", keep=cfg.keep_checkpoints)
         acc = metrics.get("eval/accuracy")
         console.print(
-            f"round {round}/{cfg.rounds}: reward {stats['reward']:.3f} acceptance {stats['acceptance_rate']:.2f} "
-            f"loss {train_stats.get('loss', float('nan')):.4f}"
+            f"round {round}/{cfg.rounds} ({algorithm}): reward {stats['reward']:.3f} "
+            f"acceptance {stats['acceptance_rate']:.2f} loss {train_stats.get('loss', float('nan')):.4f}"
             + (f" held-out acc {acc:.3f}" if acc is not None else "")
             + f" ({metrics['time/round_s']:.0f}s)"
         )
+        accelerator.wait_for_everyone()
 
     # --- outputs ---------------------------------------------------------------------------------
+    if not main:
+        return {}
     store.set_meta("status", {"state": "done", "round": cfg.rounds})
     final_dir = out / "policy"
     if final_dir.exists():

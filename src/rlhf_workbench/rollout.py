@@ -4,12 +4,17 @@ For every completion we keep its text, token ids and the per-token log-probabili
 the sampled tokens under the policy that sampled it, recomputed by a forward pass (not
 taken from processed generation scores, which top-p and temperature warp), together with
 the sampling settings. Greedy evaluation uses the same path with ``do_sample=False``.
+
+The loop samples through a :class:`RolloutEngine`, so that a serving engine (vLLM on GPUs,
+weights pushed after every update, as OpenRLHF and verl do) can replace the in-process
+Hugging Face ``generate`` of :class:`HFEngine` without touching the loop.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 import torch
 
@@ -178,3 +183,37 @@ def generate(
     out = [results[i] for i in range(len(jobs))]
     model.train(was_training)
     return out
+
+
+class RolloutEngine(Protocol):
+    """What the loop needs from a generation backend.
+
+    ``generate`` returns ``len(tasks) * num_generations`` :class:`Completion` objects grouped by
+    task, with per-token log-probs of the sampled tokens under the current policy (temperature-
+    scaled); ``sync_weights`` is called after every policy update, before the next rollout.
+    """
+
+    def generate(self, tasks: list[Task], num_generations: int, temperature: float, top_p: float,
+                 max_new_tokens: int, stop: list[str], progress: Callable[[int], None] | None = None
+                 ) -> list[Completion]: ...
+
+    def sync_weights(self, policy) -> None: ...
+
+
+@dataclass
+class HFEngine:
+    """The default engine: :func:`generate` with the training policy itself (in-process, no copy),
+    so ``sync_weights`` has nothing to do."""
+
+    model: object
+    tokenizer: object
+    batch_size: int = 64
+    mixed_precision: str = "no"
+
+    def generate(self, tasks, num_generations, temperature, top_p, max_new_tokens, stop, progress=None):
+        """Sample with Hugging Face ``generate``; see :func:`generate` for the arguments."""
+        return generate(self.model, self.tokenizer, tasks, num_generations, True, temperature, top_p,
+                        max_new_tokens, stop, self.batch_size, self.mixed_precision, progress=progress)
+
+    def sync_weights(self, policy) -> None:
+        """Nothing to do: the engine samples from the training module's own weights."""
