@@ -7,11 +7,14 @@
 Builds a tiny random Llama from a config with a fixed seed (nothing read from disk, no
 tokenizer: token ids are drawn from a seeded generator), and for each case in ``CASES`` trains
 a fresh copy of it with one call of the update on the same global batch, on every process.
+PPO cases also train a fresh copy of a tiny random critic (a Llama sequence classifier with one
+label, wrapped in :class:`rlhf_workbench.ppo.Critic`), prepared like the policy (DDP).
 The optimizer is plain SGD, so the parameter change is ``-lr ×`` the clipped global gradient
 (summed over the phase's steps) and comparing it compares gradients. The main process writes
-``OUT_DIR/results.json`` (per case: the returned metrics, ``delta_abs_sum`` = Σ|Δθ|, the
-metrics every process returned, and a parameter checksum per process, which DDP keeps equal)
-and ``OUT_DIR/deltas.pt`` (per case, the flattened parameter change).
+``OUT_DIR/results.json`` (per case: the returned metrics, ``delta_abs_sum`` = Σ|Δθ| per
+trained module, the metrics every process returned, and a parameter checksum per process,
+which DDP keeps equal) and ``OUT_DIR/deltas.pt`` (per case, ``{"policy": Δθ, "critic": Δφ}``,
+flattened parameter changes; ``critic`` for PPO only).
 """
 
 from __future__ import annotations
@@ -25,23 +28,33 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from rlhf_workbench.config import RunConfig
 from rlhf_workbench.logprobs import completion_logps
 from rlhf_workbench.models import PolicyPair
+from rlhf_workbench.ppo import Critic, ppo_update
 from rlhf_workbench.update import Sample, dpo_update, grpo_update, kto_update, rloo_update, sft_update
 
 VOCAB, PAD, TEMPERATURE = 96, 0, 0.7
 
 
+def _config(**kwargs) -> LlamaConfig:
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                       tie_word_embeddings=True, pad_token_id=PAD, bos_token_id=1, eos_token_id=2, **kwargs)
+
+
 def base_model() -> LlamaForCausalLM:
     """The tiny Llama every case starts from (seed 0, fp32)."""
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
-    return LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(_config())
+
+
+def base_critic() -> LlamaForSequenceClassification:
+    """The tiny value model every PPO case starts from (seed 2, fp32, one label)."""
+    torch.manual_seed(2)
+    return LlamaForSequenceClassification(_config(num_labels=1))
 
 
 def _ids(g: torch.Generator, n: int) -> list[int]:
@@ -81,7 +94,16 @@ def batches(model) -> dict:
     for s, label in zip(kto, [True, False, False, True, True]):
         s.label = label
     sft = grouped(2, 3)[:5]
-    return {"grpo": grpo, "rloo": rloo, "dpo": dpo, "kto": kto, "sft": sft}
+    ppo = _with_old_logps(model, grouped(2, 3)[:5], g)  # 5 samples: uneven over 2 processes
+    for s, r in zip(ppo, [1.0, -0.5, 0.3, 0.0, -1.0]):
+        s.reward = r
+    finished = [True, False, True, True, False]  # two cut by the length cap (missing_eos_penalty)
+    return {"grpo": grpo, "rloo": rloo, "dpo": dpo, "kto": kto, "sft": sft, "ppo": (ppo, finished)}
+
+
+def _ppo(pair, critic, optimizer, accelerator, batch, cfg):
+    samples, finished = batch
+    return ppo_update(pair, critic, optimizer, accelerator, samples, cfg, finished=finished)
 
 
 # name: (update, batch key, config overrides)
@@ -98,10 +120,31 @@ CASES = {
     "sft": (sft_update, "sft", {"sft": {"epochs": 2}}),
     # LoRA: the reference is the wrapped policy with adapters disabled (padding forwards keep DDP in step).
     "kto_lora": (kto_update, "kto", {"optim": {"steps_per_round": 2, "lr": 1.0}, "lora": True}),
+    # PPO: 2 epochs x 2 minibatches (3 + 2 of the 5 samples, shuffled), one sequence per
+    # micro-batch: accumulation under no_sync, and the process with the shorter shard of the
+    # 3-sample minibatch runs a padding micro-batch of policy and critic.
+    "ppo": (_ppo, "ppo", {"ppo": {"ppo_epochs": 2, "num_mini_batches": 2, "kl_coef": 0.1, "critic_lr": 0.05},
+                          "optim": {"micro_batch_size": 1}}),
+    # 3 minibatches of 2, 2, 1 samples (the last: an empty shard), entropy bonus, whitened
+    # rewards, missing-EOS penalty, a tight value clip that binds (val/clipfrac_avg ≈ 0.36).
+    "ppo_entropy": (_ppo, "ppo", {"ppo": {"ppo_epochs": 1, "num_mini_batches": 3, "entropy_coef": 0.01,
+                                          "whiten_rewards": True, "missing_eos_penalty": 0.5,
+                                          "cliprange_value": 0.05, "critic_lr": 1.0}}),
+    # LoRA policy (reference = the wrapped policy with adapters disabled) and a full-weight
+    # critic; shards of 3 + 2 samples in micro-batches of 2: padding forwards in the reference,
+    # rollout-value and training passes. (vf_coef 0.5: the default's loss nearly cancels to 0.)
+    "ppo_lora": (_ppo, "ppo", {"ppo": {"ppo_epochs": 2, "num_mini_batches": 1, "critic_lr": 0.05,
+                                       "vf_coef": 0.5},
+                               "optim": {"lr": 1.0}, "lora": True}),
 }
 
 
-def run_case(accelerator: Accelerator, base, batch, update, overrides: dict) -> tuple[dict, torch.Tensor]:
+def _flat(params) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().clone() for p in params])
+
+
+def run_case(accelerator: Accelerator, base, critic_base, batch, update,
+             overrides: dict) -> tuple[dict, dict[str, torch.Tensor]]:
     raw = {"model": {"name": "tiny", "mixed_precision": "no"},
            "rollout": {"num_generations": 3, "temperature": TEMPERATURE, "max_new_tokens": 12},
            "optim": {"lr": 0.1, "micro_batch_size": 2, "max_grad_norm": 1.0}}
@@ -120,31 +163,41 @@ def run_case(accelerator: Accelerator, base, batch, update, overrides: dict) -> 
     else:
         reference = copy.deepcopy(base).eval().requires_grad_(False)
         pair = PolicyPair(policy=policy, reference=reference, tokenizer=types.SimpleNamespace(pad_token_id=PAD))
-    params = [p for p in policy.parameters() if p.requires_grad]
-    before = torch.cat([p.detach().flatten().clone() for p in params])
-    optimizer = torch.optim.SGD(params, lr=cfg.optim.lr)
-    pair.train_module, optimizer = accelerator.prepare(policy, optimizer)
-    stats = update(pair, optimizer, accelerator, copy.deepcopy(batch), cfg)
-    after = torch.cat([p.detach().flatten() for p in params])
-    return stats, after - before
+    params = {"policy": [p for p in policy.parameters() if p.requires_grad]}
+    if update is _ppo:
+        critic = Critic(copy.deepcopy(critic_base))
+        params["critic"] = [p for p in critic.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD([{"params": params["policy"], "lr": cfg.optim.lr},
+                                     {"params": params["critic"], "lr": cfg.ppo.critic_lr}], lr=cfg.optim.lr)
+    else:
+        optimizer = torch.optim.SGD(params["policy"], lr=cfg.optim.lr)
+    before = {k: _flat(v) for k, v in params.items()}
+    if update is _ppo:
+        pair.train_module, critic, optimizer = accelerator.prepare(policy, critic, optimizer)
+        stats = update(pair, critic, optimizer, accelerator, copy.deepcopy(batch), cfg)
+    else:
+        pair.train_module, optimizer = accelerator.prepare(policy, optimizer)
+        stats = update(pair, optimizer, accelerator, copy.deepcopy(batch), cfg)
+    return stats, {k: _flat(v) - before[k] for k, v in params.items()}
 
 
 def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     accelerator = Accelerator(cpu=True, mixed_precision="no")
-    base = base_model()
+    base, critic_base = base_model(), base_critic()
     data = batches(base)
     results, deltas = {}, {}
     for name, (update, key, overrides) in CASES.items():
-        stats, delta = run_case(accelerator, base, data[key], update, overrides)
+        stats, delta_by_module = run_case(accelerator, base, critic_base, data[key], update, overrides)
+        delta = torch.cat(list(delta_by_module.values()))
         results[name] = {
             "metrics": stats,
-            "delta_abs_sum": delta.abs().sum().item(),
+            "delta_abs_sum": {k: d.abs().sum().item() for k, d in delta_by_module.items()},
             "metrics_by_process": gather_object([stats]) if accelerator.num_processes > 1 else [stats],
             "checksum_by_process": gather_object([(delta.double() * torch.arange(delta.numel())).sum().item()])
             if accelerator.num_processes > 1 else [None],
         }
-        deltas[name] = delta
+        deltas[name] = delta_by_module
     if accelerator.is_main_process:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

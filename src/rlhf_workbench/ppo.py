@@ -22,11 +22,13 @@ prompt ``x`` (tokens ``y_0 … y_{n-1}``, state ``s_t = x y_{<t}``), in order:
        A_t = δ_t + γλ A_{t+1}
        R_t = A_t + V_old_t                         value targets
 
-4. whiten: ``A ← (A - mean(A)) / sqrt(var(A) + 1e-8)`` over all completion tokens of the batch
+4. whiten: ``A ← (A - mean(A)) / sqrt(var(A) + 1e-8)`` over all completion tokens of the
+   (global) batch
 
-5. ``ppo_epochs`` × ``num_mini_batches`` optimizer steps on a shuffled batch, each over
+5. ``ppo_epochs`` × ``num_mini_batches`` optimizer steps: each epoch shuffles the batch and
+   cuts it into ``min(num_mini_batches, B)`` near-equal minibatches, each step runs over
    micro-batches with gradient accumulation (token-weighted, so the step's loss is the
-   minibatch's token mean whatever the micro-batch size)::
+   minibatch's token mean whatever the micro-batch size or number of processes)::
 
        ρ_t    = exp(logp_t - logp_old_t)
        L^π    = mean_t max(-A_t ρ_t, -A_t clip(ρ_t, 1-ε, 1+ε))                  (PPO eq. 7)
@@ -46,10 +48,31 @@ The critic is ``AutoModelForSequenceClassification`` (``num_labels=1``) loaded b
 every position. Huang et al. (2024) initialise the value model from the reward model; a run
 with rule rewards has none, so by default it starts from the policy's base model with a
 fresh head (``ppo.critic_init`` can name a reward model or any other checkpoint instead).
+
+Data-parallel (``W = accelerator.num_processes``): the design of :mod:`rlhf_workbench.update`
+(read its module docstring), with its planning, sharding, ``no_sync`` and padding helpers.
+``samples`` is the global batch, the same list on every process. Step 1's reference and critic
+passes are sharded (process ``r`` takes the ``r``-th of ``W`` contiguous shards of the batch;
+padding forwards keep the count of forwards of the wrapped modules equal) and one all-reduce of
+the zero-filled ``[2, B, T]`` tensor of reference log-probs and rollout values gives every
+process all rows. Steps 2-4 are then computed redundantly on every process over the whole
+``[B, T]`` batch (elementwise work and one backward scan over ``T``, negligible next to a
+forward pass), so the whitening statistics are those of the global batch's tokens and every
+process holds identical advantages and returns without further communication. Step 5's
+shuffles come from a generator seeded with ``cfg.seed`` and a digest of the batch's token ids:
+the same permutations on every process without communication, a different one for each
+batch. Each minibatch is one optimizer step cut into ``W`` contiguous shards; each process
+backpropagates ``W · Σ_{its tokens} ℓ_t / N_minibatch`` (``N_minibatch`` the completion tokens
+of the global minibatch), through the prepared (DDP-wrapped) policy and critic, gradients of
+both synchronised once per step, so the averaged gradient, the clipped norm and the step equal
+one process's on the same batch. Metrics are sums over each process's tokens reduced with one
+collective at the end: every process returns the one-process numbers up to float rounding
+(``tests/test_distributed.py``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -61,7 +84,18 @@ from .logprobs import completion_logps, selective_log_softmax
 from .losses import explained_variance, gae_advantages, kl_penalty_rewards, masked_whiten, ppo_loss
 from .models import PolicyPair, resolve_model_path
 from .rollout import autocast, pad_batch
-from .update import Sample, reference_logps
+from .update import (
+    Sample,
+    _all_sum,
+    _backward,
+    _micro_batches,
+    _plan,
+    _require_old_logps,
+    _sharded_reference,
+    _split,
+    _sync_context,
+    _Tally,
+)
 
 CRITIC_DIR = "critic"  # suggested sub-directory of a round checkpoint for save_critic
 
@@ -252,36 +286,77 @@ def truncated(samples: list[Sample], pair: PolicyPair, stop: list[str] | None = 
     return out
 
 
+@torch.no_grad()
+def _sharded_values(critic: torch.nn.Module, accelerator, samples: list[Sample], per_rank: list[list[int]],
+                    pad_id: int, mixed_precision: str, batch_size: int) -> dict[int, torch.Tensor]:
+    """Rollout values (:func:`token_values`, critic in eval mode) of this process's samples
+    ``per_rank[rank]``, through the (possibly wrapped) critic; a process with fewer micro-batches
+    runs padding forwards, since a forward of a wrapped module can be a collective.
+
+    Returns:
+        ``{index: [T_i] float32 tensor on accelerator.device}`` for this process's indices.
+    """
+    was_training = critic.training
+    critic.eval()
+    out: dict[int, torch.Tensor] = {}
+    try:
+        for chunk in _micro_batches(per_rank, accelerator.process_index, batch_size):
+            if chunk is None:  # a padding forward
+                token_values(critic, samples[:1], pad_id, mixed_precision)
+                continue
+            values = token_values(critic, [samples[i] for i in chunk], pad_id, mixed_precision)
+            for j, i in enumerate(chunk):
+                out[i] = values[j, : len(samples[i].token_ids)].to(accelerator.device)
+    finally:
+        critic.train(was_training)
+    return out
+
+
+def _shuffle_generator(samples: list[Sample], seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed`` and a digest of the batch's token ids: every process
+    draws the same minibatch permutations without communicating, and each batch its own."""
+    digest = hashlib.blake2b(str(seed).encode(), digest_size=8)
+    for s in samples:
+        digest.update(repr((s.prompt_ids, s.token_ids)).encode())
+    return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") & (2**63 - 1))
+
+
 def ppo_update(pair: PolicyPair, critic: torch.nn.Module, optimizer, accelerator, samples: list[Sample],
                cfg: RunConfig, finished: list[bool] | None = None) -> dict[str, float]:
-    """PPO on one rollout batch (see the module docstring for the equations, in order).
+    """PPO on one rollout batch (see the module docstring for the equations, in order, and for
+    the data-parallel design).
 
     Args:
         pair: policy / reference / tokenizer; the policy forward goes through ``pair.train_module``.
-        critic: a :class:`Critic` (or its accelerate-prepared wrapper).
+        critic: a :class:`Critic`, or under ``accelerate launch`` its prepared (DDP) wrapper,
+            which every critic forward goes through.
         optimizer: from :func:`make_optimizer` (both modules' parameters; prepared or not).
-        accelerator: the ``accelerate.Accelerator`` (``backward``, ``clip_grad_norm_``).
-        samples: one per completion: ``prompt_ids``, ``token_ids``, ``old_logps`` (per token,
-            recorded at rollout at ``cfg.rollout.temperature``) and ``reward`` (the sequence
-            score). Completions without tokens are skipped. Whitening (advantages, and rewards
-            when ``whiten_rewards``) is over this call's batch (per process under DDP) and is
+        accelerator: the ``accelerate.Accelerator`` (``backward``, ``clip_grad_norm_``, ``no_sync``,
+            ``reduce``; built with ``gradient_accumulation_steps=1``).
+        samples: the global batch, identical on every process: one per completion, with
+            ``prompt_ids``, ``token_ids``, ``old_logps`` (per token, recorded at rollout at
+            ``cfg.rollout.temperature``) and ``reward`` (the sequence score). Completions without
+            tokens are skipped. Whitening (advantages, and rewards when ``whiten_rewards``) is
+            over all completion tokens of this batch, whatever the number of processes, and is
             skipped when the batch has fewer than two completion tokens.
         cfg: ``cfg.ppo`` hyperparameters, ``cfg.optim`` (``micro_batch_size``, ``max_grad_norm``),
-            ``cfg.rollout.temperature``, ``cfg.model.mixed_precision``.
+            ``cfg.rollout.temperature``, ``cfg.model.mixed_precision``, ``cfg.seed`` (shuffling).
         finished: per sample, whether it ended with EOS / a stop string (the rollout's
             ``Completion.finished``); needed only for ``ppo.missing_eos_penalty``, inferred from
             the tokens with :func:`truncated` when None.
 
     Returns:
-        Metrics named as TRL's PPO trainers log them: ``objective/kl`` (mean over sequences of
-        the summed k1 KL, nats), ``objective/entropy`` (mean summed ``-logp_old``),
-        ``objective/non_score_reward`` (mean summed ``-β kl``), ``objective/scores`` (mean score
-        after the missing-EOS penalty), ``objective/rlhf_reward`` (their sum),
-        ``val/explained_variance`` (of the returns by the rollout values), and averaged over
-        optimizer steps: ``policy/approxkl_avg``, ``policy/clipfrac_avg``, ``loss/policy_avg``,
-        ``loss/value_avg``, ``val/clipfrac_avg``, ``val/ratio``, ``policy/entropy_avg`` (only
-        when ``entropy_coef > 0``), ``loss`` (total), ``grad_norm``; and ``steps`` (optimizer
-        steps, ``ppo_epochs × min(num_mini_batches, B)``; 0 when there is nothing to train on).
+        Metrics named as TRL's PPO trainers log them, the same on every process:
+        ``objective/kl`` (mean over sequences of the summed k1 KL, nats), ``objective/entropy``
+        (mean summed ``-logp_old``), ``objective/non_score_reward`` (mean summed ``-β kl``),
+        ``objective/scores`` (mean score after the missing-EOS penalty), ``objective/rlhf_reward``
+        (their sum), ``val/explained_variance`` (of the returns by the rollout values), and
+        averaged over optimizer steps (each a token mean over the step's minibatch):
+        ``policy/approxkl_avg``, ``policy/clipfrac_avg``, ``loss/policy_avg``, ``loss/value_avg``,
+        ``val/clipfrac_avg``, ``val/ratio``, ``policy/entropy_avg`` (only when
+        ``entropy_coef > 0``), ``loss`` (total), ``grad_norm`` (global, before clipping); and
+        ``steps`` (optimizer steps, ``ppo_epochs × min(num_mini_batches, B)``; 0 when there is
+        nothing to train on).
 
     Raises:
         ValueError: a sample without ``old_logps`` of the completion's length, or ``finished``
@@ -291,43 +366,41 @@ def ppo_update(pair: PolicyPair, critic: torch.nn.Module, optimizer, accelerator
     if finished is not None and len(finished) != len(samples):
         raise ValueError(f"ppo_update: {len(finished)} finished flags for {len(samples)} samples")
     keep = [i for i, s in enumerate(samples) if s.token_ids]
+    _require_old_logps(samples, keep, "ppo_update")
     if finished is None and p.missing_eos_penalty is not None:
         finished = [not t for t in truncated(samples, pair, cfg.rollout.stop)]
     samples = [samples[i] for i in keep]
     finished = [finished[i] for i in keep] if finished is not None else None
     if not samples:
         return {"loss": 0.0, "grad_norm": 0.0, "steps": 0.0}
-    for s in samples:
-        if s.old_logps is None or len(s.old_logps) != len(s.token_ids):
-            raise ValueError("ppo_update: every sample needs old_logps, one per completion token (from the rollout)")
 
-    pad_id = pair.tokenizer.pad_token_id
-    temperature = cfg.rollout.temperature
-    mp = cfg.model.mixed_precision
-    device = _device(critic)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    pad_id, temperature, mp = pair.tokenizer.pad_token_id, cfg.rollout.temperature, cfg.model.mixed_precision
+    mb_size = cfg.optim.micro_batch_size
+    device = accelerator.device
     B = len(samples)
     T = max(len(s.token_ids) for s in samples)
     mask = torch.zeros(B, T, dtype=torch.long, device=device)
     old_logps = torch.zeros(B, T, device=device)
-    ref = torch.zeros(B, T, device=device)
-
-    # 1. rollout quantities (no gradient)
-    ref_rows = reference_logps(pair, samples, cfg, temperature)
     for i, s in enumerate(samples):
-        n = len(s.token_ids)
-        mask[i, :n] = 1
-        old_logps[i, :n] = torch.tensor(s.old_logps, dtype=torch.float32)
-        ref[i, :n] = ref_rows[i].to(device)
-    was_training = critic.training
-    critic.eval()
-    with torch.no_grad():
-        old_values = token_values(critic, samples, pad_id, mp, cfg.optim.micro_batch_size)
-    critic.train(was_training)
+        mask[i, : len(s.token_ids)] = 1
+        old_logps[i, : len(s.token_ids)] = torch.tensor(s.old_logps, dtype=torch.float32)
+
+    # 1. rollout quantities (no gradient): each process its shard, then one all-reduce of [2, B, T]
+    shards = _split(list(range(B)), world)
+    ref_rows = _sharded_reference(pair, accelerator, samples, shards, cfg, temperature)
+    value_rows = _sharded_values(critic, accelerator, samples, shards, pad_id, mp, mb_size)
+    local = torch.zeros(2, B, T, device=device)
+    for i in shards[rank]:
+        n = len(samples[i].token_ids)
+        local[0, i, :n] = ref_rows[i]
+        local[1, i, :n] = value_rows[i]
+    ref, old_values = _all_sum(accelerator, local)
     scores = torch.tensor([float(s.reward) for s in samples], device=device)
     if p.missing_eos_penalty is not None:
         scores = scores - p.missing_eos_penalty * torch.tensor([not f for f in finished], dtype=torch.float32, device=device)
 
-    # 2.-4. rewards with the KL penalty, GAE, whitening
+    # 2.-4. rewards with the KL penalty, GAE, whitening: the whole batch, on every process
     with torch.no_grad():
         rewards, kl = kl_penalty_rewards(scores, old_logps, ref, mask, p.kl_coef)
         if p.whiten_rewards and mask.sum() > 1:
@@ -345,42 +418,49 @@ def ppo_update(pair: PolicyPair, critic: torch.nn.Module, optimizer, accelerator
         "val/explained_variance": explained_variance(old_values, returns, mask).item(),
     }
 
-    # 5. epochs x minibatches x micro-batches
+    # 5. epochs x minibatches (one optimizer step each, W shards) x micro-batches
     with_entropy = p.entropy_coef > 0
     policy = pair.train_module
     policy.train()
     critic.train()
     params = [q for q in policy.parameters() if q.requires_grad] + [q for q in critic.parameters() if q.requires_grad]
-    n_mb = min(p.num_mini_batches, B)
-    sums: dict[str, float] = {}
-    steps = 0
+    names = ("policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg",
+             "val/ratio") + (("policy/entropy_avg",) if with_entropy else ())
+    tally = _Tally("loss", *names)  # sums over steps of each step's minibatch token mean
+    grad_norms = []
+    shuffle = _shuffle_generator(samples, cfg.seed)
     for _ in range(p.ppo_epochs):
-        perm = torch.randperm(B)
-        for mb in torch.tensor_split(perm, n_mb):
-            mb = mb.tolist()
-            mb_tokens = float(mask[mb].sum())
-            step: dict[str, float] = {}
-            for j in range(0, len(mb), cfg.optim.micro_batch_size):
-                idx = mb[j : j + cfg.optim.micro_batch_size]
+        perm = torch.randperm(B, generator=shuffle).tolist()
+        for step in _plan(perm, p.num_mini_batches, world):
+            mb_tokens = float(mask[step.items].sum())  # global normaliser: the minibatch's tokens
+            micros = _micro_batches(step.shards, rank, mb_size)
+            for j, micro in enumerate(micros):
+                idx = step.items[:1] if micro is None else micro
                 batch = [samples[i] for i in idx]
-                logps, entropy, cmask = _policy_forward(policy, batch, pad_id, temperature, mp, with_entropy, device)
-                t = cmask.shape[1]
-                values = token_values(critic, batch, pad_id, mp)
-                loss, stats = ppo_loss(
-                    logps, old_logps[idx, :t], values, old_values[idx, :t], advantages[idx, :t], returns[idx, :t],
-                    cmask, p.cliprange, p.cliprange_value, p.vf_coef, entropy, p.entropy_coef,
-                )
-                weight = float(cmask.sum()) / mb_tokens  # token share: the step's loss is the minibatch token mean
-                accelerator.backward(loss * weight)
-                step["loss"] = step.get("loss", 0.0) + loss.item() * weight
-                for k, v in stats.items():
-                    step[k] = step.get(k, 0.0) + v.item() * weight
-            step["grad_norm"] = float(accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm))
+                sync = j == len(micros) - 1
+                with _sync_context(accelerator, policy, sync), _sync_context(accelerator, critic, sync):
+                    logps, entropy, cmask = _policy_forward(policy, batch, pad_id, temperature, mp, with_entropy,
+                                                            device)
+                    values = token_values(critic, batch, pad_id, mp)
+                    if micro is None:
+                        _backward(accelerator, logps.sum() + values.sum(), padding=True)
+                        continue
+                    t = cmask.shape[1]
+                    loss, stats = ppo_loss(
+                        logps, old_logps[idx, :t], values, old_values[idx, :t], advantages[idx, :t], returns[idx, :t],
+                        cmask, p.cliprange, p.cliprange_value, p.vf_coef, entropy, p.entropy_coef,
+                    )
+                    weight = float(cmask.sum()) / mb_tokens  # token share of the global minibatch
+                    _backward(accelerator, loss * weight)
+                tally.add("loss", loss.item() * weight)
+                for k in names:
+                    tally.add(k, stats[k].item() * weight)
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            steps += 1
-            for k, v in step.items():
-                sums[k] = sums.get(k, 0.0) + v
-    metrics.update({k: v / steps for k, v in sums.items()})
-    metrics["steps"] = float(steps)
+            grad_norms.append(float("nan") if grad_norm is None else float(grad_norm))
+    sums = tally.reduce(accelerator)
+    metrics.update({k: v / len(grad_norms) for k, v in sums.items()})
+    metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
+    metrics["steps"] = float(len(grad_norms))
     return metrics
