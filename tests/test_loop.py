@@ -145,3 +145,75 @@ def test_config_errors_name_the_field(tmp_path):
     p.write_text("rollout: [1, 2\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(p)
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "kto"])
+def test_other_algorithms_after_an_sft_warmup_round(tiny_model_dir, tmp_path, algorithm):
+    """Round 1 fine-tunes on verified traces (SFT warm-up); round 2 runs ``algorithm``. A tiny
+    random model earns no verified trace, so hand-written traces (one right, one wrong per
+    task) are seeded for both rounds; the published versions, metrics and (for PPO) the saved
+    critic show which update ran."""
+    from conftest import seed_rollout
+    from rlhf_workbench.models import load_policy
+    from rlhf_workbench.ppo import load_critic
+
+    out = tmp_path / "run"
+    cfg = tiny_cfg(tiny_model_dir, algorithm=algorithm, rounds=2)
+    cfg.sft.warmup_rounds = 1
+    loop_mod.run(cfg.model_copy(update={"rounds": 0}), out)  # v0 and the stored tasks
+    store = Store(run_dir=out)
+    pair = load_policy(cfg.model)
+    train = store.tasks("train")
+    for round in (1, 2):
+        batch = loop_mod.prompts_for_round(train, round, cfg.rollout.prompts_per_round, cfg.seed)
+        answers = {t.id: [f"Answer: {t.answer}", f"Answer: {int(t.answer) + 1}"] for t in batch}
+        seed_rollout(store, pair, answers, round=round, version=round - 1)
+        loop_mod.run(cfg.model_copy(update={"rounds": round}), out)
+    versions = store.versions()
+    assert [(v.id, v.algorithm) for v in versions] == [(0, "base"), (1, "sft"), (2, algorithm)]
+    metrics = store.metrics()
+    assert metrics["train/steps"][0][1] >= 1 and metrics["train/sft_traces"][0][1] == 2  # one verified trace per task
+    assert metrics["train/steps"][1][1] >= 1
+    if algorithm == "ppo":
+        assert "train/objective/kl" in metrics and "train/val/explained_variance" in metrics
+        critic = load_critic(cfg, checkpoint=str(out / "checkpoints" / "v2" / "critic"))
+        assert critic is not None
+    if algorithm == "kto":
+        assert metrics["train/desirable"][-1][1] == 2 and metrics["train/undesirable"][-1][1] == 2
+
+
+def test_loop_under_two_processes(tiny_model_dir, tmp_path):
+    """``accelerate launch`` with 2 processes (DDP over gloo) runs the unchanged loop: each
+    process samples half of the round's prompts, the main process stores them all once."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = tiny_cfg(tiny_model_dir, rounds=1)
+    cfg.rollout.prompts_per_round = 3  # odd: the processes get 2 and 1 prompts
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+           "-m", "rlhf_workbench.cli", "run", "--config", str(path), "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    store = Store(run_dir=out)
+    assert [v.id for v in store.versions()] == [0, 1]
+    rollout = store.rollout_for_round(1)
+    assert rollout.settings["num_processes"] == 2
+    comps = rollout.completions
+    assert len(comps) == 3 * 2 and len({(c.task_id, c.index) for c in comps}) == 6
+    expected = {t.id for t in loop_mod.prompts_for_round(store.tasks("train"), 1, 3, cfg.seed)}
+    assert {c.task_id for c in comps} == expected
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 1
