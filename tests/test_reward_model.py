@@ -263,3 +263,34 @@ def test_hh_rlhf_loader(shared_data):
         assert "\n\nHuman:" not in p.prompt[-len("\n\nAssistant:"):]
     assert pairs[0].prompt + pairs[0].chosen == next(r["chosen"] for r in raw if r["chosen"] != r["rejected"])
     assert load_preference_file(path, limit=5, offset=5) == pairs[5:10]
+
+
+def test_train_rm_command(tiny_model_dir, tmp_path):
+    """``rlhf train-rm`` on a preference file: saves a reward model that loads back with the same
+    scores, and writes the held-out accuracy measured on the held-out pairs."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from rlhf_workbench.cli import app
+    from rlhf_workbench.reward_model import load_preference_file, load_reward_model, pairwise_accuracy
+
+    prefs = tmp_path / "prefs.jsonl"
+    rows = [{"prompt": f"Q{i}: 2+{i}?\n\n", "chosen": f"Answer: {2 + i}", "rejected": f"Answer: {3 + i}"}
+            for i in range(10)]
+    prefs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "rm"
+    res = CliRunner().invoke(app, ["train-rm", "--preferences", str(prefs), "--out-dir", str(out),
+                                   "--model", str(tiny_model_dir), "--heldout-fraction", "0.3", "--batch-size", "2",
+                                   "--max-length", "64"])
+    assert res.exit_code == 0, res.output
+    info = json.loads((out / "metrics.json").read_text())
+    assert info["train_pairs"] == 7 and info["heldout_pairs"] == 3 and len(info["steps"]) == 4
+    model, tok = load_reward_model(str(out))
+    import random
+
+    pairs = load_preference_file(prefs)
+    random.Random(0).shuffle(pairs)
+    assert pairwise_accuracy(model, tok, pairs[:3], 2, 64) == info["heldout_accuracy"]
+    bad = CliRunner().invoke(app, ["train-rm", "--out-dir", str(out)])
+    assert bad.exit_code == 2 and "exactly one of --run" in bad.output

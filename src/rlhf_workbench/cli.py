@@ -134,6 +134,200 @@ def export_cmd(
     console.print(f"wrote {info['pairs']} preference pairs ({counts}) to {out_dir}")
 
 
+def _progress(bar):
+    """``progress(label, total) -> advance(n)`` factory on a rich Progress (for eval/compare)."""
+
+    def make(label: str, total: int):
+        job = bar.add_task(label, total=total)
+        return lambda n: bar.advance(job, n)
+
+    return make
+
+
+def _eval_selection(tasks: str | None, run_dir: Path | None, models: list[str], **kw):
+    """Questions for ``eval``/``compare``: ``--tasks``, ``--run``, or else the run one of the models
+    belongs to. Returns ``(selection, run_config_or_None)``."""
+    from .evaluate import find_run_dir, run_config, select_tasks
+
+    if tasks is not None and run_dir is not None:
+        raise ValueError("give --tasks PATH or --run RUN_DIR, not both (--run takes the run's task file)")
+    if tasks is None and run_dir is None:
+        run_dir = next((r for r in map(find_run_dir, models) if r is not None), None)
+        if run_dir is None:
+            raise ValueError("give --tasks PATH or --run RUN_DIR (no model is a checkpoint of a run)")
+    if run_dir is not None and tasks is None:
+        kw["seed"] = None  # the run's split seed; --seed then only seeds sampling
+    sel = select_tasks(tasks, run_dir if tasks is None else None, **kw)
+    return sel, (run_config(run_dir) if tasks is None else None)
+
+
+def _gen_defaults(cfg: dict | None, max_new_tokens, batch_size, mixed_precision):
+    """Generation settings: the option if given, else the run's eval settings, else 64 / 32 / no."""
+    ev, model = (cfg or {}).get("eval") or {}, (cfg or {}).get("model") or {}
+    mnt = max_new_tokens or ev.get("max_new_tokens") or 64
+    bs = batch_size or ev.get("batch_size") or 32
+    mp = mixed_precision or model.get("mixed_precision") or "no"
+    if mp not in ("no", "bf16"):
+        raise ValueError(f"--mixed-precision must be no or bf16, got {mp!r}")
+    for flag, value in (("--max-new-tokens", mnt), ("--batch-size", bs)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    return mnt, bs, mp
+
+
+def _judge_errors() -> tuple[type[Exception], ...]:
+    """``(JudgeError,)`` when the LLM-judge module is installed, else ``()``."""
+    try:
+        from .judge import JudgeError
+    except ImportError:
+        return ()
+    return (JudgeError,)
+
+
+def _judge(model: str | None, url: str | None, api_model: str | None, api_key_env: str | None):
+    """The LLM judge the ``--judge-*`` options describe, or None when neither --judge-model nor --judge-url is given."""
+    if model is None and url is None:
+        if api_model or api_key_env:
+            raise ValueError("--judge-api-model / --judge-api-key-env need --judge-url")
+        return None
+    from .evaluate import make_judge
+
+    return make_judge(model, url, api_model, api_key_env)
+
+
+_TASKS_HELP = "task file (jsonl, gsm8k, pubmedqa json, mcq, csv/parquet) or bundled:<name>"
+_RUN_HELP = "run directory: its config's task file, instruction, held-out split and eval settings"
+_SPLIT_HELP = "heldout (default), train or all, split as `rlhf run` does"
+_SEED_HELP = "seed of the train/held-out split with --tasks (default 0; --run uses the run's) and of sampling"
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option(None, "--model", "--checkpoint", "-m",
+                              help="checkpoint or run dir, preset (smollm2-135m) or hub id; default with --run: its newest policy"),
+    reference: str = typer.Option(None, "--reference", help="model for KL and win rate; default: the run's base model; 'none' skips"),
+    tasks: str = typer.Option(None, "--tasks", help=_TASKS_HELP),
+    run_dir: Path = typer.Option(None, "--run", help=_RUN_HELP),
+    format_: str = typer.Option(None, "--format", help="auto, jsonl, gsm8k, pubmedqa, mcq or hf (with --tasks)"),
+    split: str = typer.Option(None, "--split", help=_SPLIT_HELP),
+    seed: int = typer.Option(None, "--seed", help=_SEED_HELP),
+    limit: int = typer.Option(None, "--limit", help="evaluate only the first N selected questions"),
+    read_limit: int = typer.Option(None, "--read-limit", help="read only the first N records of --tasks (before splitting)"),
+    heldout_size: int = typer.Option(None, "--heldout-size", help="held-out questions when the file has no split"),
+    heldout_fraction: float = typer.Option(None, "--heldout-fraction", help="held-out fraction when the file has no split"),
+    instruction: str = typer.Option(None, "--instruction", help="final-answer instruction (default: the run's, or per answer type)"),
+    k: int = typer.Option(1, "--k", help="k of pass@k and maj@k; k > 1 samples k answers per question"),
+    n_samples: int = typer.Option(None, "--n-samples", help="samples per question n >= k for the unbiased pass@k (default k)"),
+    temperature: float = typer.Option(0.7, "--temperature", help="sampling temperature for pass@k / maj@k"),
+    top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling for pass@k / maj@k"),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="answer length cap (default: the run's eval setting, else 64)"),
+    batch_size: int = typer.Option(None, "--batch-size", help="sequences per generation batch (default: the run's, else 32)"),
+    mixed_precision: str = typer.Option(None, "--mixed-precision", help="no or bf16 (default: the run's, else no)"),
+    reward_model: str = typer.Option(None, "--reward-model", help="reward model dir: mean reward and win rate vs the reference"),
+    judge_model: str = typer.Option(None, "--judge-model", help="LLM judge run locally (preset, hub id, checkpoint): win rate"),
+    judge_url: str = typer.Option(None, "--judge-url", help="LLM judge at an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8001/v1"),
+    judge_api_model: str = typer.Option(None, "--judge-api-model", help="model name sent to --judge-url (default: its first /models entry)"),
+    judge_api_key_env: str = typer.Option(None, "--judge-api-key-env", help="environment variable holding the --judge-url API key"),
+    bootstrap: int = typer.Option(10_000, "--bootstrap", help="bootstrap resamples for the intervals of means"),
+    out: Path = typer.Option(None, "--out", "-o", help="write the results (with per-question outcomes) to this JSON file"),
+) -> None:
+    """Evaluate a checkpoint: greedy pass@1, pass@k and maj@k, reward, win rate, KL and length, with 95% intervals."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from rich.markup import escape
+    from rich.progress import Progress
+
+    from .evaluate import default_reference, eval_report, print_eval_report, run_checkpoint, write_report
+    from .tasks import TaskFormatError
+
+    try:
+        if model is None:
+            if run_dir is None:
+                raise ValueError("give --model PATH_OR_PRESET (or --run RUN_DIR to evaluate its newest policy)")
+            if tasks is None:
+                model = str(run_checkpoint(run_dir))
+        sel, cfg = _eval_selection(tasks, run_dir, [model], format=format_, split=split, seed=seed,
+                                   read_limit=read_limit, limit=limit, heldout_size=heldout_size,
+                                   heldout_fraction=heldout_fraction, instruction=instruction)
+        mnt, bs, mp = _gen_defaults(cfg, max_new_tokens, batch_size, mixed_precision)
+        if bootstrap < 1:
+            raise ValueError(f"--bootstrap must be at least 1, got {bootstrap}")
+        why = "given"
+        if reference is None:
+            reference, why = default_reference(model)
+        elif reference.lower() == "none":
+            reference, why = None, "--reference none"
+        console.print(f"model {escape(model)}; reference {escape(str(reference))} ({escape(why)}); "
+                      f"{len(sel.tasks)} {sel.split} questions of {escape(sel.source)}")
+        judge = _judge(judge_model, judge_url, judge_api_model, judge_api_key_env)
+        with Progress(console=console, transient=True) as bar:
+            report = eval_report(model, sel, reference, reward_model, k, n_samples, temperature, top_p, mnt, bs, mp,
+                                 seed=seed if seed is not None else sel.seed, n_boot=bootstrap, judge=judge,
+                                 progress=_progress(bar))
+    except (ValueError, FileNotFoundError, TaskFormatError, *_judge_errors()) as e:
+        console.print(f"[bold red]error[/]: {escape(str(e))}")
+        raise typer.Exit(2)
+    print_eval_report(report, console)
+    if out is not None:
+        console.print(f"wrote {escape(str(write_report(report, out)))}")
+
+
+@app.command("compare")
+def compare_cmd(
+    model_a: str = typer.Argument(..., help="baseline A: checkpoint or run dir, preset or hub id"),
+    model_b: str = typer.Argument(..., help="challenger B: checkpoint or run dir, preset or hub id"),
+    tasks: str = typer.Option(None, "--tasks", help=_TASKS_HELP),
+    run_dir: Path = typer.Option(None, "--run", help=_RUN_HELP + " (default: the run A or B belongs to)"),
+    format_: str = typer.Option(None, "--format", help="auto, jsonl, gsm8k, pubmedqa, mcq or hf (with --tasks)"),
+    split: str = typer.Option(None, "--split", help=_SPLIT_HELP),
+    seed: int = typer.Option(None, "--seed", help="seed of the train/held-out split with --tasks (default 0)"),
+    limit: int = typer.Option(None, "--limit", help="compare on the first N selected questions only"),
+    read_limit: int = typer.Option(None, "--read-limit", help="read only the first N records of --tasks (before splitting)"),
+    heldout_size: int = typer.Option(None, "--heldout-size", help="held-out questions when the file has no split"),
+    heldout_fraction: float = typer.Option(None, "--heldout-fraction", help="held-out fraction when the file has no split"),
+    instruction: str = typer.Option(None, "--instruction", help="final-answer instruction (default: the run's, or per answer type)"),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="answer length cap (default: the run's eval setting, else 64)"),
+    batch_size: int = typer.Option(None, "--batch-size", help="sequences per generation batch (default: the run's, else 32)"),
+    mixed_precision: str = typer.Option(None, "--mixed-precision", help="no or bf16 (default: the run's, else no)"),
+    reward_model: str = typer.Option(None, "--reward-model", help="reward model dir: win rate of B over A"),
+    judge_model: str = typer.Option(None, "--judge-model", help="LLM judge run locally (preset, hub id, checkpoint): win rate"),
+    judge_url: str = typer.Option(None, "--judge-url", help="LLM judge at an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8001/v1"),
+    judge_api_model: str = typer.Option(None, "--judge-api-model", help="model name sent to --judge-url (default: its first /models entry)"),
+    judge_api_key_env: str = typer.Option(None, "--judge-api-key-env", help="environment variable holding the --judge-url API key"),
+    examples: int = typer.Option(3, "--examples", help="questions where A and B differ to print"),
+    bootstrap: int = typer.Option(10_000, "--bootstrap", help="bootstrap resamples"),
+    out: Path = typer.Option(None, "--out", "-o", help="write the comparison (with per-question outcomes) to this JSON file"),
+) -> None:
+    """Compare two models on the same questions: accuracies, paired difference, exact McNemar test, examples."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from rich.markup import escape
+    from rich.progress import Progress
+
+    from .compare import compare_report, print_compare_report
+    from .evaluate import write_report
+    from .tasks import TaskFormatError
+
+    try:
+        sel, cfg = _eval_selection(tasks, run_dir, [model_a, model_b], format=format_, split=split, seed=seed,
+                                   read_limit=read_limit, limit=limit, heldout_size=heldout_size,
+                                   heldout_fraction=heldout_fraction, instruction=instruction)
+        mnt, bs, mp = _gen_defaults(cfg, max_new_tokens, batch_size, mixed_precision)
+        if bootstrap < 1:
+            raise ValueError(f"--bootstrap must be at least 1, got {bootstrap}")
+        console.print(f"{len(sel.tasks)} {sel.split} questions of {escape(sel.source)}"
+                      + (f" (run {escape(sel.run_dir)})" if sel.run_dir else "")
+                      + f"; greedy, max {mnt} new tokens, mixed precision {mp}")
+        judge = _judge(judge_model, judge_url, judge_api_model, judge_api_key_env)
+        with Progress(console=console, transient=True) as bar:
+            report = compare_report(model_a, model_b, sel, reward_model, mnt, bs, mp, n_boot=bootstrap,
+                                    examples=examples, judge=judge, progress=_progress(bar))
+    except (ValueError, FileNotFoundError, TaskFormatError, *_judge_errors()) as e:
+        console.print(f"[bold red]error[/]: {escape(str(e))}")
+        raise typer.Exit(2)
+    print_compare_report(report, console)
+    if out is not None:
+        console.print(f"wrote {escape(str(write_report(report, out)))}")
+
+
 @app.command()
 def serve(
     config: Path = typer.Option(..., "--config", "-c", help="YAML run config"),
@@ -170,6 +364,96 @@ def serve(
     console.print(f"serving {run_dir} on http://{host}:{port} (feedback.source human"
                   + (", with the worker" if with_worker else "; start the worker with `rlhf worker`") + ")")
     launch(cfg, run_dir, host, port, block=True)
+
+
+@app.command("serve-model")
+def serve_model_cmd(
+    model: str = typer.Option("smollm2-135m", "--model", "-m",
+                              help="preset name, HF hub id, local model dir, run checkpoint or run dir"),
+    host: str = typer.Option("127.0.0.1", "--host", help="interface to listen on (0.0.0.0 for a network)"),
+    port: int = typer.Option(8001, "--port", help="TCP port"),
+    name: str = typer.Option(None, "--name", help="model id reported by the API (default: --model as given)"),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16"),
+) -> None:
+    """Serve a model behind an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .serve_model import load_served_model, serve
+
+    try:
+        if dtype not in ("fp32", "bf16"):
+            raise ValueError(f"--dtype must be fp32 or bf16, got {dtype!r}")
+        loaded, tokenizer = load_served_model(model, dtype)
+    except (ValueError, OSError) as e:  # OSError covers FileNotFoundError and unknown hub ids
+        console.print(f"[bold red]error[/]: {e}")
+        raise typer.Exit(2)
+    console.print(f"serving {name or model} on http://{host}:{port}/v1 (chat/completions, models)")
+    serve(loaded, tokenizer, name or model, host, port)
+
+
+@app.command("train-rm")
+def train_rm_cmd(
+    out_dir: Path = typer.Option(..., "--out-dir", help="where to save the reward model (a feedback source `path`)"),
+    run_dir: Path = typer.Option(None, "--run", help="learn from this run's stored rankings (workbench.db)"),
+    preferences: Path = typer.Option(None, "--preferences", help="or a jsonl(.gz) of prompt/chosen/rejected or HH-RLHF dialogues"),
+    source: str = typer.Option(None, "--source", help="with --run: only rankings from this source (human, rules)"),
+    model: str = typer.Option("smollm2-135m", "--model", help="backbone: preset, hub id or local path"),
+    heldout_fraction: float = typer.Option(0.1, "--heldout-fraction", help="pairs kept out of training for accuracy"),
+    limit: int = typer.Option(None, "--limit", help="use at most this many pairs"),
+    lr: float = typer.Option(1e-5, "--lr"),
+    epochs: int = typer.Option(1, "--epochs"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    max_length: int = typer.Option(512, "--max-length"),
+    margin: bool = typer.Option(False, "--margin/--no-margin", help="with --run: rank distance as the required reward margin"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Train a Bradley-Terry reward model on a run's rankings (distilling the experts) or a preference file.
+
+    Pairs are shuffled with ``--seed`` and split into train and held-out; the held-out pairwise
+    accuracy and the per-step metrics are written to ``OUT_DIR/metrics.json``.
+    """
+    import json
+    import random
+
+    import torch
+
+    from .reward_model import load_preference_file, load_reward_model, pairs_from_rankings, pairwise_accuracy, \
+        train_reward_model
+    from .store import Store
+
+    try:
+        if (run_dir is None) == (preferences is None):
+            raise ValueError("give exactly one of --run RUNDIR or --preferences FILE")
+        if not 0 <= heldout_fraction < 1:
+            raise ValueError(f"--heldout-fraction must be in [0, 1), got {heldout_fraction}")
+        if run_dir is not None:
+            if not (run_dir / "workbench.db").is_file():
+                raise FileNotFoundError(f"{run_dir / 'workbench.db'} not found")
+            pairs = pairs_from_rankings(Store(run_dir=run_dir), source, with_margin=margin)
+        else:
+            pairs = load_preference_file(preferences)
+        random.Random(seed).shuffle(pairs)
+        pairs = pairs[:limit] if limit else pairs
+        n_held = int(len(pairs) * heldout_fraction)
+        train, held = pairs[n_held:], pairs[:n_held]
+        if not train:
+            raise ValueError(f"no training pairs ({len(pairs)} pairs in all)")
+    except (ValueError, FileNotFoundError) as e:
+        console.print(f"[bold red]error[/]: {e}")
+        raise typer.Exit(2)
+    torch.manual_seed(seed)
+    rm, tokenizer = load_reward_model(model)
+    steps = train_reward_model(rm, tokenizer, train, lr=lr, epochs=epochs, batch_size=batch_size,
+                               max_length=max_length, seed=seed)
+    acc = pairwise_accuracy(rm, tokenizer, held, batch_size, max_length) if held else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rm.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    info = {"train_pairs": len(train), "heldout_pairs": len(held), "heldout_accuracy": acc, "steps": steps,
+            "settings": {"model": model, "lr": lr, "epochs": epochs, "batch_size": batch_size,
+                         "max_length": max_length, "seed": seed, "source": source, "margin": margin}}
+    (out_dir / "metrics.json").write_text(json.dumps(info, indent=1))
+    console.print(f"trained on {len(train)} pairs ({len(steps)} steps), held-out pairwise accuracy "
+                  + (f"{acc:.3f} on {len(held)} pairs" if acc is not None else "n/a") + f"; saved to {out_dir}")
 
 
 if __name__ == "__main__":
