@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from rlhf_workbench.cli import app
-from rlhf_workbench.evaluate import (
+from rlhf_workbench.stats import (
     bootstrap_ci,
     bootstrap_ratio_ci,
     maj_at_k,

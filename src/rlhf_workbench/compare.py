@@ -5,10 +5,10 @@ Reported, with 95% intervals:
 
 * the accuracy of each model: Wilson score interval (Wilson 1927);
 * the difference ``acc(B) − acc(A)``: Newcombe's (1998) paired square-and-add score interval
-  (method 10, :func:`rlhf_workbench.evaluate.newcombe_paired_diff_ci`) — the headline, chosen
+  (method 10, :func:`rlhf_workbench.stats.newcombe_paired_diff_ci`) — the headline, chosen
   because it keeps its coverage for small n and empty cells — and, for reference, the
   percentile bootstrap over questions of the paired differences (fixed seed);
-* the exact McNemar test (:func:`rlhf_workbench.evaluate.mcnemar_exact`: two-sided binomial
+* the exact McNemar test (:func:`rlhf_workbench.stats.mcnemar_exact`: two-sided binomial
   test on the discordant pairs) with the counts of questions only A / only B got right;
 * the same for strict accuracy (answer given on an explicit answer line);
 * optionally the win rate of B over A judged by a reward model (1 if B's answer scores
@@ -22,22 +22,24 @@ import time
 from typing import Any, Callable
 
 from .evaluate import (
+    TaskSelection,
+    _answer_record,
+    _greedy,
+    judge_wins,
+    load_eval_model,
+    load_scorer,
+    win_value,
+)
+from .stats import (
     CONFIDENCE,
     N_BOOT,
     BOOT_SEED,
     Estimate,
-    TaskSelection,
-    _answer_record,
-    _greedy,
     bootstrap_ci,
-    judge_wins,
-    load_eval_model,
-    load_scorer,
     mcnemar_exact,
     mean_estimate,
     newcombe_paired_diff_ci,
     proportion_estimate,
-    win_value,
 )
 
 

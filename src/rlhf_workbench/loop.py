@@ -32,7 +32,8 @@ from rich.console import Console
 from rich.progress import Progress
 
 from .config import RunConfig
-from .evaluate import EvalResult, evaluate, mcnemar_exact
+from .evaluate import EvalResult, evaluate
+from .stats import mcnemar_exact
 from .annotation import wait_for_human_rankings
 from .feedback import build_pairs, completion_rewards, make_ranker, rank_group
 from .losses import group_advantages
