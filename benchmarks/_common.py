@@ -1,0 +1,272 @@
+"""Helpers shared by the throughput benchmarks: isolated workers, peak memory, FLOP counts,
+result files and tables.
+
+Peak memory is the peak resident set size (``VmHWM``) of the process that runs one system.
+On Linux the high-water mark is reset (``/proc/self/clear_refs`` ← ``5``) right before the
+measured work, so the number covers that work (plus whatever the process already held:
+``rss_start_mb`` says how much). Training systems run in forked child processes (one per
+system, forked from a fork server that has only imported the libraries), so one system's
+freed-but-cached memory never counts for the next.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHARED_DATA = Path(os.environ.get("RLHF_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers are used on both sides of a fork
+
+
+# --------------------------------------------------------------------------------------------
+# memory
+# --------------------------------------------------------------------------------------------
+
+
+def _status_kb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return float(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process, MiB (NaN where unavailable)."""
+    kb = _status_kb("VmRSS")
+    return float("nan") if kb is None else kb / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS high-water mark (Linux ≥ 4.0); False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process since start or the last :func:`reset_peak_rss`, MiB."""
+    kb = _status_kb("VmHWM")
+    if kb is None:
+        import resource
+
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        if sys.platform == "darwin":
+            kb /= 1024
+    return kb / 1024
+
+
+# --------------------------------------------------------------------------------------------
+# isolated workers
+# --------------------------------------------------------------------------------------------
+
+
+def _child(conn, fn, args, kwargs):
+    try:
+        conn.send(("ok", fn(*args, **kwargs)))
+    except BaseException as e:  # noqa: BLE001 - report everything to the parent
+        conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    finally:
+        conn.close()
+
+
+# Imported once by the fork server, so that each worker forked from it starts with them loaded.
+PRELOAD = ["torch", "transformers", "accelerate", "datasets", "trl.trainer.dpo_trainer", "trl.trainer.grpo_trainer",
+           "rlhf_workbench.update", "rlhf_workbench.rollout", "rlhf_workbench.models", "rlhf_workbench.verify"]
+
+
+def run_isolated(fn: Callable, *args, isolate: bool = True, **kwargs) -> Any:
+    """``fn(*args, **kwargs)`` in a fresh worker process (its own peak memory), or in this
+    process when ``isolate`` is False. ``fn`` must be a module-level function of an importable
+    module (or of the script being run); arguments and result must be picklable.
+
+    Workers are forked from a ``multiprocessing`` fork server that has only imported
+    :data:`PRELOAD` (fast start, and no OpenMP thread pool inherited from a process that already
+    ran torch compute: a plain ``fork`` of such a process hangs at its first parallel op).
+    Falls back to ``spawn`` where there is no fork server.
+
+    Raises:
+        RuntimeError: the worker raised (its traceback is in the message) or died.
+    """
+    if not isolate:
+        return fn(*args, **kwargs)
+    methods = mp.get_all_start_methods()
+    ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload(PRELOAD)
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(child, fn, args, kwargs))
+    proc.start()
+    child.close()
+    try:
+        status, value = parent.recv()
+    except EOFError:
+        proc.join()
+        raise RuntimeError(f"{getattr(fn, '__name__', fn)}: worker died (exit code {proc.exitcode})") from None
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"{getattr(fn, '__name__', fn)} failed in its worker:\n{value}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# model FLOPs
+# --------------------------------------------------------------------------------------------
+
+
+def matmul_params(model) -> int:
+    """``N`` of the 6·N·D rule: every parameter that takes part in a matmul per token.
+
+    All parameters, counted once (``model.parameters()`` de-duplicates tied weights), minus
+    the input embedding when it is *not* tied to the LM head (a lookup, no FLOPs). With tied
+    embeddings (SmolLM2) the shared matrix stays in: it is the LM-head matmul. Norm weights
+    are included (negligible). Attention-score FLOPs (∝ sequence length) are not counted.
+    """
+    n = sum(p.numel() for p in model.parameters())
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if emb is not None and (head is None or head.weight is not emb.weight):
+        n -= emb.weight.numel()
+    return n
+
+
+# --------------------------------------------------------------------------------------------
+# reporting
+# --------------------------------------------------------------------------------------------
+
+
+def device_info(threads: int) -> dict:
+    import torch
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    out = {"cpu": name, "cores": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
+           "python": platform.python_version(),
+           "bf16_matmul_units": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"}),
+           "cuda": torch.cuda.is_available()}
+    try:
+        import transformers
+
+        out["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    try:
+        import trl
+
+        out["trl"] = trl.__version__
+    except ImportError:
+        pass
+    try:
+        out["load_average_at_start"] = list(os.getloadavg())
+    except OSError:
+        pass
+    return out
+
+
+def warn_if_busy() -> bool:
+    """Print a warning and return True when the 1-minute load average is above half the cores
+    (other work running: timings are contaminated)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return False
+    cores = os.cpu_count() or 1
+    if load > 0.5 * cores:
+        print(f"WARNING: load average {load:.2f} on {cores} cores: other processes are running, "
+              "timings will be contaminated", file=sys.stderr, flush=True)
+        return True
+    return False
+
+
+def finite_ratio(ours: float, peer: float) -> float:
+    """``ours / peer`` (NaN when either is missing or the peer is 0)."""
+    if not ours or not peer or not math.isfinite(ours) or not math.isfinite(peer):
+        return float("nan")
+    return ours / peer
+
+
+def write_result(result: dict, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return out
+
+
+def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    """A rich table (plain text when rich is missing)."""
+    def fmt(v):
+        if isinstance(v, float):
+            if not math.isfinite(v):
+                return "—"
+            return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+        return str(v)
+
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(title)
+        print(" | ".join(columns))
+        for r in rows:
+            print(" | ".join(fmt(v) for v in r))
+        return
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="left" if c == columns[0] else "right")
+    for r in rows:
+        table.add_row(*(fmt(v) for v in r))
+    Console(width=max(100, 20 * len(columns))).print(table)
+
+
+class Stamps:
+    """Wall-clock stamps at the end of each step; ``rate(count, warmup)`` over the steps after warm-up."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.ends: list[float] = []
+
+    def step_done(self) -> None:
+        self.ends.append(time.perf_counter())
+
+    def timed_seconds(self, warmup: int) -> float:
+        begin = self.ends[warmup - 1] if warmup > 0 else self.start
+        return self.ends[-1] - begin
+
+    def step_seconds(self) -> list[float]:
+        prev, out = self.start, []
+        for t in self.ends:
+            out.append(t - prev)
+            prev = t
+        return out

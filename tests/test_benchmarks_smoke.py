@@ -1,0 +1,83 @@
+"""Smoke runs of the throughput benchmarks (``--quick`` on the tiny random Llama with the real
+tokenizer): each writes its JSON with positive finite ``ratios``; DPO's first-step loss is
+ln 2 for both systems (policy == reference) and agrees to 1e-4; greedy generation is
+identical token for token with plain ``model.generate``.
+
+The DPO benchmark reads HH-RLHF from the shared data directory (``shared_data`` fixture:
+skipped, with its reason, when the directory is missing).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("trl")
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    """The benchmark script as module ``name`` (importable by that name, with ``benchmarks/`` on
+    ``sys.path``, so that its worker processes can unpickle its functions)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _check_ratios(result: dict, path: Path, expected: set[str]) -> None:
+    on_disk = json.loads(path.read_text())
+    assert set(on_disk["ratios"]) == expected
+    for key, value in on_disk["ratios"].items():
+        assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
+    assert on_disk["ratios"] == pytest.approx(result["ratios"])
+
+
+def test_machine_peak_quick(tmp_path):
+    out = tmp_path / "machine_peak.json"
+    result = _load("machine_peak").main(["--quick", "--threads", "1", "--out", str(out)])
+    _check_ratios(result, out, {"bf16_vs_fp32"})
+    for dtype in ("fp32", "bf16"):
+        assert result["peak_flops"][dtype] > 1e8  # any CPU does more than 0.1 GFLOP/s
+
+
+def test_generation_throughput_quick(tiny_model_dir, tmp_path):
+    out = tmp_path / "generation.json"
+    result = _load("generation_throughput").main(["--quick", "--model", str(tiny_model_dir), "--threads", "1",
+                                                  "--out", str(out)])
+    _check_ratios(result, out, {"ours/bs=1", "ours/bs=2", "ours+logps/bs=1", "ours+logps/bs=2"})
+    assert result["identical"] is True
+    assert all(v["identical"] for v in result["by_batch_size"].values())
+    for v in result["by_batch_size"].values():
+        assert v["systems"]["ours"]["tokens"] == v["systems"]["generate"]["tokens"] > 0
+
+
+def test_train_throughput_quick(tiny_model_dir, shared_data, tmp_path):
+    out = tmp_path / "train.json"
+    result = _load("train_throughput").main(["--quick", "--model", str(tiny_model_dir), "--data", "hh",
+                                             "--data-dir", str(shared_data), "--threads", "1", "--out", str(out)])
+    _check_ratios(result, out, {"dpo_hh/pairs_per_s", "dpo_hh/tokens_per_s", "grpo/completions_per_s",
+                                "grpo/tokens_per_s"})
+    dpo = result["dpo_hh"]["systems"]
+    ours, trl = dpo["ours"]["first_step_loss"], dpo["trl"]["first_step_loss"]
+    assert ours == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 1
+    assert trl == pytest.approx(math.log(2), abs=1e-4)
+    assert abs(ours - trl) < 1e-4
+    assert len(dpo["ours"]["losses"]) == len(dpo["trl"]["losses"]) == 3  # 1 warm-up + 2 timed steps
+    grpo = result["grpo"]["systems"]
+    for system in (*dpo.values(), *grpo.values()):
+        assert system["peak_rss_mb"] > 0 and 0 < system["mfu"] < 1
+    for system in grpo.values():
+        assert system["first_step_loss"] == pytest.approx(0.0, abs=1e-4)  # on-policy, group-centred advantages
+        assert system["completions_per_s"] > 0
