@@ -21,9 +21,8 @@ import random
 import shutil
 import time
 from dataclasses import replace
-from pathlib import Path
-
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -31,17 +30,17 @@ from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gath
 from rich.console import Console
 from rich.progress import Progress
 
+from .annotation import wait_for_human_rankings
 from .config import RunConfig
 from .evaluate import EvalResult, evaluate
-from .stats import mcnemar_exact
-from .annotation import wait_for_human_rankings
 from .feedback import build_pairs, completion_rewards, make_ranker, rank_group
 from .losses import group_advantages
 from .models import load_policy, save_policy
 from .ppo import load_critic, make_optimizer, ppo_update, save_critic
-from .safety import make_safety_filter
 from .report import write_report
 from .rollout import Completion, HFEngine
+from .safety import make_safety_filter
+from .stats import mcnemar_exact
 from .store import CompletionRow, PreferencePair, RankingRow, Rollout, Store, VerificationRow
 from .tasks import load_tasks, split_tasks
 from .update import Sample, dpo_update, grpo_update, kto_update, rloo_update, sft_update
@@ -78,15 +77,21 @@ def _store_rollout(store: Store, round: int, version: int, settings: dict, tasks
         return rollout.id
 
 
+def _by_task(rollout: Rollout) -> dict[str, list[CompletionRow]]:
+    """A rollout's stored completions grouped by task, in stored order."""
+    groups: dict[str, list[CompletionRow]] = {}
+    for c in rollout.completions:
+        groups.setdefault(c.task_id, []).append(c)
+    return groups
+
+
 def _record_rankings(store: Store, rollout: Rollout, source: str, scores: dict[str, dict[int, float]],
                      flagged: set[int], cfg: RunConfig) -> None:
     """Turn per-task scores of the traces into rankings, rewards and DPO pairs (one transaction).
 
     Wrong and flagged traces are unranked: reward 0, never chosen.
     """
-    by_task: dict[str, list[CompletionRow]] = {}
-    for c in rollout.completions:
-        by_task.setdefault(c.task_id, []).append(c)
+    by_task = _by_task(rollout)
     with store.session() as s, s.begin():
         for task_id, task_scores in scores.items():
             rows = by_task[task_id]
@@ -119,9 +124,7 @@ def _rule_scores(rollout: Rollout, cfg: RunConfig, tasks_by_id: dict | None = No
     consistency). Flagged traces are shown to the ranker as wrong, so no judge call is spent on them.
     """
     ranker = make_ranker(cfg.feedback, cfg.rollout.max_new_tokens, seed=cfg.seed)
-    by_task: dict[str, list[CompletionRow]] = {}
-    for c in rollout.completions:
-        by_task.setdefault(c.task_id, []).append(c)
+    by_task = _by_task(rollout)
     out = {}
     for task_id, rows in by_task.items():
         comps = [Completion(c.task_id, c.index, c.prompt_ids, c.token_ids, c.logps, c.text, c.finished) for c in rows]
