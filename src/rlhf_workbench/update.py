@@ -51,10 +51,10 @@ import torch
 from accelerate.utils import DistributedType
 
 from .config import RunConfig
-from .logprobs import completion_logps, selective_log_softmax
+from .logprobs import packed_logps
 from .losses import dpo_loss, grpo_loss, kto_loss, rloo_advantages, rloo_loss
 from .models import PolicyPair
-from .rollout import autocast, pad_batch
+from .rollout import autocast
 
 
 @dataclass
@@ -138,28 +138,21 @@ def _device(module: torch.nn.Module) -> torch.device:
 
 def _forward_logps(model, samples: list[Sample], pad_id: int, temperature: float, mixed_precision: str,
                    device: torch.device | None = None):
-    """``([B, T] float32 per-token log-probs, [B, T] long completion mask)`` of ``samples``."""
-    ids, mask, cmask = pad_batch([s.prompt_ids for s in samples], [s.token_ids for s in samples], pad_id)
-    if device is not None:
-        ids, mask, cmask = ids.to(device), mask.to(device), cmask.to(device)
+    """``([B, T] float32 per-token log-probs, [B, T] long completion mask)`` of ``samples``, by
+    :func:`~rlhf_workbench.logprobs.packed_logps` (samples with the same prompt share its
+    forward pass)."""
     with autocast(mixed_precision):
-        logps = completion_logps(model, ids, mask, cmask.shape[1], temperature)
-    return logps, cmask
+        return packed_logps(model, [s.prompt_ids for s in samples], [s.token_ids for s in samples], pad_id,
+                            temperature, device)
 
 
 def _forward_sft(model, samples: list[Sample], pad_id: int, mixed_precision: str, device: torch.device):
-    """Like :func:`_forward_logps` at temperature 1 (the same computation as
-    :func:`~rlhf_workbench.logprobs.completion_logps`), plus whether each completion token is the
+    """Like :func:`_forward_logps` at temperature 1, plus whether each completion token is the
     model's argmax prediction. Returns ``(logps [B, T], correct [B, T] bool, cmask [B, T])``."""
-    ids, mask, cmask = pad_batch([s.prompt_ids for s in samples], [s.token_ids for s in samples], pad_id)
-    ids, mask, cmask = ids.to(device), mask.to(device), cmask.to(device)
-    T = cmask.shape[1]
-    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
     with autocast(mixed_precision):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
-                       logits_to_keep=T + 1).logits[:, :-1, :]
-    targets = ids[:, -T:]
-    return selective_log_softmax(logits, targets), logits.argmax(-1) == targets, cmask
+        logps, cmask, correct = packed_logps(model, [s.prompt_ids for s in samples],
+                                             [s.token_ids for s in samples], pad_id, 1.0, device, return_argmax=True)
+    return logps, correct, cmask
 
 
 def _pad_rows(rows, like: torch.Tensor) -> torch.Tensor:
@@ -388,8 +381,11 @@ def grpo_update(pair: PolicyPair, optimizer, accelerator, samples: list[Sample],
     """GRPO (:func:`~rlhf_workbench.losses.grpo_loss`, Shao et al. 2024 eq. 3) on one rollout
     batch whose advantages are already set (group-relative, over the global batch).
 
-    Log-probs are at the rollout temperature, old log-probs are the ones recorded at rollout
-    (no recomputation). Completions with zero advantage contribute no policy gradient; when
+    Log-probs are at the rollout temperature. Old log-probs: with one optimizer step per batch
+    (``steps_per_round`` 1, or fewer active completions than steps) the policy cannot move during
+    the phase, so the old log-probs are the detached current ones (ratio exactly 1; TRL does the
+    same when ``num_iterations = 1``); with several steps they are the ones recorded at rollout.
+    Completions with zero advantage contribute no policy gradient; when
     ``β = 0`` they are skipped entirely, the normalisers still counting them, so the objective
     is exactly the one over the full batch. The remaining ("active") completions are split into
     ``cfg.optim.steps_per_round`` steps; a step's normaliser is its share of the whole batch:
@@ -410,18 +406,20 @@ def grpo_update(pair: PolicyPair, optimizer, accelerator, samples: list[Sample],
         is 0 and β = 0 the objective is exactly 0, no step is taken and all metrics are 0.
 
     Raises:
-        ValueError: an active sample without ``old_logps`` of the right length.
+        ValueError: an active sample without ``old_logps`` of the right length (several steps).
     """
     g = cfg.grpo
     names = ("kl", "clip_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean")
     active = [i for i, s in enumerate(samples) if g.beta > 0 or s.advantage != 0.0]
     if not active:
         return {"loss": 0.0, **dict.fromkeys(names, 0.0), "grad_norm": 0.0, "steps": 0.0}
-    _require_old_logps(samples, active, "grpo_update")
     rank, world = accelerator.process_index, accelerator.num_processes
     pad_id, mp, temperature = pair.tokenizer.pad_token_id, cfg.model.mixed_precision, cfg.rollout.temperature
     loss_type = "dapo" if g.loss_type in ("bnpo", "dapo") else g.loss_type
     steps = _plan(active, cfg.optim.steps_per_round, world)
+    on_policy = len(steps) == 1
+    if not on_policy:
+        _require_old_logps(samples, active, "grpo_update")
     ref = _sharded_reference(pair, accelerator, samples, _rank_items(steps, world), cfg, temperature) if g.beta > 0 else None
     lengths = [len(s.token_ids) for s in samples]
     active_tokens = sum(lengths[i] for i in active)
@@ -443,7 +441,7 @@ def grpo_update(pair: PolicyPair, optimizer, accelerator, samples: list[Sample],
                 if micro is None:
                     _backward(accelerator, logps.sum(), padding=True)
                     continue
-                old = _pad_rows([s.old_logps for s in batch], logps)
+                old = logps.detach() if on_policy else _pad_rows([s.old_logps for s in batch], logps)
                 ref_t = None if ref is None else _pad_rows([ref[i] for i in idx], logps)
                 adv = torch.tensor([s.advantage for s in batch], dtype=logps.dtype, device=logps.device)
                 loss, stats = grpo_loss(
