@@ -5,9 +5,8 @@ Same model object, dtype, prompts (bundled arithmetic train tasks with the demo 
 chat template with generation prompt), ``--max-new-tokens`` and greedy decoding. For each
 batch size ``b`` the first ``b`` prompts are generated in one batch by:
 
-  * ``ours``: ``rollout.generate(..., do_sample=False, compute_logps=False)`` (generation only),
-  * ``ours+logps``: the same with ``compute_logps=True`` (what a training rollout does: one more
-    forward pass over prompt + completion to record the sampled tokens' log-probs),
+  * ``ours``: ``rollout.generate(..., do_sample=False)``: what a training rollout does, including
+    the per-token log-probs it records (read from the decoding logits, no extra forward pass),
   * ``generate``: the tokenizer (left padding) on the chat-templated texts, then
     ``model.generate(input_ids, attention_mask, max_new_tokens, do_sample=False)``.
 
@@ -26,7 +25,7 @@ keep, so the rise can read 0).
     python benchmarks/generation_throughput.py --dtype bf16 --batch-sizes 16
 
 Writes ``benchmarks/results/generation_throughput.json``; ``ratios`` are ours / generate
-tokens per second (``ours/bs=<b>`` and ``ours+logps/bs=<b>``).
+tokens per second (``ours/bs=<b>``).
 """
 
 from __future__ import annotations
@@ -100,11 +99,11 @@ def plain_generate(model, tok, batch, max_new_tokens: int, autocast_bf16: bool) 
     return [_cut(row, eos) for row in out[:, enc["input_ids"].shape[1]:].tolist()]
 
 
-def ours_generate(model, tok, batch, max_new_tokens: int, autocast_bf16: bool, logps: bool) -> list[list[int]]:
+def ours_generate(model, tok, batch, max_new_tokens: int, autocast_bf16: bool) -> list[list[int]]:
     from rlhf_workbench.rollout import generate
 
     comps = generate(model, tok, batch, num_generations=1, do_sample=False, max_new_tokens=max_new_tokens,
-                     batch_size=len(batch), mixed_precision="bf16" if autocast_bf16 else "no", compute_logps=logps)
+                     batch_size=len(batch), mixed_precision="bf16" if autocast_bf16 else "no")
     return [c.token_ids for c in comps]
 
 
@@ -147,8 +146,7 @@ def main(argv=None):
     all_tasks = tasks(max(sizes))
     systems = {
         "generate": lambda b: plain_generate(model, tok, b, args.max_new_tokens, ac),
-        "ours": lambda b: ours_generate(model, tok, b, args.max_new_tokens, ac, logps=False),
-        "ours+logps": lambda b: ours_generate(model, tok, b, args.max_new_tokens, ac, logps=True),
+        "ours": lambda b: ours_generate(model, tok, b, args.max_new_tokens, ac),
     }
     by_bs, ratios, rows = {}, {}, []
     for bs in sizes:
@@ -162,19 +160,13 @@ def main(argv=None):
                          "sequences_per_s": bs / secs, "peak_rss_mb": peak, "peak_rss_rise_mb": rise,
                          "outputs": outs}
         identical = res["ours"]["outputs"] == res["generate"]["outputs"]
-        identical_logps = res["ours+logps"]["outputs"] == res["generate"]["outputs"]
         for r in res.values():
             r.pop("outputs")
-        by_bs[str(bs)] = {"systems": res, "identical": identical and identical_logps,
-                          "identical_ours": identical, "identical_ours_logps": identical_logps}
-        for name in ("ours", "ours+logps"):
-            ratios[f"{name}/bs={bs}"] = _common.finite_ratio(res[name]["tokens_per_s"],
-                                                             res["generate"]["tokens_per_s"])
+        by_bs[str(bs)] = {"systems": res, "identical": identical}
+        ratios[f"ours/bs={bs}"] = _common.finite_ratio(res["ours"]["tokens_per_s"], res["generate"]["tokens_per_s"])
         for name, r in res.items():
-            rows.append([bs, name, r["tokens"], r["seconds"], r["tokens_per_s"],
-                         ratios.get(f"{name}/bs={bs}", 1.0), r["peak_rss_mb"], r["peak_rss_rise_mb"],
-                         "yes" if (identical if name == "ours" else identical_logps if name != "generate" else True)
-                         else "NO"])
+            rows.append([bs, name, r["tokens"], r["seconds"], r["tokens_per_s"], ratios.get(f"{name}/bs={bs}", 1.0),
+                         r["peak_rss_mb"], r["peak_rss_rise_mb"], "yes" if identical else "NO"])
         print(f"bs={bs}: done", flush=True)
     result = {"settings": {k: v for k, v in vars(args).items() if k != "out"},
               "device": _common.device_info(args.threads),

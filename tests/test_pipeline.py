@@ -35,11 +35,11 @@ def test_rollout_logps_match_fresh_forward(tiny_model_dir):
 def test_stop_string_cuts_completion(tiny_model_dir):
     pair = _pair(tiny_model_dir)
     torch.manual_seed(2)
-    free = generate(pair.policy, pair.tokenizer, TASKS[:1], 4, max_new_tokens=16, compute_logps=False)
+    free = generate(pair.policy, pair.tokenizer, TASKS[:1], 4, max_new_tokens=16)
     # Stop on the second token each sample produced: every completion must end right there.
     stops = [pair.tokenizer.decode(c.token_ids[:2]) for c in free]
     torch.manual_seed(2)
-    cut = generate(pair.policy, pair.tokenizer, TASKS[:1], 4, max_new_tokens=16, stop=stops[:1], compute_logps=False)
+    cut = generate(pair.policy, pair.tokenizer, TASKS[:1], 4, max_new_tokens=16, stop=stops[:1])
     assert cut[0].finished and cut[0].text.endswith(stops[0]) and len(cut[0].token_ids) <= 2 + 1
 
 

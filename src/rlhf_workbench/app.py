@@ -278,8 +278,7 @@ class _PlaygroundModels:
 
             def run(model):
                 return generate(model, pair.tokenizer, [prompt_task], num_generations=1, do_sample=False,
-                                max_new_tokens=ev.max_new_tokens, mixed_precision=self.cfg.model.mixed_precision,
-                                compute_logps=False)[0].text
+                                max_new_tokens=ev.max_new_tokens, mixed_precision=self.cfg.model.mixed_precision)[0].text
 
             policy_text = run(pair.policy)
             with pair.reference_context():

@@ -142,8 +142,7 @@ def evaluate(pair: PolicyPair, tasks: list[Task], max_new_tokens: int = 64, batc
         An :class:`EvalResult`.
     """
     comps = generate(pair.policy, pair.tokenizer, tasks, num_generations=1, do_sample=False,
-                     max_new_tokens=max_new_tokens, batch_size=batch_size, mixed_precision=mixed_precision,
-                     compute_logps=False, progress=progress)
+                     max_new_tokens=max_new_tokens, batch_size=batch_size, mixed_precision=mixed_precision, progress=progress)
     vers: list[Verification] = [verify(c.text, t) for c, t in zip(comps, tasks)]
     result = EvalResult(task_ids=[t.id for t in tasks], correct=[v.correct for v in vers],
                         format_ok=[v.format_ok for v in vers], lengths=[len(c.token_ids) for c in comps],
@@ -631,8 +630,7 @@ def eval_report(model: str, selection: TaskSelection, reference: str | None = No
     if sampling:
         torch.manual_seed(seed)
         sampled = generate(policy, tok, tasks, num_generations=n, do_sample=True, temperature=temperature, top_p=top_p,
-                           max_new_tokens=max_new_tokens, batch_size=batch_size, mixed_precision=mixed_precision,
-                           compute_logps=False, progress=bar(f"sampling n={n}", N * n))
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, mixed_precision=mixed_precision, progress=bar(f"sampling n={n}", N * n))
         pk, p1, mk = [], [], []
         for i, t in enumerate(tasks):
             group = sampled[i * n : (i + 1) * n]
