@@ -11,8 +11,8 @@ batch size ``b`` the first ``b`` prompts are generated in one batch by:
     ``model.generate(input_ids, attention_mask, max_new_tokens, do_sample=False)``.
 
 Tokens = generated tokens up to and including the first EOS (the tokens a user gets; the same
-count for all three when the outputs agree), over the median wall time of ``--repeats`` timed
-calls after one untimed warm-up call per system and batch size. ``identical`` says whether
+count for both when the outputs agree), over the median wall time of ``--repeats`` timed calls
+(the systems taking turns) after one untimed warm-up call per system and batch size. ``identical`` says whether
 ours and plain generate produced the same tokens, token for token. Peak memory: this process's
 peak RSS during the timed calls (high-water mark reset before each; it includes the model), and
 its rise over the RSS before the call (after the warm-up call, whose buffers the allocator may
@@ -24,8 +24,15 @@ keep, so the rise can read 0).
     python benchmarks/generation_throughput.py                      # batch sizes 1,4,16,64
     python benchmarks/generation_throughput.py --dtype bf16 --batch-sizes 16
 
+Rollout-shaped run (``--sampled-prompts`` P × ``--sampled-k`` K, default 2 × 8 as the GRPO
+benchmark, temperature ``--temperature``, top-p 1, top-k off): ``model.generate(...,
+num_return_sequences=K, do_sample=True)`` against ``rollout.generate(..., num_generations=K)``;
+tokens/s of the real (up to EOS) tokens each produced. Samples differ between the two (random),
+so only throughput is compared; that the sampling distribution is right is tested in
+tests/test_fast_paths.py.
+
 Writes ``benchmarks/results/generation_throughput.json``; ``ratios`` are ours / generate
-tokens per second (``ours/bs=<b>``).
+tokens per second (``ours/bs=<b>``, ``ours/sampled_k=<K>``).
 """
 
 from __future__ import annotations
@@ -107,18 +114,48 @@ def ours_generate(model, tok, batch, max_new_tokens: int, autocast_bf16: bool) -
     return [c.token_ids for c in comps]
 
 
-def _timed(fn, repeats: int):
-    """(outputs, median seconds, peak RSS MiB, peak RSS rise MiB) of ``repeats`` calls of ``fn``."""
-    times, peak, peak_rise, out = [], 0.0, 0.0, None
+def plain_sample(model, tok, batch, k: int, temperature: float, max_new_tokens: int, autocast_bf16: bool):
+    """Plain Hugging Face sampling of ``k`` completions per prompt (``num_return_sequences``)."""
+    import torch
+
+    texts = [tok.apply_chat_template([{"role": "user", "content": t.prompt()}], add_generation_prompt=True,
+                                     tokenize=False) for t in batch]
+    enc = tok(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
+    with torch.no_grad(), ctx:
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=1.0,
+                             top_k=0, num_return_sequences=k, pad_token_id=tok.pad_token_id)
+    eos = _eos_ids(model, tok)
+    return [_cut(row, eos) for row in out[:, enc["input_ids"].shape[1]:].tolist()]
+
+
+def ours_sample(model, tok, batch, k: int, temperature: float, max_new_tokens: int, autocast_bf16: bool):
+    from rlhf_workbench.rollout import generate
+
+    comps = generate(model, tok, batch, num_generations=k, do_sample=True, temperature=temperature, top_p=1.0,
+                     max_new_tokens=max_new_tokens, batch_size=len(batch) * k,
+                     mixed_precision="bf16" if autocast_bf16 else "no")
+    return [c.token_ids for c in comps]
+
+
+def _timed(fns: dict, repeats: int) -> dict:
+    """Per system: (outputs, median seconds, peak RSS MiB, peak RSS rise MiB) over ``repeats``
+    calls, the systems taking turns (generate, ours, generate, ours, ...) so that a slow spell of
+    the machine hits both alike."""
+    times = {name: [] for name in fns}
+    peak = dict.fromkeys(fns, 0.0)
+    rise = dict.fromkeys(fns, 0.0)
+    outs = {}
     for _ in range(repeats):
-        before = _common.rss_mb()
-        _common.reset_peak_rss()
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-        p = _common.peak_rss_mb()
-        peak, peak_rise = max(peak, p), max(peak_rise, p - before)
-    return out, statistics.median(times), peak, peak_rise
+        for name, fn in fns.items():
+            before = _common.rss_mb()
+            _common.reset_peak_rss()
+            t0 = time.perf_counter()
+            outs[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+            p = _common.peak_rss_mb()
+            peak[name], rise[name] = max(peak[name], p), max(rise[name], p - before)
+    return {name: (outs[name], statistics.median(times[name]), peak[name], rise[name]) for name in fns}
 
 
 def main(argv=None):
@@ -127,13 +164,17 @@ def main(argv=None):
     ap.add_argument("--batch-sizes", default="1,4,16,64")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--dtype", choices=("fp32", "bf16", "autocast-bf16"), default="fp32")
-    ap.add_argument("--repeats", type=int, default=3, help="timed calls per system and batch size (median)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per system and batch size (median)")
+    ap.add_argument("--sampled-prompts", type=int, default=2, help="rollout-shaped run: prompts ...")
+    ap.add_argument("--sampled-k", type=int, default=8, help="... times K samples each (0: skip)")
+    ap.add_argument("--temperature", type=float, default=0.7, help="for the sampled run")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--quick", action="store_true", help="smoke run: batch sizes 1,2, 8 new tokens, 1 repeat")
     ap.add_argument("--out", default=str(_common.RESULTS / "generation_throughput.json"))
     args = ap.parse_args(argv)
     if args.quick:
         args.batch_sizes, args.max_new_tokens, args.repeats = "1,2", min(args.max_new_tokens, 8), 1
+        args.sampled_prompts, args.sampled_k = 1, 2
     sizes = [int(b) for b in args.batch_sizes.split(",")]
 
     busy = _common.warn_if_busy()
@@ -152,9 +193,10 @@ def main(argv=None):
     for bs in sizes:
         batch = all_tasks[:bs]
         res = {}
-        for name, fn in systems.items():
+        for fn in systems.values():
             fn(batch)  # warm-up (untimed)
-            outs, secs, peak, rise = _timed(lambda: fn(batch), args.repeats)
+        timed = _timed({name: (lambda fn=fn: fn(batch)) for name, fn in systems.items()}, args.repeats)
+        for name, (outs, secs, peak, rise) in timed.items():
             tokens = sum(len(o) for o in outs)
             res[name] = {"seconds": secs, "tokens": tokens, "tokens_per_s": tokens / secs,
                          "sequences_per_s": bs / secs, "peak_rss_mb": peak, "peak_rss_rise_mb": rise,
@@ -168,11 +210,31 @@ def main(argv=None):
             rows.append([bs, name, r["tokens"], r["seconds"], r["tokens_per_s"], ratios.get(f"{name}/bs={bs}", 1.0),
                          r["peak_rss_mb"], r["peak_rss_rise_mb"], "yes" if identical else "NO"])
         print(f"bs={bs}: done", flush=True)
+    sampled = None
+    if args.sampled_k:
+        batch, k = all_tasks[: args.sampled_prompts], args.sampled_k
+        fns = {"generate": lambda: plain_sample(model, tok, batch, k, args.temperature, args.max_new_tokens, ac),
+               "ours": lambda: ours_sample(model, tok, batch, k, args.temperature, args.max_new_tokens, ac)}
+        for fn in fns.values():
+            fn()
+        sampled = {"prompts": len(batch), "k": k, "temperature": args.temperature, "systems": {}}
+        for name, (outs, secs, peak, rise) in _timed(fns, args.repeats).items():
+            tokens = sum(len(o) for o in outs)
+            sampled["systems"][name] = {"seconds": secs, "tokens": tokens, "tokens_per_s": tokens / secs,
+                                        "sequences_per_s": len(outs) / secs, "peak_rss_mb": peak,
+                                        "peak_rss_rise_mb": rise}
+        sy = sampled["systems"]
+        ratios[f"ours/sampled_k={k}"] = _common.finite_ratio(sy["ours"]["tokens_per_s"], sy["generate"]["tokens_per_s"])
+        for name, r in sy.items():
+            rows.append([f"{len(batch)}×{k} sampled", name, r["tokens"], r["seconds"], r["tokens_per_s"],
+                         ratios[f"ours/sampled_k={k}"] if name == "ours" else 1.0, r["peak_rss_mb"],
+                         r["peak_rss_rise_mb"], "n/a"])
+        print("sampled: done", flush=True)
     result = {"settings": {k: v for k, v in vars(args).items() if k != "out"},
               "device": _common.device_info(args.threads),
               "machine_busy_at_start": busy,
               "identical": all(v["identical"] for v in by_bs.values()),
-              "by_batch_size": by_bs, "ratios": ratios}
+              "by_batch_size": by_bs, "sampled": sampled, "ratios": ratios}
     _common.print_table(f"greedy generation, <= {args.max_new_tokens} new tokens ({args.dtype}, {args.threads} threads)",
                         ["batch", "system", "tokens", "seconds", "tokens/s", "vs generate", "peak RSS MiB",
                          "rise MiB", "identical"], rows)

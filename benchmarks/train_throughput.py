@@ -30,9 +30,10 @@ GRPO (β = ``--grpo-beta``, default 0 as configs/demo.yaml; ``loss_type="grpo"``
   * sampling: temperature ``--temperature``, top-p 1, top-k off, ``--max-new-tokens``; every
     completion of a step is generated in one batch by both.
   * reward: 1 if ``rlhf_workbench.verify.verify(completion, task).correct`` else 0, for both.
-  * ours: one loop round without the database: ``HFEngine.generate`` (which also recomputes
-    the sampled tokens' log-probs with a forward pass) → verify → ``group_advantages`` →
-    ``grpo_update``. TRL: ``GRPOTrainer`` with ``use_vllm=False``, ``num_generations=K``,
+  * ours: one loop round without the database: ``HFEngine.generate`` (own decode loop: the
+    prompt prefilled once per group, finished rows dropped, log-probs read from the decoding
+    logits) → verify → ``group_advantages`` → ``grpo_update`` (prompt shared by the group's
+    completions in one packed forward, ``logprobs.packed_logps``). TRL: ``GRPOTrainer`` with ``use_vllm=False``, ``num_generations=K``,
     ``per_device_train_batch_size = generation_batch_size = batch·K``, ``steps_per_generation
     = num_iterations = 1`` (on-policy: TRL then skips the old-log-prob pass), no shuffling.
     Throughput counts every completion and includes generation.
@@ -46,8 +47,9 @@ the LM head; 134.5 M for SmolLM2-135M; attention-score FLOPs are not counted):
     (policy forward + backward) [+ 2·N per such token for the reference when β > 0]. Our
     ``grpo_update`` skips completions whose advantage is 0 when β = 0 (a group whose rewards
     are all equal: same gradient, no work), TRL trains them; ``trained_fraction`` /
-    ``trained_token_fraction`` report it, since it makes our step cheaper by design. Our extra
-    log-prob pass at rollout and TRL's entropy are implementation overheads, not counted.
+    ``trained_token_fraction`` report it, since it makes our step cheaper by design. Our
+    prefix sharing and TRL's entropy are implementation differences, not counted: model FLOPs
+    are those of the plain layout (every sequence's prompt counted), so MFU measures useful work.
     For equal update work whatever the rewards, run with ``--grpo-beta 0.04``: both then train
     every completion and run a reference forward.
   * MFU = model FLOPs / timed seconds / measured peak matmul FLOP/s for the compute dtype
@@ -151,20 +153,25 @@ def dpo_pairs(tok, data: str, data_dir: Path, n: int, max_length: int) -> tuple[
 
 
 def dpo_token_stats(pairs: list[dict], batch: int) -> dict:
-    """Real and padded tokens per step for both layouts (ours: left-padded prompts + right-padded
-    completions, width max P + max T; TRL: right-padded prompt+completion, width max(P + T))."""
-    real = ours_pad = trl_pad = 0
+    """Tokens per step for both layouts. Ours (``logprobs.packed_logps``): one row per pair, the
+    prompt once, then chosen and rejected back to back; width max P + max (C + R). TRL:
+    chosen and rejected as separate right-padded prompt+completion rows, width max(P + T).
+    ``positions_per_pair`` is what each model forward actually computes (padding included);
+    ``padding_efficiency`` the share of those positions that are real tokens."""
+    real = ours_real = ours_pad = trl_pad = 0
     for s in range(0, len(pairs), batch):
         b = pairs[s: s + batch]
         lens = [(len(p["prompt_ids"]), len(p["chosen_ids"]), len(p["rejected_ids"])) for p in b]
         real += sum(2 * P + C + R for P, C, R in lens)
-        ours_pad += 2 * len(b) * (max(P for P, _, _ in lens) + max(max(C, R) for _, C, R in lens))
+        ours_real += sum(P + C + R for P, C, R in lens)
+        ours_pad += len(b) * (max(P for P, _, _ in lens) + max(C + R for _, C, R in lens))
         trl_pad += 2 * len(b) * max(P + max(C, R) for P, C, R in lens)
     n = len(pairs)
     return {"tokens_per_pair": real / n,
             "prompt_tokens_mean": sum(len(p["prompt_ids"]) for p in pairs) / n,
             "completion_tokens_mean": sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs) / (2 * n),
-            "padding_efficiency": {"ours": real / ours_pad, "trl": real / trl_pad}}
+            "positions_per_pair": {"ours": ours_pad / n, "trl": trl_pad / n},
+            "padding_efficiency": {"ours": ours_real / ours_pad, "trl": real / trl_pad}}
 
 
 def grpo_tasks(n: int):

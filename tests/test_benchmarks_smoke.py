@@ -56,11 +56,25 @@ def test_generation_throughput_quick(tiny_model_dir, tmp_path):
     out = tmp_path / "generation.json"
     result = _load("generation_throughput").main(["--quick", "--model", str(tiny_model_dir), "--threads", "1",
                                                   "--out", str(out)])
-    _check_ratios(result, out, {"ours/bs=1", "ours/bs=2"})
+    _check_ratios(result, out, {"ours/bs=1", "ours/bs=2", "ours/sampled_k=2"})
     assert result["identical"] is True
+    assert all(s["tokens"] > 0 for s in result["sampled"]["systems"].values())
     assert all(v["identical"] for v in result["by_batch_size"].values())
     for v in result["by_batch_size"].values():
         assert v["systems"]["ours"]["tokens"] == v["systems"]["generate"]["tokens"] > 0
+
+
+def test_bf16_vs_fp32_quick(tiny_model_dir, shared_data, tmp_path):
+    out = tmp_path / "bf16.json"
+    result = _load("bf16_vs_fp32").main(["--quick", "--model", str(tiny_model_dir), "--data-dir", str(shared_data),
+                                         "--threads", "1", "--out", str(out)])
+    _check_ratios(result, out, {"bf16/steps_per_s"})
+    first = result["first_step"]
+    assert first["loss_fp32"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference
+    assert first["loss_bf16"] == pytest.approx(math.log(2), abs=1e-6)
+    assert 0.5 < first["grad_cosine"] <= 1.0 + 1e-6
+    for run in result["runs"].values():
+        assert len(run["per_step"]) == 2 and run["param_rel_change"] > 0
 
 
 def test_train_throughput_quick(tiny_model_dir, shared_data, tmp_path):
