@@ -13,14 +13,16 @@ in fp32 and once under bf16 autocast, and reports:
     how far the policy has moved, as the relative parameter change ``‖θ − θ0‖ / ‖θ0‖`` and as the
     mean per-token KL(policy ‖ reference) on ``--eval-pairs`` held-out chosen answers (evaluated
     in fp32 for both, so only the training differs);
-  * the same for fp32 at ``--fp32-lr-scale`` × the learning rate, to read off which fp32
-    learning rate moves the policy as far as bf16 at the base rate;
+  * the same for fp32 at ``--fp32-lr-scale`` × the learning rate (how drift and KL scale with
+    the learning rate), and for bf16 *weights* (``model.dtype: bf16``, no fp32 master copy:
+    AdamW updates far below a bf16 ulp of the weight are rounded away or up to one ulp);
   * seconds per step for each (bf16 uses the CPU's AMX units).
 
     python benchmarks/bf16_vs_fp32.py                     # 8 steps of 4 pairs, lr 1e-5
     python benchmarks/bf16_vs_fp32.py --quick --model PATH
 
-Writes ``benchmarks/results/bf16_vs_fp32.json``; ``ratios`` = bf16 / fp32 steps per second.
+Writes ``benchmarks/results/bf16_vs_fp32.json``; ``ratios`` = bf16 autocast (and bf16 weights)
+steps per second over fp32's.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 import _common  # noqa: E402
 
 
-def _setup(model_path: str, mixed_precision: str, lr: float, seed: int, micro: int):
+def _setup(model_path: str, mixed_precision: str, lr: float, seed: int, micro: int, dtype: str = "fp32"):
     import torch
     from accelerate import Accelerator
 
@@ -45,7 +47,7 @@ def _setup(model_path: str, mixed_precision: str, lr: float, seed: int, micro: i
     from rlhf_workbench.models import load_policy
 
     torch.manual_seed(seed)
-    cfg = RunConfig(algorithm="dpo", model=ModelConfig(name=model_path, dtype="fp32", mixed_precision=mixed_precision),
+    cfg = RunConfig(algorithm="dpo", model=ModelConfig(name=model_path, dtype=dtype, mixed_precision=mixed_precision),
                     optim=OptimConfig(lr=lr, weight_decay=0.0, max_grad_norm=1.0, steps_per_round=1,
                                       micro_batch_size=micro),
                     dpo=DPOConfig(beta=0.1, loss_type="sigmoid"), seed=seed)
@@ -105,8 +107,8 @@ def train(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     cfg, pair, accelerator, optimizer = _setup(spec["model_path"], spec["mixed_precision"], spec["lr"], spec["seed"],
-                                               2 * spec["batch"])
-    theta0 = torch.cat([p.detach().flatten().clone() for p in pair.policy.parameters()])
+                                               2 * spec["batch"], spec.get("dtype", "fp32"))
+    theta0 = torch.cat([p.detach().float().flatten().clone() for p in pair.policy.parameters()])
     B, per_step, seconds = spec["batch"], [], []
     for s in range(spec["steps"]):
         batch = _samples(spec["pairs"][s * B: (s + 1) * B])
@@ -114,11 +116,11 @@ def train(spec: dict) -> dict:
         m = dpo_update(pair, optimizer, accelerator, batch, cfg)
         seconds.append(time.perf_counter() - t0)
         per_step.append({k: m[k] for k in ("loss", "rewards/margins", "rewards/accuracies", "grad_norm")})
-    theta = torch.cat([p.detach().flatten() for p in pair.policy.parameters()])
+    theta = torch.cat([p.detach().float().flatten() for p in pair.policy.parameters()])
     held = spec["eval_pairs"]
     prompts, comps = [r["prompt_ids"] for r in held], [r["chosen_ids"] for r in held]
     pad = pair.tokenizer.pad_token_id
-    with torch.no_grad():  # fp32 evaluation for both precisions
+    with torch.no_grad():  # evaluation without autocast (in the weights' own dtype)
         pol, cmask = packed_logps(pair.policy, prompts, comps, pad)
         with pair.reference_context():
             ref, _ = packed_logps(pair.ref_model, prompts, comps, pad)
@@ -126,7 +128,8 @@ def train(spec: dict) -> dict:
     # would be signed; use the k3 estimator (Schulman 2020), as GRPO's kl metric.
     d = (ref - pol) * cmask
     k3 = ((torch.exp(d) - d - 1) * cmask).sum() / cmask.sum()
-    return {"mixed_precision": spec["mixed_precision"], "lr": spec["lr"], "per_step": per_step,
+    return {"mixed_precision": spec["mixed_precision"], "dtype": spec.get("dtype", "fp32"), "lr": spec["lr"],
+            "per_step": per_step,
             "seconds_per_step": sum(seconds[1:]) / max(1, len(seconds) - 1),
             "param_rel_change": ((theta - theta0).norm() / theta0.norm()).item(),
             "heldout_kl_k3_per_token": k3.item(),
@@ -163,9 +166,10 @@ def main(argv=None):
             "steps": args.steps, "pairs": pairs[:n_train], "eval_pairs": pairs[n_train:]}
     check = _common.run_isolated(first_step_check, spec)
     runs = {}
-    for name, mp, lr in (("fp32", "no", args.lr), ("bf16", "bf16", args.lr),
-                         (f"fp32 lr×{args.fp32_lr_scale:g}", "no", args.lr * args.fp32_lr_scale)):
-        runs[name] = _common.run_isolated(train, {**spec, "mixed_precision": mp, "lr": lr})
+    for name, mp, lr, dtype in (("fp32", "no", args.lr, "fp32"), ("bf16 autocast", "bf16", args.lr, "fp32"),
+                                (f"fp32 lr×{args.fp32_lr_scale:g}", "no", args.lr * args.fp32_lr_scale, "fp32"),
+                                ("bf16 weights", "no", args.lr, "bf16")):
+        runs[name] = _common.run_isolated(train, {**spec, "mixed_precision": mp, "lr": lr, "dtype": dtype})
         print(f"{name}: done", flush=True)
     rows = [[name, f"{r['lr']:.1e}", r["per_step"][0]["loss"], r["per_step"][-1]["loss"],
              r["per_step"][-1]["rewards/margins"], r["param_rel_change"], r["heldout_kl_k3_per_token"],
@@ -180,11 +184,14 @@ def main(argv=None):
     result = {"settings": {k: v for k, v in vars(args).items() if k != "out"},
               "device": _common.device_info(args.threads), "machine_busy_at_start": busy,
               "first_step": check, "runs": runs,
-              "drift_ratio_bf16_over_fp32": runs["bf16"]["param_rel_change"] / base["param_rel_change"],
-              "kl_ratio_bf16_over_fp32": _common.finite_ratio(runs["bf16"]["heldout_kl_k3_per_token"],
+              "drift_ratio_bf16_over_fp32": runs["bf16 autocast"]["param_rel_change"] / base["param_rel_change"],
+              "kl_ratio_bf16_over_fp32": _common.finite_ratio(runs["bf16 autocast"]["heldout_kl_k3_per_token"],
                                                               base["heldout_kl_k3_per_token"]),
+              "drift_ratio_bf16_weights_over_fp32": runs["bf16 weights"]["param_rel_change"] / base["param_rel_change"],
               "ratios": {"bf16/steps_per_s": _common.finite_ratio(base["seconds_per_step"],
-                                                                  runs["bf16"]["seconds_per_step"])}}
+                                                                  runs["bf16 autocast"]["seconds_per_step"]),
+                         "bf16_weights/steps_per_s": _common.finite_ratio(base["seconds_per_step"],
+                                                                          runs["bf16 weights"]["seconds_per_step"])}}
     _common.write_result(result, args.out)
     print(f"wrote {args.out}")
     return result

@@ -68,7 +68,7 @@ def test_bf16_vs_fp32_quick(tiny_model_dir, shared_data, tmp_path):
     out = tmp_path / "bf16.json"
     result = _load("bf16_vs_fp32").main(["--quick", "--model", str(tiny_model_dir), "--data-dir", str(shared_data),
                                          "--threads", "1", "--out", str(out)])
-    _check_ratios(result, out, {"bf16/steps_per_s"})
+    _check_ratios(result, out, {"bf16/steps_per_s", "bf16_weights/steps_per_s"})
     first = result["first_step"]
     assert first["loss_fp32"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference
     assert first["loss_bf16"] == pytest.approx(math.log(2), abs=1e-6)
