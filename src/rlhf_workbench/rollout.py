@@ -3,7 +3,7 @@
 For every completion we keep its text, token ids and the per-token log-probabilities of
 the sampled tokens under the policy that sampled it: read from the very logits that chose
 each token, temperature-scaled but before the top-p cut (TRL's convention), so no second
-forward pass is needed (tests/test_rollout.py checks them against a fresh forward pass).
+forward pass is needed (tests/test_fast_paths.py checks them against a fresh forward pass).
 Decoding is our own loop over the Hugging Face model (:func:`decode`): each distinct prompt
 is run once for its K samples, the prefix all prompts share once per batch, finished rows
 leave the batch. Greedy evaluation uses the same path with ``do_sample=False``.
@@ -307,7 +307,7 @@ class HFEngine:
     mixed_precision: str = "no"
 
     def generate(self, tasks, num_generations, temperature, top_p, max_new_tokens, stop, progress=None):
-        """Sample with Hugging Face ``generate``; see :func:`generate` for the arguments."""
+        """Sample with :func:`generate` (our decoding loop); see it for the arguments."""
         return generate(self.model, self.tokenizer, tasks, num_generations, True, temperature, top_p,
                         max_new_tokens, stop, self.batch_size, self.mixed_precision, progress=progress)
 
