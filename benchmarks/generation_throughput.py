@@ -91,13 +91,18 @@ def _cut(row: list[int], eos: set[int]) -> list[int]:
     return row
 
 
+def _encode(tok, batch):
+    """Chat-templated prompts (generation prompt appended) as one left-padded tokenizer batch."""
+    texts = [tok.apply_chat_template([{"role": "user", "content": t.prompt()}], add_generation_prompt=True,
+                                     tokenize=False) for t in batch]
+    return tok(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+
+
 def plain_generate(model, tok, batch, max_new_tokens: int, autocast_bf16: bool) -> list[list[int]]:
     """Plain Hugging Face: tokenizer batch (left padding) + ``model.generate``, greedy."""
     import torch
 
-    texts = [tok.apply_chat_template([{"role": "user", "content": t.prompt()}], add_generation_prompt=True,
-                                     tokenize=False) for t in batch]
-    enc = tok(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+    enc = _encode(tok, batch)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
     with torch.no_grad(), ctx:
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
@@ -118,9 +123,7 @@ def plain_sample(model, tok, batch, k: int, temperature: float, max_new_tokens: 
     """Plain Hugging Face sampling of ``k`` completions per prompt (``num_return_sequences``)."""
     import torch
 
-    texts = [tok.apply_chat_template([{"role": "user", "content": t.prompt()}], add_generation_prompt=True,
-                                     tokenize=False) for t in batch]
-    enc = tok(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+    enc = _encode(tok, batch)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
     with torch.no_grad(), ctx:
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=1.0,

@@ -104,8 +104,9 @@ def _common_prefix(prompts: list[list[int]]) -> int:
 
 
 def _prefill(model, prompts: list[list[int]], pad_id: int):
-    """Run distinct prompts once: their shared token prefix (the chat template's system turn, the
-    instruction) at batch 1, then each prompt's own remainder, left-padded, on top of that cache.
+    """Run distinct prompts once: the token prefix they all share (the chat template's system turn
+    and whatever else every prompt starts with) at batch 1, then each prompt's own remainder,
+    left-padded, on top of that cache.
 
     Returns:
         ``(cache, attention_mask [U, C + S] long, logits [U, V])``: the KV cache of the ``U``
