@@ -6,6 +6,8 @@
 * ``rollout.generate`` (own decode loop: shared prompt prefill, finished rows dropped, log-probs
   from the decoding logits) against Hugging Face ``model.generate``: greedy tokens identical, on
   the tiny model and on the real SmolLM2-135M; recorded log-probs against a fresh forward pass.
+* ``rollout.packed_linears``: pre-packed weights give bit-identical logits, and are re-packed
+  after an optimizer changes the weights in place.
 * ``rollout._pick``: nucleus sampling keeps exactly the top-p set and samples it in proportion.
 """
 
@@ -15,7 +17,7 @@ import torch
 from rlhf_workbench.config import ModelConfig
 from rlhf_workbench.logprobs import completion_logps, packed_logps
 from rlhf_workbench.models import load_policy
-from rlhf_workbench.rollout import _common_prefix, _pick, generate, pad_batch, render_prompt
+from rlhf_workbench.rollout import _common_prefix, _pick, generate, packed_linears, pad_batch, render_prompt
 from rlhf_workbench.tasks import Task
 
 
@@ -67,6 +69,31 @@ def test_packed_logps_argmax_hits_and_errors(tiny_model_dir):
     assert torch.equal(hits, expect)
     with pytest.raises(ValueError, match="2 prompts for 1 completions"):
         packed_logps(model, prompts, comps[:1], 0)
+
+
+def test_packed_linears_bit_identical_and_follow_weight_updates(tiny_model_dir):
+    if not torch.backends.mkl.is_available():
+        pytest.skip("torch built without MKL: packed_linears is a no-op")
+    import copy
+
+    model = _pair(tiny_model_dir).policy.eval()
+    ids = torch.tensor([_random_ids(1, s) for s in range(4)])  # a decoding step: 4 rows, 1 token each
+    lin = model.lm_head
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with packed_linears(model, rows=4):
+            assert "forward" in lin.__dict__  # really packed
+            packed = model(input_ids=ids).logits
+            other_rows = model(input_ids=ids[:3]).logits  # another row count: the op's fallback
+        assert torch.equal(packed, plain) and torch.equal(other_rows, plain[:3])
+        assert "forward" not in lin.__dict__
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # in place, as an optimizer step
+        plain2 = model(input_ids=ids).logits
+        with packed_linears(model, rows=4):
+            packed2 = model(input_ids=ids).logits
+    assert not torch.allclose(plain2, plain) and torch.equal(packed2, plain2)
+    copy.deepcopy(model)  # the packs live outside the model
 
 
 def test_common_prefix_leaves_every_prompt_a_token():

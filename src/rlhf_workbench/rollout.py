@@ -16,6 +16,7 @@ Hugging Face ``generate`` of :class:`HFEngine` without touching the loop.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -156,6 +157,62 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: floa
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
+PACKED_WEIGHTS_MAX_BYTES = 1 << 30
+"""Largest total size of fp32 ``nn.Linear`` weights that :func:`packed_linears` packs (a packed copy
+is kept per layer between calls: for SmolLM2-135M 0.54 GB; above 1 GiB the memory is not worth ~10 %)."""
+
+
+_PACKED: "weakref.WeakKeyDictionary[torch.nn.Linear, tuple]" = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def packed_linears(model, rows: int):
+    """Within the block, the model's fp32 CPU ``nn.Linear`` layers multiply by weights pre-packed
+    for inputs of ``rows`` rows (MKL ``cblas_sgemm_pack``; ``torch.ops.mkl._mkl_linear``, the op
+    that ``torch.compile`` emits for frozen fp32 Linear layers on CPU).
+
+    Why: a decoding step multiplies a few rows (one per sequence) by every weight matrix, and at
+    so few rows MKL spends a large share of ``sgemm`` re-packing the weight on every call. With the
+    weight packed once, a step of SmolLM2-135M at 16 rows takes ~10 % less time (matmuls alone
+    ~20 %: 38 vs 47 ms measured on the 2-core CPU). The result is bit-identical to ``F.linear``
+    (same MKL kernel; tests/test_fast_paths.py checks greedy output against ``model.generate``);
+    inputs with another row count (the prefill, a batch that has shrunk) take the op's own
+    ``F.linear`` fallback.
+
+    Packs are cached per layer (in a weak-keyed table, so that the model itself stays deep-copyable
+    and picklable) keyed by ``(rows, weight version, storage)``, so they are built
+    once (~0.2 s for SmolLM2-135M) and rebuilt only after an optimizer step changes the weight.
+    A no-op when MKL is unavailable, under autocast, for non-fp32 or non-CPU weights, or when the
+    fp32 Linear weights exceed :data:`PACKED_WEIGHTS_MAX_BYTES`; layers whose ``forward`` is
+    already replaced (e.g. by accelerate hooks) are left alone. LoRA (PEFT) layers are packed
+    through their ``nn.Linear`` base and adapter layers.
+    """
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and "forward" not in m.__dict__
+               and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
+    usable = (linears and torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+              and not torch.is_autocast_enabled("cpu")
+              and sum(m.weight.numel() * 4 for m in linears) <= PACKED_WEIGHTS_MAX_BYTES)
+    if not usable:
+        yield
+        return
+    for m in linears:
+        key = (rows, m.weight._version, m.weight.data_ptr())
+        if _PACKED.get(m, (None,))[0] != key:
+            _PACKED[m] = (key, torch.ops.mkl._mkl_reorder_linear_weight(m.weight.detach(), rows))
+        m.forward = _packed_forward(m, _PACKED[m][1], rows)
+    try:
+        yield
+    finally:
+        for m in linears:
+            del m.forward
+
+
+def _packed_forward(m: torch.nn.Linear, packed: torch.Tensor, rows: int):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkl._mkl_linear(x, packed, m.weight, m.bias, rows)
+    return forward
+
+
 @torch.no_grad()
 def decode(model, prompts: list[list[int]], rows: list[int], eos_ids: set[int], pad_id: int, do_sample: bool,
            temperature: float, top_p: float, max_new_tokens: int, finished_text=None):
@@ -166,7 +223,8 @@ def decode(model, prompts: list[list[int]], rows: list[int], eos_ids: set[int], 
     all prompts share is run once for the batch (:func:`_prefill`); (2) rows that have finished
     are dropped from the batch (once a quarter of the batch is done, so that the cache is not
     copied at every step); (3) the log-prob of each chosen token is read from the logits that
-    chose it, so no second forward pass is needed. Greedy decoding takes the argmax of the same
+    chose it, so no second forward pass is needed; (4) the weights are pre-packed for the batch's
+    row count (:func:`packed_linears`). Greedy decoding takes the argmax of the same
     logits as ``generate``; the benchmark checks the outputs token for token.
 
     Args:
@@ -192,27 +250,28 @@ def decode(model, prompts: list[list[int]], rows: list[int], eos_ids: set[int], 
     tokens_out: list[list[int]] = [[] for _ in rows]
     logps_out: list[list[float]] = [[] for _ in rows]
     done = [False] * len(rows)
-    for step in range(max_new_tokens):
-        tokens, logps = _pick(logits, do_sample, temperature, top_p)
-        for j, (tok, lp) in enumerate(zip(tokens.tolist(), logps.tolist())):
-            r = active[j]
-            if done[r]:
-                continue
-            tokens_out[r].append(tok)
-            logps_out[r].append(lp)
-            done[r] = tok in eos_ids or (finished_text is not None and finished_text(tokens_out[r]))
-        keep = [j for j, r in enumerate(active) if not done[r]]
-        if not keep or step == max_new_tokens - 1:
-            break
-        if 4 * (len(active) - len(keep)) >= len(active):
-            idx = torch.tensor(keep, dtype=torch.long)
-            cache.batch_select_indices(idx)
-            mask, positions, tokens = mask[idx], positions[idx], tokens[idx]
-            active = [active[j] for j in keep]
-        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None],
-                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
-        positions = positions + 1
+    with packed_linears(model, len(rows)):
+        for step in range(max_new_tokens):
+            tokens, logps = _pick(logits, do_sample, temperature, top_p)
+            for j, (tok, lp) in enumerate(zip(tokens.tolist(), logps.tolist())):
+                r = active[j]
+                if done[r]:
+                    continue
+                tokens_out[r].append(tok)
+                logps_out[r].append(lp)
+                done[r] = tok in eos_ids or (finished_text is not None and finished_text(tokens_out[r]))
+            keep = [j for j, r in enumerate(active) if not done[r]]
+            if not keep or step == max_new_tokens - 1:
+                break
+            if 4 * (len(active) - len(keep)) >= len(active):
+                idx = torch.tensor(keep, dtype=torch.long)
+                cache.batch_select_indices(idx)
+                mask, positions, tokens = mask[idx], positions[idx], tokens[idx]
+                active = [active[j] for j in keep]
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+            logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None],
+                           past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+            positions = positions + 1
     return [(tokens_out[r], logps_out[r], done[r]) for r in range(len(rows))]
 
 
