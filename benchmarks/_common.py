@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import math
+import copy
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import platform
 import sys
@@ -91,6 +93,28 @@ PRELOAD = ["torch", "transformers", "accelerate", "datasets", "trl.trainer.dpo_t
            "rlhf_workbench.update", "rlhf_workbench.rollout", "rlhf_workbench.models", "rlhf_workbench.verify"]
 
 
+def _context():
+    methods = mp.get_all_start_methods()
+    ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def _start(ctx, fn, args, kwargs):
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(child, fn, args, kwargs))
+    proc.start()
+    child.close()
+    return proc, parent
+
+
+def _result(name: str, status: str, value: Any) -> Any:
+    if status != "ok":
+        raise RuntimeError(f"{name} failed in its worker:\n{value}")
+    return value
+
+
 def run_isolated(fn: Callable, *args, isolate: bool = True, **kwargs) -> Any:
     """``fn(*args, **kwargs)`` in a fresh worker process (its own peak memory), or in this
     process when ``isolate`` is False. ``fn`` must be a module-level function of an importable
@@ -106,23 +130,85 @@ def run_isolated(fn: Callable, *args, isolate: bool = True, **kwargs) -> Any:
     """
     if not isolate:
         return fn(*args, **kwargs)
-    methods = mp.get_all_start_methods()
-    ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
-    if ctx.get_start_method() == "forkserver":
-        ctx.set_forkserver_preload(PRELOAD)
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, fn, args, kwargs))
-    proc.start()
-    child.close()
+    proc, conn = _start(_context(), fn, args, kwargs)
     try:
-        status, value = parent.recv()
+        status, value = conn.recv()
     except EOFError:
         proc.join()
         raise RuntimeError(f"{getattr(fn, '__name__', fn)}: worker died (exit code {proc.exitcode})") from None
     proc.join()
-    if status != "ok":
-        raise RuntimeError(f"{getattr(fn, '__name__', fn)} failed in its worker:\n{value}")
-    return value
+    return _result(getattr(fn, "__name__", str(fn)), status, value)
+
+
+class Baton:
+    """Turn-taking between worker processes that run side by side: a worker calls :meth:`take`
+    before each step and :meth:`pass_on` after it, so that the steps of the systems alternate
+    (worker 0, 1, ..., 0, 1, ...) and a slow or fast spell of the machine falls on all of them
+    alike. The first :meth:`take` also waits until every worker has finished its set-up (loading
+    the model, tokenizing), so that no set-up work runs beside a timed step.
+
+    Made by :func:`run_interleaved`, which hands worker ``i`` its copy as ``spec["baton"]``.
+    """
+
+    def __init__(self, ctx, n: int, timeout_s: float = 1800.0):
+        self.turns = [ctx.Semaphore(0) for _ in range(n)]
+        self.ready = ctx.Barrier(n)
+        self.index, self.timeout_s, self._started = 0, timeout_s, False
+
+    def take(self) -> None:
+        """Block until it is this worker's turn.
+
+        Raises:
+            TimeoutError: no turn within ``timeout_s`` (another worker stalled).
+        """
+        if not self._started:
+            self._started = True
+            self.ready.wait(self.timeout_s)
+            if self.index == 0:
+                self.turns[0].release()
+        if not self.turns[self.index].acquire(timeout=self.timeout_s):
+            raise TimeoutError(f"worker {self.index}: no turn within {self.timeout_s:.0f} s")
+
+    def pass_on(self) -> None:
+        """Give the turn to the next worker."""
+        self.turns[(self.index + 1) % len(self.turns)].release()
+
+
+def run_interleaved(fns: dict[str, Callable], spec: dict) -> dict[str, Any]:
+    """Each ``fns[name](spec)`` in its own worker process (as :func:`run_isolated`: own peak
+    memory), all alive together and taking turns step by step through ``spec["baton"]``, a
+    :class:`Baton` (order: that of ``fns``). Every worker must run the same number of steps.
+
+    Returns:
+        ``{name: result}``.
+
+    Raises:
+        RuntimeError: a worker raised or died (the others are then terminated).
+    """
+    ctx = _context()
+    baton = Baton(ctx, len(fns))
+    running = {}
+    for i, (name, fn) in enumerate(fns.items()):
+        mine = copy.copy(baton)  # same semaphores, own index
+        mine.index = i
+        running[name] = _start(ctx, fn, ({**spec, "baton": mine},), {})
+    results: dict[str, Any] = {}
+    try:
+        while len(results) < len(running):
+            pending = {conn: name for name, (proc, conn) in running.items() if name not in results}
+            for conn in mp.connection.wait(list(pending)):
+                name = pending[conn]
+                try:
+                    status, value = conn.recv()
+                except EOFError:
+                    raise RuntimeError(f"{name}: worker died (exit code {running[name][0].exitcode})") from None
+                results[name] = _result(name, status, value)
+    finally:
+        for proc, _ in running.values():
+            if proc.is_alive() and len(results) < len(running):
+                proc.terminate()
+            proc.join()
+    return results
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,22 +337,32 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 
 
 class Stamps:
-    """Wall-clock stamps at the end of each step; ``rate(count, warmup)`` over the steps after warm-up."""
+    """Per-step wall-clock seconds: from :meth:`begin` (the worker's turn, when a :class:`Baton`
+    is given) to :meth:`step_done` (which passes the turn on)."""
 
-    def __init__(self):
-        self.start = time.perf_counter()
+    def __init__(self, baton: Baton | None = None):
+        self.baton = baton
+        self.starts: list[float] = []
         self.ends: list[float] = []
+
+    def begin(self) -> None:
+        if self.baton is not None:
+            self.baton.take()
+        self.starts.append(time.perf_counter())
 
     def step_done(self) -> None:
         self.ends.append(time.perf_counter())
-
-    def timed_seconds(self, warmup: int) -> float:
-        begin = self.ends[warmup - 1] if warmup > 0 else self.start
-        return self.ends[-1] - begin
+        if self.baton is not None:
+            self.baton.pass_on()
 
     def step_seconds(self) -> list[float]:
-        prev, out = self.start, []
-        for t in self.ends:
-            out.append(t - prev)
-            prev = t
-        return out
+        return [e - s for s, e in zip(self.starts, self.ends)]
+
+    def spans(self) -> list[tuple[float, float]]:
+        """``(start, end)`` of each step in ``time.perf_counter`` seconds (CLOCK_MONOTONIC on
+        Linux: comparable between processes, so the turn-taking can be checked)."""
+        return list(zip(self.starts, self.ends))
+
+    def timed_seconds(self, warmup: int) -> float:
+        """Seconds of the steps after the first ``warmup``."""
+        return sum(self.step_seconds()[warmup:])

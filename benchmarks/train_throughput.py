@@ -3,7 +3,12 @@
 Each system runs in its own worker process (its own peak memory), on the same model,
 data, batch, lengths, dtype, optimizer (AdamW, constant lr, no weight decay, clip 1.0) and seed;
 ``--warmup`` untimed steps come first, then ``--steps`` timed steps. The loss of every step is
-recorded for both systems (the first one shows that the work is the same).
+recorded for both systems (the first one shows that the work is the same). Both workers are
+loaded side by side and take turns step by step (ours, TRL, ours, ...; ``_common.Baton``), only
+one computing at a time, so that the machine's speed, which drifts by tens of per cent within
+minutes on the shared 2-core machine, drifts alike for both; a step's time runs from the start
+of its turn to its end (for TRL from the previous ``on_step_end``, so the Trainer's between-step
+work is counted). ``--no-interleave`` runs them one after the other instead.
 
 DPO (sigmoid loss, β = ``--beta``), one optimizer step per ``--batch`` pairs:
   * data: ``--data hh`` Anthropic HH-RLHF harmless-base (``<shared>/hh-rlhf``; prompt = the
@@ -248,15 +253,16 @@ def dpo_ours(spec: dict) -> dict:
     rss_start = _worker_setup(spec)
     cfg, pair, accelerator, optimizer = _ours_setup(spec, "dpo")
     rss_ready = _common.rss_mb()
-    stamps, losses = _common.Stamps(), []
+    stamps, losses = _common.Stamps(spec.get("baton")), []
     B = spec["batch"]
     for s in range(spec["warmup"] + spec["steps"]):
+        stamps.begin()
         rows = spec["pairs"][s * B: (s + 1) * B]
         batch = [(Sample(r["prompt_ids"], r["chosen_ids"]), Sample(r["prompt_ids"], r["rejected_ids"])) for r in rows]
         metrics = dpo_update(pair, optimizer, accelerator, batch, cfg)
         losses.append(metrics["loss"])
         stamps.step_done()
-    return {"losses": losses, "step_seconds": stamps.step_seconds(),
+    return {"losses": losses, "step_seconds": stamps.step_seconds(), "step_spans": stamps.spans(),
             "timed_seconds": stamps.timed_seconds(spec["warmup"]), "rss_start_mb": rss_start, "rss_ready_mb": rss_ready,
             "peak_rss_mb": _common.peak_rss_mb(),
             "n_params": _common.matmul_params(pair.policy), "mixed_precision": cfg.model.mixed_precision}
@@ -292,11 +298,18 @@ def _quiet(trainer):
 
 
 def _stamp_callback(stamps):
+    """Step stamps for a Trainer: a step runs from the end of the previous one (or the start of
+    training) to ``on_step_end``, so the trainer's own between-step work counts in its steps."""
     from transformers import TrainerCallback
 
     class StepStamps(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            stamps.begin()
+
         def on_step_end(self, args, state, control, **kwargs):
             stamps.step_done()
+            if state.global_step < state.max_steps:
+                stamps.begin()
 
     return StepStamps()
 
@@ -316,7 +329,7 @@ def dpo_trl(spec: dict) -> dict:
     model.config.pad_token_id = tok.pad_token_id
     ref = copy.deepcopy(model).eval().requires_grad_(False)  # copy before the trainer patches forward
     ds = datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in spec["pairs"]])
-    stamps = _common.Stamps()
+    stamps = _common.Stamps(spec.get("baton"))
     with tempfile.TemporaryDirectory() as out:
         args = trl.DPOConfig(**_trl_common_args(spec, out), per_device_train_batch_size=spec["batch"],
                              beta=spec["beta"], loss_type=["sigmoid"], max_length=spec["max_length"],
@@ -333,9 +346,8 @@ def dpo_trl(spec: dict) -> dict:
                 if list(row[k]) != p[k]:
                     raise RuntimeError(f"pair {i}: TRL's {k} differ from the ids given to ours")
         rss_ready = _common.rss_mb()
-        stamps.start = time.perf_counter()
         trainer.train()
-    return {"losses": trainer.bench_losses, "step_seconds": stamps.step_seconds(),
+    return {"losses": trainer.bench_losses, "step_seconds": stamps.step_seconds(), "step_spans": stamps.spans(),
             "timed_seconds": stamps.timed_seconds(spec["warmup"]), "rss_start_mb": rss_start,
             "rss_ready_mb": rss_ready, "peak_rss_mb": _common.peak_rss_mb(),
             "mixed_precision": str(trainer.accelerator.mixed_precision), "tokens_identical": True}
@@ -356,9 +368,10 @@ def grpo_ours(spec: dict) -> dict:
     rss_ready = _common.rss_mb()
     tasks, B, K = spec["tasks"], spec["batch"], spec["K"]
     by_id = {t.id: t for t in tasks}
-    stamps = _common.Stamps()
+    stamps = _common.Stamps(spec.get("baton"))
     losses, prompt_tokens, completion_tokens, gen_s, active, rewards, trained = [], [], [], [], [], [], []
     for s in range(spec["warmup"] + spec["steps"]):
+        stamps.begin()
         t0 = time.perf_counter()
         comps = engine.generate(tasks[s * B: (s + 1) * B], K, r.temperature, r.top_p, r.max_new_tokens, r.stop)
         gen_s.append(time.perf_counter() - t0)
@@ -377,7 +390,7 @@ def grpo_ours(spec: dict) -> dict:
         trained.append(sum(len(c.prompt_ids) + len(c.token_ids) for c, a in zip(comps, adv)
                            if a != 0.0 or cfg.grpo.beta > 0))
         rewards.append(reward.mean().item())
-    return {"losses": losses, "step_seconds": stamps.step_seconds(),
+    return {"losses": losses, "step_seconds": stamps.step_seconds(), "step_spans": stamps.spans(),
             "timed_seconds": stamps.timed_seconds(spec["warmup"]), "generation_seconds": gen_s,
             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "trained_fraction": active,
             "trained_tokens": trained, "reward_mean": rewards, "rss_start_mb": rss_start, "rss_ready_mb": rss_ready,
@@ -416,7 +429,7 @@ def grpo_trl(spec: dict) -> dict:
         seen["reward_mean"].append(sum(out) / len(out))
         return out
 
-    stamps = _common.Stamps()
+    stamps = _common.Stamps(spec.get("baton"))
     B, K = spec["batch"], spec["K"]
     with tempfile.TemporaryDirectory() as out:
         args = trl.GRPOConfig(**_trl_common_args(spec, out), per_device_train_batch_size=B * K,
@@ -435,9 +448,8 @@ def grpo_trl(spec: dict) -> dict:
         if list(rendered) != prompt_ids[tasks[0].id]:
             raise RuntimeError("TRL renders the prompt to other token ids than rollout.render_prompt")
         rss_ready = _common.rss_mb()
-        stamps.start = time.perf_counter()
         trainer.train()
-    return {"losses": trainer.bench_losses, "step_seconds": stamps.step_seconds(),
+    return {"losses": trainer.bench_losses, "step_seconds": stamps.step_seconds(), "step_spans": stamps.spans(),
             "timed_seconds": stamps.timed_seconds(spec["warmup"]), **seen, "rss_start_mb": rss_start,
             "rss_ready_mb": rss_ready, "peak_rss_mb": _common.peak_rss_mb(),
             "mixed_precision": str(trainer.accelerator.mixed_precision)}
@@ -466,10 +478,25 @@ def _summarise(run: dict, warmup: int, items_per_step: int, tokens_per_step: lis
             "items_per_s": items_per_step * steps / t, "tokens_per_s": tokens / t, "model_flops": flops,
             "achieved_flops_per_s": flops / t, "mfu": flops / t / peak if peak else float("nan"),
             "first_step_loss": run["losses"][0] if run["losses"] else float("nan"),
-            "losses": run["losses"], "step_seconds": run["step_seconds"], "peak_rss_mb": run["peak_rss_mb"],
+            "losses": run["losses"], "step_seconds": run["step_seconds"], "step_spans": run["step_spans"],
+            "peak_rss_mb": run["peak_rss_mb"],
             "rss_start_mb": run["rss_start_mb"], "rss_ready_mb": run["rss_ready_mb"],
             **{k: run[k] for k in ("mixed_precision", "generation_seconds", "trained_fraction", "reward_mean")
                if k in run}}
+
+
+def _run_systems(args, workers: dict, spec: dict, label: str) -> dict:
+    """Run the systems' workers: side by side taking turns step by step (default), or one after
+    the other (``--no-interleave``; always so with ``--no-isolate`` or ``--skip-trl``)."""
+    if args.skip_trl:
+        workers = {"ours": workers["ours"]}
+    if len(workers) > 1 and not args.no_interleave and not args.no_isolate:
+        runs = _common.run_interleaved(workers, spec)
+    else:
+        runs = {name: _common.run_isolated(fn, spec, isolate=not args.no_isolate) for name, fn in workers.items()}
+    for name, run in runs.items():
+        print(f"{label}: {name} done ({run['timed_seconds']:.1f} s timed)", flush=True)
+    return runs
 
 
 def bench_dpo(args, tok, data: str, peak: float) -> dict:
@@ -480,11 +507,7 @@ def bench_dpo(args, tok, data: str, peak: float) -> dict:
     stats = dpo_token_stats(pairs, args.batch)
     per_step = [sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"])
                     for p in pairs[s * args.batch: (s + 1) * args.batch]) for s in range(args.warmup + args.steps)]
-    runs = {"ours": _common.run_isolated(dpo_ours, spec, isolate=not args.no_isolate)}
-    print(f"dpo {data}: ours done ({runs['ours']['timed_seconds']:.1f} s timed)", flush=True)
-    if not args.skip_trl:
-        runs["trl"] = _common.run_isolated(dpo_trl, spec, isolate=not args.no_isolate)
-        print(f"dpo {data}: trl done ({runs['trl']['timed_seconds']:.1f} s timed)", flush=True)
+    runs = _run_systems(args, {"ours": dpo_ours, "trl": dpo_trl}, spec, f"dpo {data}")
     n_params = runs["ours"]["n_params"]
     flops = [(6 + 2) * n_params * t for t in per_step]
     systems = {k: _summarise(v, args.warmup, args.batch, per_step, flops, peak) for k, v in runs.items()}
@@ -498,11 +521,7 @@ def bench_dpo(args, tok, data: str, peak: float) -> dict:
 def bench_grpo(args, tok, peak: float) -> dict:
     n = (args.warmup + args.steps) * args.batch
     spec = {**_spec(args), "tasks": grpo_tasks(n), "micro_batch_size": args.batch * args.num_generations}
-    runs = {"ours": _common.run_isolated(grpo_ours, spec, isolate=not args.no_isolate)}
-    print(f"grpo: ours done ({runs['ours']['timed_seconds']:.1f} s timed)", flush=True)
-    if not args.skip_trl:
-        runs["trl"] = _common.run_isolated(grpo_trl, spec, isolate=not args.no_isolate)
-        print(f"grpo: trl done ({runs['trl']['timed_seconds']:.1f} s timed)", flush=True)
+    runs = _run_systems(args, {"ours": grpo_ours, "trl": grpo_trl}, spec, "grpo")
     n_params = runs["ours"]["n_params"]
     train_per_token = 6 + (2 if args.grpo_beta > 0 else 0)
     systems = {}
@@ -562,6 +581,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 timed steps, tiny batches and lengths")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--no-isolate", action="store_true", help="run the systems in this process (memory then shared)")
+    ap.add_argument("--no-interleave", action="store_true",
+                    help="run the systems one after the other instead of taking turns step by step")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.quick:

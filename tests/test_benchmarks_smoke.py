@@ -89,6 +89,12 @@ def test_train_throughput_quick(tiny_model_dir, shared_data, tmp_path):
     assert trl == pytest.approx(math.log(2), abs=1e-4)
     assert abs(ours - trl) < 1e-4
     assert len(dpo["ours"]["losses"]) == len(dpo["trl"]["losses"]) == 3  # 1 warm-up + 2 timed steps
+    for bench in (dpo, result["grpo"]["systems"]):  # the systems took turns, one step each, never overlapping
+        spans = sorted([(*span, name) for name in ("ours", "trl") for span in bench[name]["step_spans"]])
+        assert [name for *_, name in spans] == ["ours", "trl"] * 3
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+        for name in ("ours", "trl"):
+            assert bench[name]["timed_seconds"] == pytest.approx(sum(bench[name]["step_seconds"][1:]))
     grpo = result["grpo"]["systems"]
     for system in (*dpo.values(), *grpo.values()):
         assert system["peak_rss_mb"] > 0 and 0 < system["mfu"] < 1
