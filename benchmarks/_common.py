@@ -140,6 +140,18 @@ def run_isolated(fn: Callable, *args, isolate: bool = True, **kwargs) -> Any:
     return _result(getattr(fn, "__name__", str(fn)), status, value)
 
 
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere), so
+    that a worker waiting for its turn holds only its live memory (model, optimizer state) and
+    not the buffers of its last step."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class Baton:
     """Turn-taking between worker processes that run side by side: a worker calls :meth:`take`
     before each step and :meth:`pass_on` after it, so that the steps of the systems alternate
@@ -353,6 +365,7 @@ class Stamps:
     def step_done(self) -> None:
         self.ends.append(time.perf_counter())
         if self.baton is not None:
+            release_free_memory()  # the next worker's step gets the room this one no longer uses
             self.baton.pass_on()
 
     def step_seconds(self) -> list[float]:
