@@ -55,6 +55,9 @@ the LM head; 134.5 M for SmolLM2-135M; attention-score FLOPs are not counted):
     ``trained_token_fraction`` report it, since it makes our step cheaper by design. Our
     prefix sharing and TRL's entropy are implementation differences, not counted: model FLOPs
     are those of the plain layout (every sequence's prompt counted), so MFU measures useful work.
+  * DPO ``mfu_executed``: 8·N per sequence position each system's forward actually computes
+    (``dpo_positions``: ours packed with the prompt once per pair, TRL's padded rows; padding
+    included, the LM head counted at every position), i.e. how busy the machine was kept.
     For equal update work whatever the rewards, run with ``--grpo-beta 0.04``: both then train
     every completion and run a reference forward.
   * MFU = model FLOPs / timed seconds / measured peak matmul FLOP/s for the compute dtype
@@ -73,6 +76,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import sys
 import tempfile
@@ -157,26 +161,32 @@ def dpo_pairs(tok, data: str, data_dir: Path, n: int, max_length: int) -> tuple[
     raise SystemExit(f"only {len(out)} {data} pairs fit in {max_length} tokens; need {n}")
 
 
-def dpo_token_stats(pairs: list[dict], batch: int) -> dict:
-    """Tokens per step for both layouts. Ours (``logprobs.packed_logps``): one row per pair, the
-    prompt once, then chosen and rejected back to back; width max P + max (C + R). TRL:
-    chosen and rejected as separate right-padded prompt+completion rows, width max(P + T).
-    ``positions_per_pair`` is what each model forward actually computes (padding included);
-    ``padding_efficiency`` the share of those positions that are real tokens."""
-    real = ours_real = ours_pad = trl_pad = 0
+def dpo_positions(pairs: list[dict], batch: int) -> dict[str, list[int]]:
+    """Sequence positions each system's policy forward computes per step, padding included.
+    Ours (``logprobs.packed_logps``): one row per pair, the prompt once, then chosen and rejected
+    back to back; width max P + max (C + R). TRL: chosen and rejected as separate right-padded
+    prompt+completion rows, width max(P + T)."""
+    out: dict[str, list[int]] = {"ours": [], "trl": []}
     for s in range(0, len(pairs), batch):
-        b = pairs[s: s + batch]
-        lens = [(len(p["prompt_ids"]), len(p["chosen_ids"]), len(p["rejected_ids"])) for p in b]
-        real += sum(2 * P + C + R for P, C, R in lens)
-        ours_real += sum(P + C + R for P, C, R in lens)
-        ours_pad += len(b) * (max(P for P, _, _ in lens) + max(C + R for _, C, R in lens))
-        trl_pad += 2 * len(b) * max(P + max(C, R) for P, C, R in lens)
+        lens = [(len(p["prompt_ids"]), len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs[s: s + batch]]
+        out["ours"].append(len(lens) * (max(P for P, _, _ in lens) + max(C + R for _, C, R in lens)))
+        out["trl"].append(2 * len(lens) * max(P + max(C, R) for P, C, R in lens))
+    return out
+
+
+def dpo_token_stats(pairs: list[dict], batch: int) -> dict:
+    """Tokens and computed positions per pair. ``positions_per_pair`` is what each model forward
+    actually computes (:func:`dpo_positions`); ``padding_efficiency`` the share of those
+    positions that are real tokens."""
     n = len(pairs)
+    real = sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
+    ours_real = sum(len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
+    pos = {k: sum(v) for k, v in dpo_positions(pairs, batch).items()}
     return {"tokens_per_pair": real / n,
             "prompt_tokens_mean": sum(len(p["prompt_ids"]) for p in pairs) / n,
             "completion_tokens_mean": sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs) / (2 * n),
-            "positions_per_pair": {"ours": ours_pad / n, "trl": trl_pad / n},
-            "padding_efficiency": {"ours": ours_real / ours_pad, "trl": real / trl_pad}}
+            "positions_per_pair": {k: v / n for k, v in pos.items()},
+            "padding_efficiency": {"ours": ours_real / pos["ours"], "trl": real / pos["trl"]}}
 
 
 def grpo_tasks(n: int):
@@ -511,8 +521,11 @@ def bench_dpo(args, tok, data: str, peak: float) -> dict:
     n_params = runs["ours"]["n_params"]
     flops = [(6 + 2) * n_params * t for t in per_step]
     systems = {k: _summarise(v, args.warmup, args.batch, per_step, flops, peak) for k, v in runs.items()}
+    positions = dpo_positions(pairs, args.batch)
     for k, v in systems.items():
         v["pairs_per_s"] = v.pop("items_per_s")
+        executed = (6 + 2) * n_params * sum(positions[k][args.warmup:])
+        v["executed_flops"], v["mfu_executed"] = executed, executed / v["timed_seconds"] / peak if peak else math.nan
     return {"data": data, "pairs": n, "max_length": max_length, "pairs_skipped_over_max_length": dropped,
             "n_params": n_params, **stats, "flops_per_token": "8·N (6·N policy fwd+bwd + 2·N reference fwd)",
             "systems": systems}
@@ -631,7 +644,7 @@ def main(argv=None):
                                                                                        s["trl"]["tokens_per_s"])
                 for k, v in s.items():
                     rows.append([f"dpo {data}", k, v["first_step_loss"], v["seconds_per_step"], v["pairs_per_s"],
-                                 v["tokens_per_s"], v["mfu"] * 100, v["peak_rss_mb"]])
+                                 v["tokens_per_s"], v["mfu"] * 100, v["mfu_executed"] * 100, v["peak_rss_mb"]])
         else:
             args.batch = batch_arg or (1 if args.quick else 2)
             r = bench_grpo(args, tok, peak)
@@ -644,13 +657,13 @@ def main(argv=None):
                                                                              s["trl"]["tokens_per_s"])
             for k, v in s.items():
                 rows.append(["grpo", k, v["first_step_loss"], v["seconds_per_step"], v["completions_per_s"],
-                             v["tokens_per_s"], v["mfu"] * 100, v["peak_rss_mb"]])
+                             v["tokens_per_s"], v["mfu"] * 100, "n/a", v["peak_rss_mb"]])
     args.batch = batch_arg
     result["settings"]["batch"] = batch_arg
     _common.print_table(f"training throughput ({args.dtype}, {args.threads} threads; peak "
                         f"{peak / 1e9:.1f} GFLOP/s)",
                         ["benchmark", "system", "loss step 1", "s/step", "pairs or compl./s", "tokens/s", "MFU %",
-                         "peak RSS MiB"], rows)
+                         "executed MFU %", "peak RSS MiB"], rows)
     for k, v in result["ratios"].items():
         print(f"ratio ours/TRL {k}: {v:.3f}")
     if "grpo" in result:

@@ -95,6 +95,10 @@ def test_train_throughput_quick(tiny_model_dir, shared_data, tmp_path):
         assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
         for name in ("ours", "trl"):
             assert bench[name]["timed_seconds"] == pytest.approx(sum(bench[name]["step_seconds"][1:]))
+    peak = result["peak_flops"]["value"]
+    for system in dpo.values():  # FLOPs of the positions each forward computed, padding included
+        assert system["mfu_executed"] == pytest.approx(system["executed_flops"] / system["timed_seconds"] / peak)
+    assert dpo["ours"]["executed_flops"] < dpo["trl"]["executed_flops"]  # the prompt once per pair, no padding
     grpo = result["grpo"]["systems"]
     for system in (*dpo.values(), *grpo.values()):
         assert system["peak_rss_mb"] > 0 and 0 < system["mfu"] < 1
