@@ -324,10 +324,11 @@ def _stamp_callback(stamps):
     return StepStamps()
 
 
-def dpo_trl(spec: dict) -> dict:
+def _trl_worker_setup(spec: dict):
+    """A TRL worker's start: threads, seed, RSS baseline, tokenizer and the fp32 model (pad id
+    set on it). Returns ``(rss_start, tokenizer, model)``."""
     import datasets
     import torch
-    import trl
     from transformers import AutoModelForCausalLM
 
     from rlhf_workbench.models import load_tokenizer
@@ -337,6 +338,15 @@ def dpo_trl(spec: dict) -> dict:
     tok = load_tokenizer(spec["model_path"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return rss_start, tok, model
+
+
+def dpo_trl(spec: dict) -> dict:
+    import datasets
+    import trl
+
+    rss_start, tok, model = _trl_worker_setup(spec)
     ref = copy.deepcopy(model).eval().requires_grad_(False)  # copy before the trainer patches forward
     ds = datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in spec["pairs"]])
     stamps = _common.Stamps(spec.get("baton"))
@@ -410,20 +420,12 @@ def grpo_ours(spec: dict) -> dict:
 
 def grpo_trl(spec: dict) -> dict:
     import datasets
-    import torch
     import trl
-    from transformers import AutoModelForCausalLM
 
-    from rlhf_workbench.models import load_tokenizer
     from rlhf_workbench.rollout import render_prompt
     from rlhf_workbench.verify import verify
 
-    rss_start = _worker_setup(spec)
-    datasets.disable_progress_bars()
-    tok = load_tokenizer(spec["model_path"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32)
-    model.config.pad_token_id = tok.pad_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
+    rss_start, tok, model = _trl_worker_setup(spec)
     tasks = spec["tasks"]
     by_id = {t.id: t for t in tasks}
     ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": t.prompt()}], "task_id": t.id}
