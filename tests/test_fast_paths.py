@@ -17,7 +17,8 @@ import torch
 from rlhf_workbench.config import ModelConfig
 from rlhf_workbench.logprobs import completion_logps, packed_logps
 from rlhf_workbench.models import load_policy
-from rlhf_workbench.rollout import _common_prefix, _pick, generate, packed_linears, pad_batch, render_prompt
+from rlhf_workbench.rollout import (HFEngine, _common_prefix, _pick, generate, packed_linears, pad_batch,
+                                   render_prompt)
 from rlhf_workbench.tasks import Task
 
 
@@ -94,6 +95,15 @@ def test_packed_linears_bit_identical_and_follow_weight_updates(tiny_model_dir):
             packed2 = model(input_ids=ids).logits
     assert not torch.allclose(plain2, plain) and torch.equal(packed2, plain2)
     copy.deepcopy(model)  # the packs live outside the model
+    with torch.no_grad():
+        lin.weight.data.mul_(1.5)  # invisible to the version counter (as a fused optimizer's step)
+        plain3 = model(input_ids=ids).logits
+        with packed_linears(model, rows=4):
+            stale = model(input_ids=ids).logits
+        HFEngine(model, None).sync_weights(model)  # what the loop does after every update
+        with packed_linears(model, rows=4):
+            packed3 = model(input_ids=ids).logits
+    assert not torch.equal(stale, plain3) and torch.equal(packed3, plain3)
 
 
 def test_common_prefix_leaves_every_prompt_a_token():

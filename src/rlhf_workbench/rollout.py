@@ -181,7 +181,10 @@ def packed_linears(model, rows: int):
 
     Packs are cached per layer (in a weak-keyed table, so that the model itself stays deep-copyable
     and picklable) keyed by ``(rows, weight version, storage)``, so they are built
-    once (~0.2 s for SmolLM2-135M) and rebuilt only after an optimizer step changes the weight.
+    once (~0.2 s for SmolLM2-135M) and rebuilt after an in-place change of the weight (a
+    ``torch.optim`` step, ``load_state_dict``). Changes the version counter does not see — a
+    *fused* optimizer's step, writes through ``.data`` — need :func:`clear_packed_weights`, which
+    :meth:`HFEngine.sync_weights` calls after every update of the loop.
     A no-op for fewer than 4 rows (there MKL multiplies vector by matrix without packing: 1 row
     19.7 ms per step's matmuls plain vs 21.5 packed, 2 rows equal, 4 rows 36.8 vs 27.2, 64 rows
     84 vs 66), when MKL is unavailable, under autocast, for non-fp32 or non-CPU weights, or when the
@@ -207,6 +210,13 @@ def packed_linears(model, rows: int):
     finally:
         for m in linears:
             del m.forward
+
+
+def clear_packed_weights(model) -> None:
+    """Forget the packs :func:`packed_linears` cached for ``model``'s layers (rebuilt at the next
+    decoding call)."""
+    for m in model.modules():
+        _PACKED.pop(m, None)
 
 
 def _packed_forward(m: torch.nn.Linear, packed: torch.Tensor, rows: int):
@@ -361,7 +371,7 @@ class RolloutEngine(Protocol):
 @dataclass
 class HFEngine:
     """The default engine: :func:`generate` with the training policy itself (in-process, no copy),
-    so ``sync_weights`` has nothing to do."""
+    so ``sync_weights`` only drops the decoding weight packs (:func:`clear_packed_weights`)."""
 
     model: object
     tokenizer: object
@@ -374,4 +384,6 @@ class HFEngine:
                         max_new_tokens, stop, self.batch_size, self.mixed_precision, progress=progress)
 
     def sync_weights(self, policy) -> None:
-        """Nothing to do: the engine samples from the training module's own weights."""
+        """The engine samples from the training module's own weights; only its packed copies for
+        decoding are dropped, whatever optimizer changed the weights."""
+        clear_packed_weights(self.model)
