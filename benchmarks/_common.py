@@ -11,9 +11,9 @@ freed-but-cached memory never counts for the next.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
-import copy
 import multiprocessing as mp
 import multiprocessing.connection
 import os
