@@ -142,7 +142,7 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: floa
     returned log-probs are those of the temperature-scaled distribution before the top-p cut (TRL's
     convention for ``old_per_token_logps``). Returns ``(tokens [R], logps [R] float32)``.
     """
-    scaled = logits.float() / (temperature if do_sample else 1.0)
+    scaled = logits.float() if not do_sample or temperature == 1.0 else logits.float() / temperature
     logprobs = torch.log_softmax(scaled, dim=-1)
     if not do_sample:
         tokens = logits.argmax(-1)
@@ -253,8 +253,8 @@ def decode(model, prompts: list[list[int]], rows: list[int], eos_ids: set[int], 
         when the sequence ended with EOS or a stop string rather than at ``max_new_tokens``.
     """
     cache, mask, logits = _prefill(model, prompts, pad_id)
-    select = torch.tensor(rows, dtype=torch.long)
-    if len(prompts) > 1 or len(rows) > 1:
+    if rows != list(range(len(prompts))):  # rows already in prompt order (greedy, K = 1) need no copy
+        select = torch.tensor(rows, dtype=torch.long)
         cache.batch_select_indices(select)
         mask, logits = mask[select], logits[select]
     positions = mask.sum(-1)
