@@ -378,3 +378,29 @@ def test_bad_arguments(tmp_path):
 
 def test_answer_types_cover_instructions():
     assert set(ANSWER_TYPES) == {"number", "choice", "yes_no_maybe", "text"}
+
+
+def _twin_key(task) -> tuple:
+    """What makes two tasks the same exercise: the unordered operands of an addition, else the
+    normalised question text with its options."""
+    if "a" in task.metadata and "b" in task.metadata:
+        return ("add", min(task.metadata["a"], task.metadata["b"]), max(task.metadata["a"], task.metadata["b"]))
+    return ("q", " ".join(task.question.lower().split()), tuple(sorted((task.choices or {}).values())))
+
+
+@pytest.mark.parametrize("name", ["arithmetic", "clinical"])
+def test_bundled_heldout_has_no_twin_in_train(name):
+    """a + b and b + a (or the same question twice) never sit on both sides of the split."""
+    train, heldout = split_tasks(load_tasks(f"bundled:{name}"))
+    assert heldout
+    shared = {_twin_key(t) for t in train} & {_twin_key(t) for t in heldout}
+    assert not shared, sorted(shared)[:5]
+
+
+def test_generate_arithmetic_keeps_commuted_twins_on_one_side():
+    tasks = generate_arithmetic(3000, seed=3, heldout=500)  # dense enough that twins are drawn
+    train, heldout = split_tasks(tasks)
+    ordered = {(t.metadata["a"], t.metadata["b"]) for t in train}
+    twins_in_train = sum((b, a) in ordered for a, b in ordered if a < b)
+    assert twins_in_train > 0  # twins exist, so the check below is not vacuous
+    assert not {_twin_key(t) for t in train} & {_twin_key(t) for t in heldout}

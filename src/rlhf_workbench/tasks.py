@@ -280,9 +280,10 @@ def generate_arithmetic(n: int = 1000, seed: int = 1234, heldout: int = 128) -> 
 
     ``a`` and ``b`` are drawn uniformly from 10..99 with ``random.Random(seed)``; a pair whose
     question text was already generated is dropped and drawn again, so every question is
-    unique (in particular no held-out question appears in train). The first
-    ``n - heldout`` tasks get ``metadata["split"] = "train"``, the last ``heldout`` get
-    ``"heldout"``; metadata also holds ``a`` and ``b``. Ids are ``add-0000``, ``add-0001``...
+    unique. The first ``n - heldout`` tasks get ``metadata["split"] = "train"``, the last
+    ``heldout`` get ``"heldout"``; a held-out draw whose commuted twin (``b + a``) is in train
+    is dropped too, so no held-out sum is seen in training in either order. Metadata also
+    holds ``a`` and ``b``. Ids are ``add-0000``, ``add-0001``...
 
     Args:
         n: number of tasks (1 .. 8100, the number of distinct pairs).
@@ -302,15 +303,18 @@ def generate_arithmetic(n: int = 1000, seed: int = 1234, heldout: int = 128) -> 
     rng = random.Random(seed)
     width = max(4, len(str(n - 1)))
     seen: set[str] = set()
+    train_pairs: set[tuple[int, int]] = set()
     tasks: list[Task] = []
     while len(tasks) < n:
         a, b = rng.randint(10, 99), rng.randint(10, 99)
         question = f"What is {a} + {b}?"
-        if question in seen:
-            continue
-        seen.add(question)
         i = len(tasks)
         split = "train" if i < n - heldout else "heldout"
+        if question in seen or (split == "heldout" and (min(a, b), max(a, b)) in train_pairs):
+            continue
+        seen.add(question)
+        if split == "train":
+            train_pairs.add((min(a, b), max(a, b)))
         tasks.append(
             Task(
                 id=f"add-{i:0{width}d}",
