@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             ranks = expert_ranks(item["completion_ids"], item["texts"])
             status = session.call("submit", item["rollout_id"], item["task_id"], json.dumps(ranks),
-                                  "scripted expert: answer line first, then shorter", "[]", item["revision"])
+                                  "scripted expert: answer line first, then shorter", "[]", item["revision"], "[]")
             if str(status).startswith("ok"):
                 submitted += 1
                 rounds_seen[item["round"]] = rounds_seen.get(item["round"], 0) + 1

@@ -302,7 +302,7 @@ def annotator(url: str, user: str, deadline: float, rec: Recorder, seed: int, ki
             t = time.perf_counter()
             try:
                 status = session.call("submit", item["rollout_id"], item["task_id"], json.dumps(ranks),
-                                      f"load test {user}", "[]", item.get("revision", -1))
+                                      f"load test {user}", "[]", item.get("revision", -1), "[]")
                 rec.lat("submit", time.perf_counter() - t)
             except Exception as e:  # noqa: BLE001
                 rec.error("submit", e)

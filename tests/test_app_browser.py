@@ -2,10 +2,13 @@
 
 A run with a tiny policy and a hand-written first rollout (real token ids, real per-token
 log-probs of the tiny policy, verified by the verifier) is served on a loopback port. An
-annotator logs in, ranks three items with the keyboard (digits + Enter) and skips one (S);
-the database must hold exactly those rankings and the skip. The worker (the loop with
+annotator logs in, ranks three items with the keyboard (digits + Enter), marks one verified
+trace "verified answer is actually wrong" and skips one item (S); the database must hold
+exactly those rankings, the mark and the skip. The worker (the loop with
 ``feedback.source: human``) then trains on them and publishes v1, which samples round 2: the
-dashboard shows v1 and the next item on the Annotate page comes from policy v1. Screenshots of
+dashboard shows v1 and the verifier's audited precision, the marked trace was never chosen,
+and the next item on the Annotate page comes from policy v1. The HTTP API ``/submit`` refuses
+a "wrong" mark on a trace of another item and still takes the older six-argument call. Screenshots of
 the three pages go to ``<run>/screenshots/`` and ``docs/screenshots/``.
 """
 
@@ -71,6 +74,21 @@ def hand_written_traces(a: int, b: int) -> list[str]:
             f"{a} + {b} = {s + 10}\nAnswer: {s + 10}"]
 
 
+def api_call(http, api_name: str, *args):
+    """One call of a named endpoint through Gradio's HTTP API (POST, then the event stream)."""
+    r = http.post(f"/gradio_api/call/{api_name}", json={"data": list(args)})
+    r.raise_for_status()
+    event = None
+    with http.stream("GET", f"/gradio_api/call/{api_name}/{r.json()['event_id']}") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:") and event in ("complete", "error"):
+                assert event == "complete", line
+                return json.loads(line[5:])[0]
+    raise AssertionError(f"{api_name}: no result")
+
+
 def seed_first_rollout(cfg, out: Path) -> int:
     """Store round 1 (policy v0) with hand-written traces: real token ids and real per-token
     log-probs of the tiny policy at the rollout temperature, verified by the verifier."""
@@ -123,7 +141,8 @@ def test_annotate_train_publish_in_browser(browser, tiny_model_dir, tmp_path, mo
     from rlhf_workbench import loop as loop_mod
     from rlhf_workbench.annotation import create_user, next_item
     from rlhf_workbench.app import launch
-    from rlhf_workbench.store import Annotation, RankingRow, Store
+    from rlhf_workbench.stats import wilson_interval
+    from rlhf_workbench.store import Annotation, PreferencePair, RankingRow, Store
 
     t0 = time.time()
     out = tmp_path / "run"
@@ -162,6 +181,7 @@ def test_annotate_train_publish_in_browser(browser, tiny_model_dir, tmp_path, mo
             orders[task_id] = [tr.completion_id for tr in item.verified]
             for i, tr in enumerate(item.verified, 1):
                 expect(page.locator(f"#trace-text-{i}")).to_contain_text(tr.text.split("$$")[0].splitlines()[0].strip())
+                expect(page.locator(f"#trace-text-{i}")).to_contain_text(f"verifier: {tr.reason.split(' from ')[0]}")
             if n == 0:
                 # Keys typed in the rationale stay there: no rank, no skip.
                 page.locator("#rationale textarea").fill("")
@@ -212,6 +232,11 @@ def test_annotate_train_publish_in_browser(browser, tiny_model_dir, tmp_path, mo
                     page.keyboard.press(d)
             for r, d in zip(ranks, digits):
                 expect(r).to_have_value(d)
+            if n == 2:  # the expert finds the first verified trace's answer actually wrong
+                page.locator("#wrong-1 input").check()
+                expect(page.locator("#wrong-1 input")).to_be_checked()
+                marked_wrong = (task_id, orders[task_id][0])
+                focus_page()
             if n == 2:  # a clean page for the docs: the earlier checks' warnings dismissed
                 page.evaluate("document.querySelectorAll('[data-testid=toast-body]').forEach(e => e.remove())")
                 page.screenshot(path=str(shots / "annotate.png"), full_page=True)
@@ -232,6 +257,8 @@ def test_annotate_train_publish_in_browser(browser, tiny_model_dir, tmp_path, mo
             want = {cid: r - 1 for cid, r in zip(orders[a.task_id], entered[a.task_id])}
             assert {int(k): v for k, v in a.ranks.items()} == want and a.user_id == user_id
         assert rows[0].rationale == "s1 clearest first" and rows[0].revision == 2
+        assert [a.verifier_wrong for a in rows] == [[], [], [marked_wrong[1]], []]
+        assert rows[2].task_id == marked_wrong[0] and rows[2].flagged == []
         assert rows[3].ranks == {} and next_item(store, user_id, 1, 0) is None
 
         # The worker trains on them, publishes v1, samples round 2 with v1 and waits for rankings.
@@ -248,18 +275,48 @@ def test_annotate_train_publish_in_browser(browser, tiny_model_dir, tmp_path, mo
         assert store.rollout_for_round(2).policy_version_id == 1
         with store.session() as s:
             assert s.scalar(select(RankingRow.id).where(RankingRow.rollout_id != rollout_id)) is None
+            chosen = set(s.scalars(select(PreferencePair.chosen_id)))
+        ranking = next(r for r in store.rankings_for_rollout(rollout_id) if r.task_id == marked_wrong[0])
+        assert ranking.ranks[str(marked_wrong[1])] is None and ranking.rewards[str(marked_wrong[1])] == 0.0
+        assert chosen and marked_wrong[1] not in chosen
 
         page.get_by_role("tab", name="Dashboard").click()
         page.locator("#refresh-btn").click()
         expect(page.locator("#current-version")).to_contain_text(re.compile(r"\bv1\b"))
         expect(page.locator("#training-status")).to_contain_text("waiting for 3 more rankings")
         expect(page.locator("#plot-accuracy")).to_be_visible()
+        low, high = wilson_interval(8, 9)  # 3 submitted items x 3 verified traces, 1 marked wrong
+        expect(page.locator("#verifier-audit")).to_contain_text(
+            f"Verifier audited precision: 88.9 % (95 % CI {100 * low:.1f}–{100 * high:.1f} %, 9 traces audited, "
+            "1 marked wrong)")
         page.wait_for_timeout(500)
         page.screenshot(path=str(shots / "dashboard.png"), full_page=True)
 
         page.get_by_role("tab", name="Annotate").click()
         page.locator("#reload-btn").click()
         expect(header).to_contain_text("policy v1 · round 2")
+
+        # The HTTP API: a "wrong" mark on a trace of another item is refused and stores nothing;
+        # gradio_client's six-argument call of older scripts still works (wrong_json defaults to "[]").
+        import httpx
+        from gradio_client import Client
+
+        item2 = next_item(store, user_id, 1, 0)
+        ranks2 = json.dumps({str(t.completion_id): 0 for t in item2.verified})
+        args = (item2.rollout_id, item2.task.id, ranks2, "", "[]", -1)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, trust_env=False) as http:
+            http.post("/login", data={"username": USER, "password": PASSWORD}).raise_for_status()
+            refused = api_call(http, "submit", *args, json.dumps([marked_wrong[1]]))
+        assert refused.startswith(f"error: trace ids [{marked_wrong[1]}] cannot be marked"), refused
+        with store.session() as s:
+            assert s.scalar(select(Annotation).where(Annotation.rollout_id == item2.rollout_id)) is None
+        client = Client(f"http://127.0.0.1:{port}/", auth=(USER, PASSWORD), verbose=False, download_files=False)
+        try:
+            assert client.predict(*args, api_name="/submit").startswith("ok: submitted")
+        finally:
+            client.close()
+        with store.session() as s:
+            assert s.scalars(select(Annotation).where(Annotation.rollout_id == item2.rollout_id)).one().verifier_wrong == []
 
         page.get_by_role("tab", name="Playground").click()
         page.locator("#pg-question textarea").fill("What is 12 + 30?")

@@ -7,6 +7,10 @@ turns them into rankings. The database is the only channel between the two, so a
 the worker can be separate processes on separate machines.
 
 Every write validates first and changes nothing on error (:class:`AnnotationError`).
+
+Experts also audit the verifier: a verified trace (graded correct) can be marked as actually
+wrong. The worker treats it like a flagged trace (never chosen, reward 0), and
+:func:`verifier_audit` turns the marks into the verifier's audited precision.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from rich.console import Console
 from sqlalchemy import func, select
 
 from .config import RunConfig
+from .stats import wilson_interval
 from .store import Annotation, BinaryFeedback, CompletionRow, RankingRow, Rollout, Store, TaskRow, User, VerificationRow
 from .tasks import Task
 
@@ -89,7 +94,7 @@ class Trace:
 
     completion_id: int
     text: str
-    reason: str  # the verifier's reason (shown for rejected traces)
+    reason: str  # the verifier's reason for its verdict
 
 
 @dataclass
@@ -161,7 +166,8 @@ def next_item(store: Store, user_id: int, annotators_per_item: int = 1, min_veri
 
 def save_annotation(store: Store, user_id: int, rollout_id: int, task_id: str, status: str,
                     ranks: dict[int, int] | None = None, rationale: str = "", flagged: list[int] | None = None,
-                    revision: int | None = None, annotators_per_item: int | None = None) -> Annotation:
+                    revision: int | None = None, annotators_per_item: int | None = None,
+                    verifier_wrong: list[int] | None = None) -> Annotation:
     """Save a draft, a submission or a skip of one item, after validating it.
 
     Args:
@@ -169,6 +175,9 @@ def save_annotation(store: Store, user_id: int, rollout_id: int, task_id: str, s
         ranks: completion id -> rank (0 best, ties allowed); a submission must rank every
             verified trace of the item and nothing else.
         flagged: completion ids of this item marked unsafe / clinically wrong.
+        verifier_wrong: completion ids of verified traces of this item whose answer the expert
+            found actually wrong (an audit of the verifier; see :func:`verifier_audit`). A
+            submission must still rank them; the worker treats them like flagged traces.
         revision: the revision of the draft the page was showing (None when it showed none);
             a different stored revision means the draft is stale.
         annotators_per_item: when given, a submission or skip is refused once the item already has
@@ -181,13 +190,18 @@ def save_annotation(store: Store, user_id: int, rollout_id: int, task_id: str, s
 
     Raises:
         AnnotationError: unknown status, item closed or unknown, ranks that miss a trace or name
-            a trace of another item, non-integer or negative ranks, stale draft, or a second
-            submission of the same item by the same annotator.
+            a trace of another item, a trace marked wrong that is not a verified trace of this
+            item, non-integer or negative ranks, stale draft, or a second submission of the same
+            item by the same annotator.
     """
     if status not in ("draft", "submitted", "skipped"):
         raise AnnotationError(f"status must be draft, submitted or skipped, got {status!r}")
     ranks = {int(k): v for k, v in (ranks or {}).items()}
     flagged = [int(x) for x in (flagged or [])]
+    try:
+        verifier_wrong = sorted({int(x) for x in (verifier_wrong or [])})
+    except (TypeError, ValueError) as e:
+        raise AnnotationError(f"traces marked wrong must be completion ids (integers): {e}") from e
     with _WRITE_LOCK, store.session() as s, s.begin():
         rollout = s.get(Rollout, rollout_id)
         if rollout is None or s.get(TaskRow, task_id) is None:
@@ -200,6 +214,11 @@ def save_annotation(store: Store, user_id: int, rollout_id: int, task_id: str, s
         foreign = sorted((set(ranks) - verified_ids) | (set(flagged) - all_ids))
         if foreign:
             raise AnnotationError(f"trace ids {foreign} are not verified traces of this item")
+        not_verified = sorted(set(verifier_wrong) - verified_ids)
+        if not_verified:
+            raise AnnotationError(f"trace ids {not_verified} cannot be marked 'verified answer is actually wrong': "
+                                  "only verified traces of this item can (the verifier already rejected or "
+                                  "never saw the others)")
         if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in ranks.values()):
             raise AnnotationError("ranks must be integers >= 0 (0 is best, ties allowed)")
         if status == "submitted" and set(ranks) != verified_ids:
@@ -222,8 +241,8 @@ def save_annotation(store: Store, user_id: int, rollout_id: int, task_id: str, s
             s.add(existing)
         else:
             existing.revision += 1
-        existing.status, existing.ranks, existing.rationale, existing.flagged = (
-            status, {str(k): v for k, v in ranks.items()}, rationale[:2000], flagged)
+        existing.status, existing.ranks, existing.rationale, existing.flagged, existing.verifier_wrong = (
+            status, {str(k): v for k, v in ranks.items()}, rationale[:2000], flagged, verifier_wrong)
         s.flush()
         return existing
 
@@ -246,7 +265,8 @@ def human_scores(store: Store, rollout: Rollout) -> tuple[dict[str, dict[int, fl
     Returns:
         ``(scores, flagged, n_submitted)``: per task, completion id -> minus the mean rank over
         annotators (higher is better; tasks nobody ranked get all zeros, i.e. the verifier alone
-        decides); the union of flagged completion ids; the number of submitted annotations.
+        decides); the union of flagged completion ids and of verified traces marked actually
+        wrong (so either is never chosen and gets reward 0); the number of submitted annotations.
     """
     with store.session() as s:
         subs = list(s.scalars(select(Annotation).where(Annotation.rollout_id == rollout.id,
@@ -256,11 +276,50 @@ def human_scores(store: Store, rollout: Rollout) -> tuple[dict[str, dict[int, fl
     flagged: set[int] = set()
     for a in subs:
         flagged.update(a.flagged or [])
+        flagged.update(a.verifier_wrong or [])
         for cid, rank in a.ranks.items():
             sums.setdefault(a.task_id, {}).setdefault(int(cid), []).append(rank)
     for task_id, per in sums.items():
         scores[task_id] = {cid: -sum(r) / len(r) for cid, r in per.items()}
     return scores, flagged, len(subs)
+
+
+def verifier_audit(store: Store, z: float = 1.96) -> dict:
+    """The verifier's precision as audited by the experts.
+
+    *Audited* means reviewed by an expert in a **submitted** annotation: every verified trace
+    (the verifier graded it correct) of the item counts once per submitted annotation (the
+    submission ranks every verified trace, so the expert has read each one; two annotators of
+    one item count twice). Drafts and skips audit nothing. A trace the annotator marked
+    "verified answer is actually wrong" is a *false accept* of the verifier.
+
+    Returns:
+        ``{"audited", "wrong", "precision", "ci_low", "ci_high"}``: audited trace reviews, those
+        marked wrong, the fraction not marked wrong, and its Wilson score interval
+        (:func:`rlhf_workbench.stats.wilson_interval`, ``z`` = 1.96 for 95 %). The last three
+        are None when nothing was audited yet.
+    """
+    item = (CompletionRow.rollout_id == Annotation.rollout_id) & (CompletionRow.task_id == Annotation.task_id)
+    with store.session() as s:
+        audited = s.scalar(select(func.count()).select_from(Annotation).join(CompletionRow, item)
+                           .join(VerificationRow, VerificationRow.completion_id == CompletionRow.id)
+                           .where(Annotation.status == "submitted", VerificationRow.correct.is_(True)))
+        marked = [(r, t, set(w)) for r, t, w in s.execute(
+            select(Annotation.rollout_id, Annotation.task_id, Annotation.verifier_wrong)
+            .where(Annotation.status == "submitted")).all() if w]
+        verified: dict[tuple[int, str], set[int]] = {}
+        for rollout_id, task_id, _ in marked:  # count only marks on verified traces of the item
+            if (rollout_id, task_id) not in verified:
+                verified[rollout_id, task_id] = set(s.scalars(
+                    select(CompletionRow.id).join(VerificationRow, VerificationRow.completion_id == CompletionRow.id)
+                    .where(CompletionRow.rollout_id == rollout_id, CompletionRow.task_id == task_id,
+                           VerificationRow.correct.is_(True))))
+    wrong = sum(len(w & verified[r, t]) for r, t, w in marked)
+    if not audited:
+        return {"audited": 0, "wrong": 0, "precision": None, "ci_low": None, "ci_high": None}
+    low, high = wilson_interval(audited - wrong, audited, z)
+    return {"audited": audited, "wrong": wrong, "precision": (audited - wrong) / audited, "ci_low": low,
+            "ci_high": high}
 
 
 def open_item_count(store: Store, rollout: Rollout, min_verified: int = 2) -> int:

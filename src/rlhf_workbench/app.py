@@ -3,20 +3,25 @@
 Three tabs behind a login (accounts from :mod:`rlhf_workbench.annotation`):
 
 - **Annotate**: one item at a time (a question, its ground truth, the verified traces in a
-  blind per-annotator order, the rejected traces folded away with the verifier's reason).
-  Ranks are 1 = best on the page (ties allowed) and stored 0-based. Keyboard: a digit fills the
+  blind per-annotator order, each with the verifier's reason, the rejected traces folded away
+  with theirs). Ranks are 1 = best on the page (ties allowed) and stored 0-based. Per trace, two
+  checkboxes: "flag unsafe / clinically wrong", and "verified answer is actually wrong" (an
+  audit of the verifier; both make the trace never chosen, reward 0). Keyboard: a digit fills the
   next unranked trace, Backspace clears the last rank, Enter submits, S skips (never while
   typing in the rationale).
-- **Dashboard**: held-out accuracy, reward, KL, loss and acceptance per round, rankings per
-  hour per annotator, inter-annotator agreement, the worker's status and the current version.
+- **Dashboard** (:mod:`rlhf_workbench.dashboard`): held-out accuracy, reward, KL, loss and
+  acceptance per round, rankings per hour per annotator, inter-annotator agreement, the
+  verifier's audited precision, the worker's status and the current version.
 - **Playground**: one question answered greedily by the current policy and by the reference
   (base) model side by side, with thumbs up/down stored as binary feedback.
 
 The database is the only channel to the worker (the loop with ``feedback.source: human``).
 API endpoints for scripted clients (``gradio_client``, logged in with ``auth=(user, password)``):
 ``/next_item`` (no arguments; the item as a JSON string, ``null`` when there is nothing to do)
-and ``/submit`` (rollout_id, task_id, ranks_json, rationale, flagged_json, revision; returns
-``"ok: ..."`` or ``"error: <reason>"``).
+and ``/submit`` (rollout_id, task_id, ranks_json, rationale, flagged_json, revision, wrong_json:
+the verified traces whose answer is actually wrong; returns ``"ok: ..."`` or
+``"error: <reason>"``). ``gradio_client`` fills in wrong_json's default ``"[]"`` when it is left
+out; Gradio's plain HTTP API (``POST /gradio_api/call/submit``) needs all seven values.
 """
 
 from __future__ import annotations
@@ -24,20 +29,18 @@ from __future__ import annotations
 import json
 import os
 import threading
-from datetime import datetime, timezone
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
 from .annotation import (AnnotationError, Item, authenticate, next_item, record_binary_feedback,  # noqa: E402
                          save_annotation)
 from .config import RunConfig  # noqa: E402
-from .store import Annotation, Store, User  # noqa: E402
+from .dashboard import dashboard_tab  # noqa: E402
+from .store import Store, User  # noqa: E402
 
 LATEX = [
     {"left": "$$", "right": "$$", "display": True},
@@ -130,127 +133,15 @@ def _rejected_md(item: Item) -> str:
                               for j, tr in enumerate(item.rejected, 1))
 
 
+def _trace_md(number: int, trace) -> str:
+    """A verified trace as shown for ranking, with the verifier's reason for accepting it."""
+    return f"#### Trace {number}\n\n{trace.text}\n\nverifier: _{trace.reason}_"
+
+
 def _answer_md(text: str) -> str:
     if not text.strip():
         return f"_(blank answer: {len(text)} whitespace characters)_"
     return text
-
-
-def _status_text(status: dict | None) -> str:
-    if not status:
-        return "Worker status: not started (no status recorded yet)."
-    state = status.get("state", "?")
-    rnd = status.get("round")
-    if state == "waiting":
-        left = max(0, status.get("need", 0) - status.get("have", 0))
-        return (f"Worker status: **waiting for {left} more ranking{'s' if left != 1 else ''}** "
-                f"(round {rnd}: {status.get('have', 0)} of {status.get('need', 0)} submitted).")
-    return f"Worker status: **{state}**" + (f" (round {rnd})." if rnd is not None else ".")
-
-
-def _line_plot(title: str, series: dict[str, list[tuple[int, float]]], ylabel: str = "") -> Figure:
-    fig = Figure(figsize=(5, 3.2), tight_layout=True)
-    ax = fig.add_subplot()
-    rounds = [r for points in series.values() for r, _ in points]
-    for name, points in series.items():
-        if points:
-            ax.plot([r for r, _ in points], [v for _, v in points], marker="o", label=name)
-    if rounds:
-        ax.set_xlim(min(rounds) - 0.5, max(rounds) + 0.5)
-    else:
-        ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes, color="gray")
-    if rounds and len(series) > 1:
-        ax.legend(fontsize=8)
-    ax.set_title(title)
-    ax.set_xlabel("round")
-    if 0 < len(set(rounds)) <= 12:
-        ax.set_xticks(sorted(set(rounds)))
-    else:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    return fig
-
-
-def submissions_by_hour(store: Store) -> dict[str, list[tuple[datetime, int]]]:
-    """Submitted rankings per clock hour (UTC) per annotator, from the annotations table."""
-    with store.session() as s:
-        rows = s.execute(select(User.username, Annotation.updated_at).join(User, User.id == Annotation.user_id)
-                         .where(Annotation.status == "submitted")).all()
-    counts: dict[str, dict[datetime, int]] = {}
-    for name, ts in rows:
-        hour = ts.replace(minute=0, second=0, microsecond=0, tzinfo=ts.tzinfo or timezone.utc)
-        counts.setdefault(name, {}).setdefault(hour, 0)
-        counts[name][hour] += 1
-    return {name: sorted(per.items()) for name, per in counts.items()}
-
-
-def _rankings_plot(store: Store) -> Figure:
-    data = submissions_by_hour(store)
-    fig = Figure(figsize=(5, 3.2), tight_layout=True)
-    ax = fig.add_subplot()
-    if not data:
-        ax.text(0.5, 0.5, "no rankings yet", ha="center", va="center", transform=ax.transAxes, color="gray")
-    hours = sorted({h for points in data.values() for h, _ in points})[-12:]  # the last 12 active hours
-    width = 0.8 / max(1, len(data))
-    for j, (name, points) in enumerate(sorted(data.items())):
-        per = dict(points)
-        ax.bar([i + j * width for i in range(len(hours))], [per.get(h, 0) for h in hours], width, label=name)
-    if data:
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(hours))],
-                      [h.strftime("%m-%d %H:00") for h in hours], rotation=30, ha="right", fontsize=8)
-        ax.legend(fontsize=8)
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlim(-0.5, max(len(hours), 4) - 0.5)
-    ax.set_title("rankings per hour per annotator")
-    ax.set_xlabel("hour (UTC)")
-    ax.grid(alpha=0.3, axis="y")
-    return fig
-
-
-def _agreement_md(store: Store) -> str:
-    try:
-        from .agreement import agreement_summary
-    except ImportError:
-        return "**Inter-annotator agreement:** n/a (agreement module not installed)"
-    try:
-        summary = agreement_summary(store)
-    except Exception as e:  # noqa: BLE001 - the dashboard must render whatever the data
-        return f"**Inter-annotator agreement:** n/a ({e})"
-    if not summary:
-        return "**Inter-annotator agreement:** n/a (no item ranked by two annotators yet)"
-
-    def fmt(v):
-        if isinstance(v, float):
-            return "n/a" if v != v else f"{v:.3f}"
-        if isinstance(v, (dict, list)):
-            return f"`{json.dumps(v)[:200]}`"
-        return "n/a" if v is None else str(v)
-
-    rows = "\n".join(f"| {k} | {fmt(v)} |" for k, v in summary.items())
-    return f"**Inter-annotator agreement**\n\n| measure | value |\n|---|---|\n{rows}"
-
-
-def _annotator_table(store: Store) -> str:
-    with store.session() as s:
-        rows = s.execute(select(User.username, Annotation.status, Annotation.updated_at)
-                         .join(User, User.id == Annotation.user_id)).all()
-    per: dict[str, dict] = {}
-    for name, status, ts in rows:
-        d = per.setdefault(name, {"submitted": 0, "skipped": 0, "draft": 0, "times": []})
-        d[status] = d.get(status, 0) + 1
-        if status == "submitted":
-            d["times"].append(ts)
-    if not per:
-        return "_No annotations yet._"
-    lines = ["**Annotators** (rate: submitted per hour between their first and last submission)\n",
-             "| annotator | submitted | skipped | drafts | per hour |", "|---|---|---|---|---|"]
-    for name, d in sorted(per.items()):
-        t = d["times"]
-        span_h = max((max(t) - min(t)).total_seconds() / 3600, 1 / 60) if len(t) > 1 else None
-        rate = f"{len(t) / span_h:.1f}" if span_h else "n/a"
-        lines.append(f"| {name} | {d['submitted']} | {d['skipped']} | {d['draft']} | {rate} |")
-    return "\n".join(lines)
 
 
 class _PlaygroundModels:
@@ -311,13 +202,14 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
                                        "sampled the next round (checked every 10 s)."), None]
             for _ in range(n_slots):
                 updates += [gr.update(visible=False), gr.update(value=""), gr.update(value=None),
-                            gr.update(value=False)]
+                            gr.update(value=False), gr.update(value=False)]
             updates += [gr.update(label="Rejected traces (0)"), gr.update(value=""), gr.update(value=""),
                         gr.update(value=status)]
             return updates
         draft = item.draft
         draft_ranks = {int(k): v for k, v in (draft.ranks or {}).items()} if draft else {}
         draft_flags = set(draft.flagged or []) if draft else set()
+        draft_wrong = set(draft.verifier_wrong or []) if draft else set()
         header = f"### policy v{item.policy_version} · round {item.round}"
         if draft is not None:
             header += f" · draft revision {draft.revision}"
@@ -327,13 +219,14 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
             if i < n:
                 tr = item.verified[i]
                 rank = draft_ranks.get(tr.completion_id)
-                updates += [gr.update(visible=True), gr.update(value=f"#### Trace {i + 1}\n\n{tr.text}"),
+                updates += [gr.update(visible=True), gr.update(value=_trace_md(i + 1, tr)),
                             gr.update(value=None if rank is None else rank + 1,
                                       label=f"Rank of Trace {i + 1} (1 = best)"),
-                            gr.update(value=tr.completion_id in draft_flags)]
+                            gr.update(value=tr.completion_id in draft_flags),
+                            gr.update(value=tr.completion_id in draft_wrong)]
             else:
                 updates += [gr.update(visible=False), gr.update(value=""), gr.update(value=None),
-                            gr.update(value=False)]
+                            gr.update(value=False), gr.update(value=False)]
         if n == 0:
             status = (status + " " if status else "") + "This item has no verified trace: submit it to confirm, or skip it."
         updates += [gr.update(label=f"Rejected traces ({len(item.rejected)}) · verifier's reasons"),
@@ -348,9 +241,9 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
             return render(None, f"**{e}**")
         return render(next_item(store, uid, fb.annotators_per_item, fb.min_verified), status)
 
-    def collect(state: dict, values: list, require_all: bool) -> tuple[dict[int, int], list[int]]:
+    def collect(state: dict, values: list, require_all: bool) -> tuple[dict[int, int], list[int], list[int]]:
         ids = state["completion_ids"]
-        ranks_in, flags_in = values[:n_slots], values[n_slots:]
+        ranks_in, flags_in, wrong_in = values[:n_slots], values[n_slots:2 * n_slots], values[2 * n_slots:]
         ranks, missing = {}, []
         for i, cid in enumerate(ids):
             v = ranks_in[i]
@@ -364,7 +257,8 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
             raise AnnotationError(f"rank every trace: Trace {', '.join(map(str, missing))} "
                                   f"{'has' if len(missing) == 1 else 'have'} no rank")
         flagged = [cid for i, cid in enumerate(ids) if flags_in[i]]
-        return ranks, flagged
+        wrong = [cid for i, cid in enumerate(ids) if wrong_in[i]]
+        return ranks, flagged, wrong
 
     def act(request: gr.Request, status_name: str, state: dict | None, rationale: str, values: list):
         if state is None:
@@ -372,11 +266,11 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
             return [gr.skip()] * (len(page_outputs) - 1) + [gr.update(value="**No item is loaded.**")]
         try:
             uid = _user_id(store, request)
-            ranks, flagged = ({}, []) if status_name == "skipped" else collect(state, values,
-                                                                               status_name == "submitted")
+            ranks, flagged, wrong = ({}, [], []) if status_name == "skipped" else collect(
+                state, values, status_name == "submitted")
             revision = None if state["revision"] < 0 else state["revision"]
             save_annotation(store, uid, state["rollout_id"], state["task_id"], status_name, ranks,
-                            rationale or "", flagged, revision, cfg.feedback.annotators_per_item)
+                            rationale or "", flagged, revision, cfg.feedback.annotators_per_item, wrong)
         except AnnotationError as e:
             gr.Warning(str(e))
             return [gr.skip()] * (len(page_outputs) - 1) + [gr.update(value=f"**Not saved:** {e}")]
@@ -415,50 +309,27 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
                            "question": item.task.question, "answer": item.task.answer})
 
     def api_submit(rollout_id: int, task_id: str, ranks_json: str, rationale: str, flagged_json: str,
-                   revision: int, request: gr.Request) -> str:
+                   revision: int, request: gr.Request, wrong_json: str = "[]") -> str:
         """Submit a ranking as the logged-in annotator. ranks_json: JSON object completion id ->
         0-based rank (0 best, ties allowed); flagged_json: JSON list of completion ids; revision:
-        the draft revision shown, or -1 for none. Returns "ok: ..." or "error: <reason>"."""
+        the draft revision shown, or -1 for none; wrong_json (optional): JSON list of verified
+        completion ids whose answer is actually wrong. Returns "ok: ..." or "error: <reason>"."""
         try:
             uid = _user_id(store, request)
             try:
                 ranks = json.loads(ranks_json or "{}")
                 flagged = json.loads(flagged_json or "[]")
+                wrong = json.loads(wrong_json or "[]")
             except json.JSONDecodeError as e:
-                raise AnnotationError(f"ranks_json / flagged_json must be JSON: {e}") from e
-            if not isinstance(ranks, dict) or not isinstance(flagged, list):
-                raise AnnotationError("ranks_json must be a JSON object and flagged_json a JSON list")
+                raise AnnotationError(f"ranks_json / flagged_json / wrong_json must be JSON: {e}") from e
+            if not isinstance(ranks, dict) or not isinstance(flagged, list) or not isinstance(wrong, list):
+                raise AnnotationError("ranks_json must be a JSON object, flagged_json and wrong_json JSON lists")
             rev = None if revision is None or int(revision) < 0 else int(revision)
             a = save_annotation(store, uid, int(rollout_id), str(task_id), "submitted", ranks, rationale or "",
-                                flagged, rev, cfg.feedback.annotators_per_item)
+                                flagged, rev, cfg.feedback.annotators_per_item, wrong)
         except (AnnotationError, ValueError, TypeError) as e:
             return f"error: {e}"
         return f"ok: submitted rollout {a.rollout_id} task {a.task_id}"
-
-    # --- dashboard ----------------------------------------------------------------------------------
-    def version_md() -> str:
-        latest = store.latest_version()
-        if latest is None:
-            return "### Current policy: none published yet"
-        when = latest.created_at.strftime("%Y-%m-%d %H:%M") if latest.created_at else ""
-        return f"### Current policy: v{latest.id}\n\npublished {when} UTC ({latest.algorithm})"
-
-    def dash_status():
-        return version_md(), _status_text(store.get_meta("status"))
-
-    def dash_refresh():
-        m = store.metrics()
-        acc = _line_plot("held-out accuracy", {"accuracy": m.get("eval/accuracy", []),
-                                               "strict": m.get("eval/strict_accuracy", [])})
-        rew = {"reward": m.get("train/reward", [])}
-        if "train/rewards/margins" in m:
-            rew["DPO reward margin"] = m["train/rewards/margins"]
-        reward = _line_plot("reward", rew)
-        kl = _line_plot("KL(policy ‖ reference), held-out", {"kl": m.get("eval/kl", [])}, "nats / token")
-        loss = _line_plot("training loss", {"loss": m.get("train/loss", [])})
-        accept = _line_plot("acceptance rate (verified / sampled)", {"acceptance": m.get("train/acceptance_rate", [])})
-        return (*dash_status(), acc, reward, kl, loss, accept, _rankings_plot(store), _annotator_table(store),
-                _agreement_md(store))
 
     # --- playground ------------------------------------------------------------------------------------
     def ask(question: str, instruction: str):
@@ -500,7 +371,7 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
                 gr.Markdown("Keys: **1–9** rank the next unranked trace (1 = best, ties allowed) · **Backspace** "
                             "clears the last rank · **Enter** submits · **S** skips (not while typing in the "
                             "rationale).", elem_id="keys-help")
-                slot_parts, rank_boxes, flag_boxes = [], [], []
+                slot_parts, rank_boxes, flag_boxes, wrong_boxes = [], [], [], []
                 for i in range(n_slots):
                     with gr.Column(visible=False, variant="panel", elem_id=f"trace-{i + 1}",
                                    elem_classes=["trace"]) as grp:
@@ -509,9 +380,11 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
                             rank = gr.Number(label=f"Rank of Trace {i + 1} (1 = best)", precision=0,
                                              elem_id=f"rank-{i + 1}", elem_classes=["rank-input"])
                             flag = gr.Checkbox(label="flag unsafe / clinically wrong", elem_id=f"flag-{i + 1}")
-                    slot_parts += [grp, text, rank, flag]
+                            wrong = gr.Checkbox(label="verified answer is actually wrong", elem_id=f"wrong-{i + 1}")
+                    slot_parts += [grp, text, rank, flag, wrong]
                     rank_boxes.append(rank)
                     flag_boxes.append(flag)
+                    wrong_boxes.append(wrong)
                 with gr.Accordion("Rejected traces", open=False, elem_id="rejected") as rejected_acc:
                     rejected_md = gr.Markdown(latex_delimiters=LATEX, line_breaks=True)
                 rationale = gr.Textbox(label="Rationale (optional)", lines=2, elem_id="rationale")
@@ -522,7 +395,7 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
                     reload_btn = gr.Button("Reload item", elem_id="reload-btn")
                 status = gr.Markdown(elem_id="annotate-status")
                 page_outputs = [header, question, state, *slot_parts, rejected_acc, rejected_md, rationale, status]
-                inputs = [state, rationale, *rank_boxes, *flag_boxes]
+                inputs = [state, rationale, *rank_boxes, *flag_boxes, *wrong_boxes]
                 for btn, fn in ((submit_btn, submit_ui), (draft_btn, draft_ui), (skip_btn, skip_ui)):
                     btn.click(fn, inputs, page_outputs, api_visibility="private", concurrency_limit=None,
                               trigger_mode="once")
@@ -532,28 +405,7 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
                                   show_progress="hidden")
 
             with gr.Tab("Dashboard", id="dashboard", elem_id="tab-dashboard") as dash_tab:
-                with gr.Row():
-                    current = gr.Markdown(elem_id="current-version")
-                    train_status = gr.Markdown(elem_id="training-status")
-                    refresh_btn = gr.Button("Refresh", elem_id="refresh-btn", scale=0)
-                with gr.Row():
-                    p_acc = gr.Plot(label="accuracy", show_label=False, elem_id="plot-accuracy")
-                    p_reward = gr.Plot(label="reward", show_label=False, elem_id="plot-reward")
-                    p_kl = gr.Plot(label="KL", show_label=False, elem_id="plot-kl")
-                with gr.Row():
-                    p_loss = gr.Plot(label="loss", show_label=False, elem_id="plot-loss")
-                    p_accept = gr.Plot(label="acceptance", show_label=False, elem_id="plot-acceptance")
-                    p_rank = gr.Plot(label="rankings per hour", show_label=False, elem_id="plot-rankings")
-                with gr.Row():
-                    annotators = gr.Markdown(elem_id="annotators")
-                    agreement = gr.Markdown(elem_id="agreement")
-                dash_outputs = [current, train_status, p_acc, p_reward, p_kl, p_loss, p_accept, p_rank, annotators,
-                                agreement]
-                demo.load(dash_status, None, [current, train_status], api_visibility="private")
-                refresh_btn.click(dash_refresh, None, dash_outputs, api_visibility="private")
-                dash_tab.select(dash_refresh, None, dash_outputs, api_visibility="private")
-                gr.Timer(15).tick(dash_status, None, [current, train_status], api_visibility="private",
-                                  concurrency_limit=None, show_progress="hidden")
+                dashboard_tab(demo, store, dash_tab)
 
             with gr.Tab("Playground", id="playground", elem_id="tab-playground"):
                 pg_question = gr.Textbox(label="Question", lines=3, elem_id="pg-question")

@@ -153,7 +153,10 @@ class Annotation(Base):
 
     ``status`` is ``draft``, ``submitted`` or ``skipped``; ``ranks`` maps completion id -> rank
     (0 best, ties allowed) over the verified traces; ``flagged`` lists completion ids marked
-    unsafe or clinically wrong (never used as chosen); ``revision`` increases with every save so
+    unsafe or clinically wrong (never used as chosen); ``verifier_wrong`` lists verified traces
+    (the verifier graded them correct) that the expert marked as actually wrong: treated like
+    flagged ones, and counted as the verifier's false accepts in
+    :func:`rlhf_workbench.annotation.verifier_audit`; ``revision`` increases with every save so
     that a stale draft is refused.
     """
 
@@ -167,6 +170,7 @@ class Annotation(Base):
     ranks: Mapped[dict] = mapped_column(JSON, default=dict)
     rationale: Mapped[str] = mapped_column(Text, default="")
     flagged: Mapped[list] = mapped_column(JSON, default=list)
+    verifier_wrong: Mapped[list | None] = mapped_column(JSON, nullable=True, default=list)  # None: older rows
     revision: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now)
