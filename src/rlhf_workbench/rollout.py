@@ -174,10 +174,16 @@ def packed_linears(model, rows: int):
     Why: a decoding step multiplies a few rows (one per sequence) by every weight matrix, and at
     so few rows MKL spends a large share of ``sgemm`` re-packing the weight on every call. With the
     weight packed once, a step of SmolLM2-135M at 16 rows takes ~10 % less time (matmuls alone
-    ~20 %: 38 vs 47 ms measured on the 2-core CPU). The result is bit-identical to ``F.linear``
-    (same MKL kernel; tests/test_fast_paths.py checks greedy output against ``model.generate``);
-    inputs with another row count (the prefill, a batch that has shrunk) take the op's own
-    ``F.linear`` fallback.
+    ~20 %: 38 vs 47 ms measured on the 2-core CPU). The product is MKL's packed GEMM
+    (``cblas_sgemm_compute``), not ``F.linear``'s ``sgemm``: bit-identical to it where checked on
+    an Intel Xeon (4 rows), but not guaranteed — on a 2-core AMD EPYC with 2 threads, 5-7 and 9-11
+    rows add the sums in another order (4, 8, 12-39 rows and 1 thread: identical); SmolLM2-135M's
+    logits then move by up to 1.1e-4, as much as float32's own error against float64. Greedy
+    decoding can then part from ``model.generate`` only where two top logits are that close (as
+    ``generate`` itself may between batch shapes); tests/test_fast_paths.py checks that the packed
+    logits are as accurate as the plain ones, and greedy output against ``model.generate`` up to
+    such near-ties. Inputs with another row count (the prefill, a batch that has shrunk) take the
+    op's ``F.linear`` fallback: bit-identical to ``F.linear``, the same op on the same shapes.
 
     Packs are cached per layer (in a weak-keyed table, so that the model itself stays deep-copyable
     and picklable) keyed by ``(rows, weight version, storage)``, so they are built
