@@ -24,6 +24,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 RESULTS = Path(__file__).resolve().parent / "results"
 SHARED_DATA = Path(os.environ.get("RLHF_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -249,30 +250,51 @@ def matmul_params(model) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def _cpuinfo_field(name: str) -> str | None:
+    """The first ``name : value`` of ``/proc/cpuinfo`` (None where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.split(":", 1)[0].strip() == name:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def processor_info() -> dict:
+    """The processor a benchmark ran on, written into every result file (:func:`write_result`):
+    ``model`` (lscpu's "Model name", else ``/proc/cpuinfo``'s "model name"), ``amx`` (the
+    ``amx_bf16``/``amx_tile`` flags: Intel AMX, where bf16 matmuls run ~6× fp32; AVX512-BF16
+    alone gives ~2×), ``bf16_flags`` (the bf16 matmul flags present), ``cores`` (logical CPUs)
+    and ``usable_cores`` (those this process may run on)."""
+    import subprocess
+
+    name = None
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10,
+                             env={**os.environ, "LC_ALL": "C"}).stdout
+        name = next((line.split(":", 1)[1].strip() for line in out.splitlines()
+                     if line.split(":", 1)[0].strip() == "Model name"), None)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    name = name or _cpuinfo_field("model name") or platform.processor() or platform.machine()
+    flags = set((_cpuinfo_field("flags") or "").split())
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count()
+    return {"model": name, "amx": bool(flags & {"amx_bf16", "amx_tile"}),
+            "bf16_flags": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"}),
+            "cores": os.cpu_count(), "usable_cores": usable}
+
+
 def device_info(threads: int) -> dict:
     import torch
 
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    flags = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    out = {"cpu": name, "cores": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
-           "python": platform.python_version(),
-           "bf16_matmul_units": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"}),
+    cpu = processor_info()
+    out = {"cpu": cpu["model"], "cores": cpu["cores"], "torch_threads": threads, "torch": torch.__version__,
+           "python": platform.python_version(), "bf16_matmul_units": cpu["bf16_flags"],
            "cuda": torch.cuda.is_available()}
     try:
         import transformers
@@ -315,10 +337,45 @@ def finite_ratio(ours: float, peer: float) -> float:
     return ours / peer
 
 
+def portable_path(path: str) -> str:
+    """An absolute path as a committed result file should hold it: relative to the repository
+    root when inside it or beside it (``../shared/data``), else only its last part (a temporary
+    directory, a home directory: nothing another machine can use)."""
+    rel = os.path.relpath(path, ROOT)
+    return rel if not rel.startswith(os.pardir + os.sep + os.pardir) else Path(path).name
+
+
+def _is_local_path(value: str) -> bool:
+    """An absolute filesystem path of this machine (``/work/...``, ``/tmp/...``): starts with
+    ``/`` and its first part exists here (so ``/gradio_api/call`` or ``/s`` is left alone)."""
+    if not value.startswith("/") or len(value) < 2 or "\n" in value:
+        return False
+    first = value[1:].split("/", 1)[0]
+    return bool(first) and os.path.exists("/" + first)
+
+
+def portable_paths(value: Any) -> Any:
+    """``value`` (a JSON-like tree) with every string that is an absolute path of this machine
+    replaced by :func:`portable_path`."""
+    if isinstance(value, dict):
+        return {k: portable_paths(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable_paths(v) for v in value]
+    if isinstance(value, Path):
+        value = str(value)
+    if isinstance(value, str) and _is_local_path(value):
+        return portable_path(value)
+    return value
+
+
 def write_result(result: dict, out: str | Path) -> Path:
+    """Write ``result`` as JSON to ``out``, with the processor it ran on (``processor``,
+    :func:`processor_info`; added to ``result`` too) and paths made portable
+    (:func:`portable_paths`), so that a committed file holds no path of the machine that wrote it."""
     out = Path(out)
+    result.setdefault("processor", processor_info())
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    out.write_text(json.dumps(portable_paths(result), indent=2, default=str) + "\n")
     return out
 
 

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
 from load_annotators import PASSWORD, HttpSession, free_port, wait_until_up  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"submitted_through_app": submitted, "per_round": rounds_seen, "wall_seconds": round(time.time() - t0, 1),
               "eval_before": summary["eval_before"], "eval_after": summary["eval_after"],
               "significance": summary["significance"], "rounds": summary["rounds"]}
-    out = ROOT / "benchmarks" / "results" / "e2e_app_rounds.json"
-    out.write_text(json.dumps(result, indent=2))
+    _common.write_result(result, _common.RESULTS / "e2e_app_rounds.json")
     print(json.dumps(result, indent=2))
     return 0
 

@@ -455,8 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     result = run_load_test(a.annotators, a.seconds, a.tasks, a.traces, a.annotators_per_item, a.keep,
                            a.client)
     print_table(result)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=2) + "\n")
+    import _common  # beside this script; only the writer needs it, not the app this script serves
+
+    _common.write_result(result, a.out)
     print(f"\nwritten to {a.out}")
     return 0 if result["lost"] == 0 and result["stored"] >= result["acknowledged"] else 1
 

@@ -18,11 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # for `import _common`
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common  # noqa: E402
 
 from rlhf_workbench.reward_model import encode_texts, load_preference_file, load_reward_model, pairwise_accuracy, \
     train_reward_model
@@ -125,8 +131,7 @@ def main(argv=None):
         result["trl"] = run_trl(args, train, held)
         print(f"trl:  held-out pairwise accuracy {result['trl']['heldout_accuracy']:.3f} "
               f"({result['trl']['steps']} steps, {result['trl']['train_s']:.0f} s)", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    _common.write_result(result, args.out)
     print(json.dumps(result, indent=2))
     return result
 

@@ -1,7 +1,7 @@
 """Smoke runs of the throughput benchmarks (``--quick`` on the tiny random Llama with the real
-tokenizer): each writes its JSON with positive finite ``ratios``; DPO's first-step loss is
-ln 2 for both systems (policy == reference) and agrees to 1e-4; greedy generation is
-identical token for token with plain ``model.generate``.
+tokenizer): each writes its JSON with positive finite ``ratios``, the processor it ran on and no
+absolute path; DPO's first-step loss is ln 2 for both systems (policy == reference) and agrees
+to 1e-4; greedy generation is identical token for token with plain ``model.generate``.
 
 The DPO benchmark reads HH-RLHF from the shared data directory (``shared_data`` fixture:
 skipped, with its reason, when the directory is missing).
@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_benchmark_results import absolute_paths
 
 pytest.importorskip("trl")
 
@@ -38,6 +39,8 @@ def _load(name: str):
 
 def _check_ratios(result: dict, path: Path, expected: set[str]) -> None:
     on_disk = json.loads(path.read_text())
+    assert absolute_paths(on_disk) == []  # e.g. the tiny model's temporary directory: its name only
+    assert set(on_disk["processor"]) == {"model", "amx", "bf16_flags", "cores", "usable_cores"}
     assert set(on_disk["ratios"]) == expected
     for key, value in on_disk["ratios"].items():
         assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
