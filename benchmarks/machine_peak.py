@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # for `import _common` (and the workers)
@@ -48,6 +47,8 @@ def matmul_flops_by_size(dtype="fp32", threads: int | None = None, sizes=SIZES, 
     """
     import torch
 
+    from rlhf_workbench.models import matmul_flops  # also what `mixed_precision: auto` measures
+
     dt = _torch_dtype(dtype)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -55,19 +56,7 @@ def matmul_flops_by_size(dtype="fp32", threads: int | None = None, sizes=SIZES, 
     try:
         gen = torch.Generator().manual_seed(0)
         for n in sizes:
-            a = torch.randn(n, n, generator=gen).to(dt)
-            b = torch.randn(n, n, generator=gen).to(dt)
-            c = torch.empty(n, n, dtype=dt)
-            for _ in range(warmup):
-                torch.matmul(a, b, out=c)
-            reps, t0 = 0, time.perf_counter()
-            while True:
-                torch.matmul(a, b, out=c)
-                reps += 1
-                elapsed = time.perf_counter() - t0
-                if reps >= 3 and elapsed >= seconds:
-                    break
-            out[n] = 2.0 * n ** 3 * reps / elapsed
+            out[n] = matmul_flops(dt, n, seconds, warmup, min_reps=3, generator=gen)
     finally:
         torch.set_num_threads(previous)
     return out

@@ -167,8 +167,12 @@ def _gen_defaults(cfg: dict | None, max_new_tokens, batch_size, mixed_precision)
     mnt = max_new_tokens or ev.get("max_new_tokens") or 64
     bs = batch_size or ev.get("batch_size") or 32
     mp = mixed_precision or model.get("mixed_precision") or "no"
-    if mp not in ("no", "bf16"):
-        raise ValueError(f"--mixed-precision must be no or bf16, got {mp!r}")
+    if mp not in ("no", "bf16", "auto"):
+        raise ValueError(f"--mixed-precision must be no, bf16 or auto, got {mp!r}")
+    if mp == "auto":
+        from .models import resolve_mixed_precision
+
+        mp = resolve_mixed_precision(mp)
     for flag, value in (("--max-new-tokens", mnt), ("--batch-size", bs)):
         if value < 1:
             raise ValueError(f"{flag} must be at least 1, got {value}")
@@ -222,7 +226,7 @@ def eval_cmd(
     top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling for pass@k / maj@k"),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="answer length cap (default: the run's eval setting, else 64)"),
     batch_size: int = typer.Option(None, "--batch-size", help="sequences per generation batch (default: the run's, else 32)"),
-    mixed_precision: str = typer.Option(None, "--mixed-precision", help="no or bf16 (default: the run's, else no)"),
+    mixed_precision: str = typer.Option(None, "--mixed-precision", help="no, bf16 or auto (default: the run's, else no)"),
     reward_model: str = typer.Option(None, "--reward-model", help="reward model dir: mean reward and win rate vs the reference"),
     judge_model: str = typer.Option(None, "--judge-model", help="LLM judge run locally (preset, hub id, checkpoint): win rate"),
     judge_url: str = typer.Option(None, "--judge-url", help="LLM judge at an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8001/v1"),
@@ -287,7 +291,7 @@ def compare_cmd(
     instruction: str = typer.Option(None, "--instruction", help="final-answer instruction (default: the run's, or per answer type)"),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="answer length cap (default: the run's eval setting, else 64)"),
     batch_size: int = typer.Option(None, "--batch-size", help="sequences per generation batch (default: the run's, else 32)"),
-    mixed_precision: str = typer.Option(None, "--mixed-precision", help="no or bf16 (default: the run's, else no)"),
+    mixed_precision: str = typer.Option(None, "--mixed-precision", help="no, bf16 or auto (default: the run's, else no)"),
     reward_model: str = typer.Option(None, "--reward-model", help="reward model dir: win rate of B over A"),
     judge_model: str = typer.Option(None, "--judge-model", help="LLM judge run locally (preset, hub id, checkpoint): win rate"),
     judge_url: str = typer.Option(None, "--judge-url", help="LLM judge at an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8001/v1"),

@@ -29,7 +29,9 @@ class LoraConfig(_Strict):
 class ModelConfig(_Strict):
     name: str = Field("smollm2-135m", description="preset short name, HF hub id, or local path")
     dtype: Literal["fp32", "bf16"] = Field("fp32", description="dtype of the stored weights")
-    mixed_precision: Literal["no", "bf16"] = Field("bf16", description="autocast for forward passes (accelerate)")
+    mixed_precision: Literal["no", "bf16", "auto"] = Field(
+        "bf16", description="autocast for forward passes (accelerate); auto: bf16 on a GPU that supports it or a "
+        "CPU whose measured bf16 matmul is >= 1.5x fp32, else no (decided when the model is loaded)")
     lora: LoraConfig | None = Field(None, description="train LoRA adapters instead of all weights")
     gradient_checkpointing: bool = Field(False, description="trade compute for activation memory")
     cache_dir: str | None = Field(None, description="where converted GGUF models are cached (default ~/.cache/rlhf-workbench)")
