@@ -22,7 +22,7 @@ matmuls of other shapes, so float sums added in another order; per metric ``|m -
 module ``max |Δ - Δ'|`` (``delta_max``) and ``|Σ|Δ| - Σ|Δ'||`` (``delta_abs_sum``). Process
 counts change the shapes the same way, so this is the scale of the differences to expect
 between them on this machine (on a 2-core AMD EPYC the RLOO loss moves by 1.7e-5 relative: it is
-a sum of terms of both signs, ~20 times larger than their sum).
+the mean of terms of both signs, ~15 times larger than it).
 """
 
 from __future__ import annotations

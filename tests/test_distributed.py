@@ -20,9 +20,10 @@ one-process run moves when only its micro-batch size changes (measured in the sa
 ``distributed_update.py``). For the loss, the gradient norm and the parameter changes the
 measurement is itself checked to be float noise (at most ``NOISE_MAX·|v| + ATOL``), so it cannot
 hide a real difference: a wrong normaliser or a lost shard moves these numbers by percents.
-(Metrics that count threshold tests, such as reward accuracies, may flip at the threshold.) Example: on a 2-core AMD EPYC the RLOO loss (-0.0421, a
-sum of terms of both signs ~20 times larger) differs by 1.8e-5 relative between process counts,
-and by 1.7e-5 between micro-batch sizes.
+(Metrics that count threshold tests, such as reward accuracies, may flip at the threshold.)
+Example: on a 2-core AMD EPYC the RLOO loss (-0.0421, the mean of terms of both signs whose
+sizes average ~0.6) differs by 1.8e-5 relative between process counts, and by 1.7e-5 between
+micro-batch sizes.
 
 Note: in accelerate 1.15 ``accelerate launch --cpu --num_processes 2`` starts a single process
 unless MPI is used (``--mpirun_hostfile``); ``--multi_gpu`` on a machine without a visible GPU
