@@ -66,7 +66,7 @@ def test_export_command(tmp_path):
     out = tmp_path / "export"
     r = invoke("export", "--out-dir", out, "--run", tmp_path / "run")
     assert r.exit_code == 0, r.output
-    assert "wrote 2 preference pairs (human 1, rules 1)" in r.text
+    assert "wrote 3 preference pairs (human 1, rules 2)" in r.text
     rows = [json.loads(x) for x in (out / "preferences.jsonl").read_text().splitlines()]
     assert rows == expected_rows(ids1, ids2)
     assert (out / "preferences_conversational.jsonl").exists() and (out / "dataset" / "state.json").exists()

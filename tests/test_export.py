@@ -55,6 +55,10 @@ def expected_rows(ids1, ids2):
         {"prompt": f"What is 2 + 2?\n\n{INSTRUCTION}", "chosen": "2 + 2 = 4\nAnswer: 4", "rejected": "Answer: 5",
          "task_id": "t1", "source": "rules", "annotator": None, "policy_version": 0, "round": 1,
          "rationale": None, "chosen_id": ids1[0], "rejected_id": ids1[1]},
+        # "4" without an answer line is no answer for the strict verifier: wrong, so rejected too.
+        {"prompt": f"What is 2 + 2?\n\n{INSTRUCTION}", "chosen": "2 + 2 = 4\nAnswer: 4", "rejected": "4",
+         "task_id": "t1", "source": "rules", "annotator": None, "policy_version": 0, "round": 1,
+         "rationale": None, "chosen_id": ids1[0], "rejected_id": ids1[2]},
         {"prompt": f"What is 3 + 5?\n\n{INSTRUCTION}", "chosen": "Answer: 8", "rejected": "Answer: 9",
          "task_id": "t2", "source": "human", "annotator": "ann,bob", "policy_version": 1, "round": 2,
          "rationale": "short and right\n\nboth fine", "chosen_id": b_id, "rejected_id": wrong},
@@ -67,12 +71,12 @@ def test_export_writes_both_forms_and_dataset(tmp_path):
     store, ids1, ids2 = build_store(tmp_path)
     out = tmp_path / "export"
     info = export_preferences(store, out)
-    assert info["pairs"] == 2 and info["by_source"] == {"rules": 1, "human": 1}
+    assert info["pairs"] == 3 and info["by_source"] == {"rules": 2, "human": 1}
     want = expected_rows(ids1, ids2)
     plain = [json.loads(x) for x in (out / "preferences.jsonl").read_text().splitlines()]
     assert plain == want
     conv = [json.loads(x) for x in (out / "preferences_conversational.jsonl").read_text().splitlines()]
-    assert len(conv) == 2
+    assert len(conv) == 3
     for p, c in zip(plain, conv):
         assert c["prompt"] == [{"role": "user", "content": p["prompt"]}]
         assert c["chosen"] == [{"role": "assistant", "content": p["chosen"]}]
@@ -90,15 +94,15 @@ def test_export_writes_both_forms_and_dataset(tmp_path):
             assert not s.get(VerificationRow, row["rejected_id"]).correct
     # Exporting again into the same directory replaces the previous export.
     assert export_preferences(store, out, source="human")["pairs"] == 1
-    assert datasets.load_from_disk(str(out / "dataset")).to_list() == want[1:]
-    assert [json.loads(x) for x in (out / "preferences.jsonl").read_text().splitlines()] == want[1:]
+    assert datasets.load_from_disk(str(out / "dataset")).to_list() == want[2:]
+    assert [json.loads(x) for x in (out / "preferences.jsonl").read_text().splitlines()] == want[2:]
 
 
 def test_source_filter(tmp_path):
     store, ids1, ids2 = build_store(tmp_path)
     want = expected_rows(ids1, ids2)
-    assert preference_rows(store, "rules") == want[:1]
-    assert preference_rows(store, "human") == want[1:]
+    assert preference_rows(store, "rules") == want[:2]
+    assert preference_rows(store, "human") == want[2:]
     assert preference_rows(store, "all") == want
     with pytest.raises(ValueError, match="source"):
         preference_rows(store, "crowd")

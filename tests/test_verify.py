@@ -93,17 +93,31 @@ def test_extract_number_with_marker(completion: str, expected: str) -> None:
     "completion, expected",
     [
         ("Answer: 5\nHmm, wait. Answer: 6", "6"),
-        ("Answer: 5 ... wait, Answer: 6", "6"),
-        ("Answer: 5. Actually \\boxed{7}", "7"),
-        ("\\boxed{7} so Answer: 8", "8"),
+        ("Answer: 5\nActually \\boxed{7}", "7"),
         # The last marker has no number: the previous marker is used.
-        ("Answer: 9\nAnswer: I am not sure", "9"),
+        ("Answer: 9\nI am sure the answer is right.", "9"),
         # "Answer:" with \boxed on the same line: the boxed content is used.
         ("Answer: \\boxed{10}\nThanks for asking 3 times.", "10"),
     ],
 )
 def test_last_marker_wins(completion: str, expected: str) -> None:
     assert extract_answer(completion, "number") == (expected, True)
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "Answer: 5 ... wait, Answer: 6",  # two answers on one line
+        "Answer: 5. Actually \\boxed{7}",
+        "\\boxed{7} so Answer: 8",
+        "Answer: 9\nAnswer: I am not sure",  # the final answer line withdraws the answer
+    ],
+)
+def test_contradicting_final_answers_are_ambiguous(completion: str) -> None:
+    assert extract_answer(completion, "number") == (None, True)
+    for gold in ("5", "6", "7", "8", "9"):
+        v = verify(completion, num_task(gold))
+        assert not v.correct and v.ambiguous and v.reason.startswith("ambiguous"), v
 
 
 @pytest.mark.parametrize(
@@ -116,8 +130,14 @@ def test_last_marker_wins(completion: str, expected: str) -> None:
         ("We get 3.50 dollars", "3.5"),
     ],
 )
-def test_number_fallback_is_lenient(completion: str, expected: str) -> None:
-    assert extract_answer(completion, "number") == (expected, False)
+def test_number_fallback_is_lenient_only(completion: str, expected: str) -> None:
+    assert extract_answer(completion, "number", lenient=True) == (expected, False)
+    assert extract_answer(completion, "number") == (None, False)
+    v = verify(completion, num_task(expected))
+    assert not v.correct and v.lenient_correct and v.extracted is None
+    assert v.reason.startswith("no explicit answer") and expected in v.reason
+    lenient = verify(completion, num_task(expected), lenient=True)
+    assert lenient.correct and lenient.extracted == expected and "fallback" in lenient.reason
 
 
 @pytest.mark.parametrize(
@@ -125,9 +145,9 @@ def test_number_fallback_is_lenient(completion: str, expected: str) -> None:
 )
 def test_no_number_found(completion: str) -> None:
     assert extract_answer(completion, "number") == (None, False)
+    assert extract_answer(completion, "number", lenient=True) == (None, False)
     v = verify(completion, num_task("5"))
-    assert v == Verification(False, None, False, "no answer found")
-    assert "no answer" in v.reason
+    assert v == Verification(False, None, False, "no explicit answer (an 'Answer:' line or \\boxed{})")
     assert v.reward == 0.0
 
 
@@ -173,10 +193,9 @@ def test_number_equivalent_answers_are_correct(completion: str, gold: str) -> No
         ("Answer: 3.51", "3.5"),
         ("Answer: 3/5", "0.75"),
         ("\\boxed{\\frac{1}{3}}", "0.5"),
-        ("Answer: 5 ... wait, Answer: 6", "5"),
         ("\\boxed{2\\sqrt{3}}", "2\\sqrt{2}"),
         ("\\boxed{\\sqrt{2}}", "1.41"),
-        ("The answer is 12, not 13.", "13"),
+        ("Answer: 2000001.9", "2000000"),  # an integer key needs exact equality
     ],
 )
 def test_wrong_number_is_never_correct(completion: str, gold: str) -> None:
@@ -189,15 +208,21 @@ def test_wrong_number_is_never_correct(completion: str, gold: str) -> None:
 
 def test_number_reason_strings() -> None:
     v = verify("Step: 40 + 45 = 85.\nAnswer: 85", num_task("85"))
-    assert v == Verification(True, "85", True, "correct: extracted 85 from 'Answer:' line")
+    assert v == Verification(True, "85", True, "correct: extracted 85 from 'Answer:' line", lenient_correct=True)
     v = verify("Answer: 84", num_task("85"))
     assert v.reason == "wrong: extracted 84 from 'Answer:' line, expected 85"
     v = verify("so it is 85", num_task("85"))
-    assert v.correct and not v.format_ok and "fallback" in v.reason
+    assert not v.correct and not v.format_ok and v.lenient_correct
+    assert v.reason == "no explicit answer (an 'Answer:' line or \\boxed{}); a lenient reading finds 85"
+    v = verify("Answer: 42 or 41", num_task("42"))
+    assert v == Verification(False, None, True, "ambiguous: 2 different numbers on the answer line (42, 41)",
+                             ambiguous=True, lenient_correct=True)  # lenient reads the first number
 
 
-def test_fallback_answer_is_still_judged_correct() -> None:
+def test_fallback_answer_is_never_correct_by_default() -> None:
     v = verify("40 + 45 = 85", num_task("85"))
+    assert not v.correct and not v.format_ok and v.extracted is None and v.lenient_correct
+    v = verify("40 + 45 = 85", num_task("85"), lenient=True)
     assert v.correct and not v.format_ok and v.extracted == "85"
 
 
@@ -286,8 +311,10 @@ def test_extract_choice_with_marker(completion: str, expected: str) -> None:
         ("(A) no, (B) no, so (C).", "C"),
     ],
 )
-def test_choice_fallback(completion: str, expected: str) -> None:
-    assert extract_answer(completion, "choice", CHOICES) == (expected, False)
+def test_choice_fallback_is_lenient_only(completion: str, expected: str) -> None:
+    assert extract_answer(completion, "choice", CHOICES, lenient=True) == (expected, False)
+    assert extract_answer(completion, "choice", CHOICES) == (None, False)
+    assert not verify(completion, choice_task(expected)).correct
 
 
 @pytest.mark.parametrize(
@@ -305,14 +332,16 @@ def test_choice_fallback(completion: str, expected: str) -> None:
     ],
 )
 def test_choice_nothing_found(completion: str) -> None:
+    assert extract_answer(completion, "choice", CHOICES, lenient=True) == (None, False)
     assert extract_answer(completion, "choice", CHOICES) == (None, False)
     v = verify(completion, choice_task("C"))
-    assert not v.correct and v.extracted is None and "no answer" in v.reason
+    assert not v.correct and v.extracted is None and "no explicit answer" in v.reason
 
 
 def test_choice_letters_without_choices() -> None:
     assert extract_answer("Answer: E", "choice") == ("E", True)
-    assert extract_answer("so (E) it is", "choice") == ("E", False)
+    assert extract_answer("so (E) it is", "choice", lenient=True) == ("E", False)
+    assert extract_answer("so (E) it is", "choice") == (None, False)
     assert extract_answer("A patient presents", "choice") == (None, False)
 
 
@@ -327,7 +356,9 @@ def test_choice_letters_without_choices() -> None:
         ("Answer: B", "C", False),
         ("Answer: Viral pneumonia", "C", False),
         ("Answer: C\nAnswer: A", "C", False),
-        ("I pick (C)", "C", True),
+        ("I pick (C)", "C", False),  # no explicit answer
+        ("Answer: C or D", "C", False),
+        ("Answer: not D", "C", False),
     ],
 )
 def test_verify_choice(completion: str, gold: str, correct: bool) -> None:
@@ -338,7 +369,7 @@ def test_verify_choice(completion: str, gold: str, correct: bool) -> None:
 
 def test_choice_reason() -> None:
     v = verify("Answer: (C)", choice_task("C"))
-    assert v == Verification(True, "C", True, "correct: extracted C from 'Answer:' line")
+    assert v == Verification(True, "C", True, "correct: extracted C from 'Answer:' line", lenient_correct=True)
     v = verify("Answer: B", choice_task("C"))
     assert v.reason == "wrong: extracted B from 'Answer:' line, expected C"
 
@@ -363,15 +394,26 @@ def test_bad_choice_ground_truth_raises() -> None:
         ("The answer is no.", "no", True),
         ("Answer: yes\nWait. Answer: no", "no", True),
         ("Final answer: maybe", "maybe", True),
-        ("The evidence is mixed, so maybe. Yes, I would say yes", "yes", False),
-        ("No clear effect was seen; I lean towards maybe", "maybe", False),
-        ("Answer: unclear\nPerhaps no.", "no", False),
         ("The trial was not conclusive.", None, False),
         ("Nobody knows, yesterday noted", None, False),
     ],
 )
 def test_extract_yes_no_maybe(completion: str, expected: str | None, format_ok: bool) -> None:
     assert extract_answer(completion, "yes_no_maybe") == (expected, format_ok)
+
+
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        ("The evidence is mixed, so maybe. Yes, I would say yes", "yes"),
+        ("No clear effect was seen; I lean towards maybe", "maybe"),
+        ("Answer: unclear\nPerhaps no.", "no"),
+    ],
+)
+def test_yes_no_maybe_fallback_is_lenient_only(completion: str, expected: str) -> None:
+    assert extract_answer(completion, "yes_no_maybe", lenient=True) == (expected, False)
+    assert extract_answer(completion, "yes_no_maybe")[0] is None
+    assert not verify(completion, ynm_task(expected)).correct
 
 
 @pytest.mark.parametrize(
@@ -410,7 +452,7 @@ def test_extract_text(completion: str, expected: str) -> None:
 def test_text_has_no_fallback() -> None:
     assert extract_answer("Paris", "text") == (None, False)
     v = verify("It is Paris.", text_task("Paris"))
-    assert not v.correct and v.extracted is None and "no answer" in v.reason
+    assert not v.correct and v.extracted is None and "no explicit answer" in v.reason
 
 
 @pytest.mark.parametrize(
@@ -452,5 +494,5 @@ def test_verify_prompt_round_trip() -> None:
     task = Task(id="gsm-1", question="Q", answer="1,234", answer_type="number")
     completion = "Let me think. 1000 + 234 = 1234.\nAnswer: 1,234"
     assert verify(completion, task) == Verification(
-        True, "1234", True, "correct: extracted 1234 from 'Answer:' line"
+        True, "1234", True, "correct: extracted 1234 from 'Answer:' line", lenient_correct=True
     )

@@ -205,6 +205,14 @@ _SPLIT_HELP = "heldout (default), train or all, split as `rlhf run` does"
 _SEED_HELP = "seed of the train/held-out split with --tasks (default 0; --run uses the run's) and of sampling"
 
 
+def _lenient(verifier: str | None, cfg: dict | None) -> bool:
+    """Whether ``--verifier`` (else the run's ``tasks.verifier``, else strict) asks for the lenient reading."""
+    choice = verifier or ((cfg or {}).get("tasks") or {}).get("verifier") or "strict"
+    if choice not in ("strict", "lenient"):
+        raise ValueError(f"--verifier must be strict or lenient, got {choice!r}")
+    return choice == "lenient"
+
+
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Option(None, "--model", "--checkpoint", "-m",
@@ -233,6 +241,7 @@ def eval_cmd(
     judge_api_model: str = typer.Option(None, "--judge-api-model", help="model name sent to --judge-url (default: its first /models entry)"),
     judge_api_key_env: str = typer.Option(None, "--judge-api-key-env", help="environment variable holding the --judge-url API key"),
     bootstrap: int = typer.Option(10_000, "--bootstrap", help="bootstrap resamples for the intervals of means"),
+    verifier: str = typer.Option(None, "--verifier", help="strict (default; the run's setting with --run) or lenient"),
     out: Path = typer.Option(None, "--out", "-o", help="write the results (with per-question outcomes) to this JSON file"),
 ) -> None:
     """Evaluate a checkpoint: greedy pass@1, pass@k and maj@k, reward, win rate, KL and length, with 95% intervals."""
@@ -266,7 +275,7 @@ def eval_cmd(
         with Progress(console=console, transient=True) as bar:
             report = eval_report(model, sel, reference, reward_model, k, n_samples, temperature, top_p, mnt, bs, mp,
                                  seed=seed if seed is not None else sel.seed, n_boot=bootstrap, judge=judge,
-                                 progress=_progress(bar))
+                                 progress=_progress(bar), lenient=_lenient(verifier, cfg))
     except (ValueError, FileNotFoundError, TaskFormatError, *_judge_errors()) as e:
         console.print(f"[bold red]error[/]: {escape(str(e))}")
         raise typer.Exit(2)
@@ -299,6 +308,7 @@ def compare_cmd(
     judge_api_key_env: str = typer.Option(None, "--judge-api-key-env", help="environment variable holding the --judge-url API key"),
     examples: int = typer.Option(3, "--examples", help="questions where A and B differ to print"),
     bootstrap: int = typer.Option(10_000, "--bootstrap", help="bootstrap resamples"),
+    verifier: str = typer.Option(None, "--verifier", help="strict (default; the run's setting with --run) or lenient"),
     out: Path = typer.Option(None, "--out", "-o", help="write the comparison (with per-question outcomes) to this JSON file"),
 ) -> None:
     """Compare two models on the same questions: accuracies, paired difference, exact McNemar test, examples."""
@@ -323,7 +333,8 @@ def compare_cmd(
         judge = _judge(judge_model, judge_url, judge_api_model, judge_api_key_env)
         with Progress(console=console, transient=True) as bar:
             report = compare_report(model_a, model_b, sel, reward_model, mnt, bs, mp, n_boot=bootstrap,
-                                    examples=examples, judge=judge, progress=_progress(bar))
+                                    examples=examples, judge=judge, progress=_progress(bar),
+                                    lenient=_lenient(verifier, cfg))
     except (ValueError, FileNotFoundError, TaskFormatError, *_judge_errors()) as e:
         console.print(f"[bold red]error[/]: {escape(str(e))}")
         raise typer.Exit(2)

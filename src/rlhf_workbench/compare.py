@@ -10,7 +10,7 @@ Reported, with 95% intervals:
   percentile bootstrap over questions of the paired differences (fixed seed);
 * the exact McNemar test (:func:`rlhf_workbench.stats.mcnemar_exact`: two-sided binomial
   test on the discordant pairs) with the counts of questions only A / only B got right;
-* the same for strict accuracy (answer given on an explicit answer line);
+* the same for lenient accuracy (the last number / label, as a separate metric);
 * optionally the win rate of B over A judged by a reward model (1 if B's answer scores
   higher, 0.5 for a tie, percentile bootstrap) and/or by an LLM judge
   (:class:`rlhf_workbench.judge.PairwiseJudge`, both presentation orders, Zheng et al. 2023).
@@ -82,8 +82,9 @@ def paired_summary(a: list[bool], b: list[bool], confidence: float = CONFIDENCE,
 def compare_report(model_a: str, model_b: str, selection: TaskSelection, reward_model: str | None = None,
                    max_new_tokens: int = 64, batch_size: int = 32, mixed_precision: str = "no",
                    confidence: float = CONFIDENCE, n_boot: int = N_BOOT, examples: int = 3, judge=None,
-                   progress: Callable | None = None) -> dict:
-    """Answer the selected questions greedily with two models and compare them pairwise.
+                   progress: Callable | None = None, lenient: bool = False) -> dict:
+    """Answer the selected questions greedily with two models and compare them pairwise
+    (correctness by the strict verifier, or the lenient reading with ``lenient=True``).
 
     Args:
         model_a, model_b: checkpoint directories, presets or hub ids
@@ -99,8 +100,8 @@ def compare_report(model_a: str, model_b: str, selection: TaskSelection, reward_
 
     Returns:
         A JSON-serialisable dict: ``schema``, ``a``/``b`` (``model``, ``path``), ``tasks``,
-        ``settings``, ``n``, the :func:`paired_summary` fields, ``strict`` (the same for strict
-        accuracy), ``length_a``/``length_b`` (bootstrap), ``win_rate`` (reward model, or None:
+        ``settings``, ``n``, the :func:`paired_summary` fields, ``lenient`` (the same for
+        lenient accuracy), ``length_a``/``length_b`` (bootstrap), ``win_rate`` (reward model, or None:
         ``win_rate_b``, ``wins_b``/``ties``/``wins_a``, ``reward_a``/``reward_b``),
         ``win_rate_judge`` (LLM judge, or None: ``win_rate_b``, counts, ``calls``,
         ``consistent``, ``unparsed``, ``identical``), ``examples`` (ids of questions where correctness
@@ -123,15 +124,15 @@ def compare_report(model_a: str, model_b: str, selection: TaskSelection, reward_
     outs = {}
     for side, name in (("a", model_a), ("b", model_b)):
         model, tok, path = load_eval_model(name)
-        res, vers = _greedy(model, tok, tasks, max_new_tokens, batch_size, mixed_precision, bar(f"greedy {side.upper()}", n))
+        res, vers = _greedy(model, tok, tasks, max_new_tokens, batch_size, mixed_precision, bar(f"greedy {side.upper()}", n),
+                             lenient)
         outs[side] = (path, res, vers)
         del model
     (path_a, ra, va), (path_b, rb, vb) = outs["a"], outs["b"]
     questions = [{"id": t.id, "question": t.question, "answer": t.answer,
                   "a": _answer_record(ca, xa), "b": _answer_record(cb, xb), "win_b": None, "win_b_judge": None}
                  for t, ca, xa, cb, xb in zip(tasks, ra.completions, va, rb.completions, vb)]
-    strict_a = [c and f for c, f in zip(ra.correct, ra.format_ok)]
-    strict_b = [c and f for c, f in zip(rb.correct, rb.format_ok)]
+    lenient_a, lenient_b = ra.lenient_correct, rb.lenient_correct
     win = None
     if reward_model is not None:
         score, note = load_scorer(reward_model)
@@ -165,7 +166,7 @@ def compare_report(model_a: str, model_b: str, selection: TaskSelection, reward_
                      "decoding": "greedy", "confidence": confidence, "n_boot": n_boot, "bootstrap_seed": BOOT_SEED},
         "n": n,
         **paired_summary(ra.correct, rb.correct, confidence, n_boot),
-        "strict": paired_summary(strict_a, strict_b, confidence, n_boot),
+        "lenient": paired_summary(lenient_a, lenient_b, confidence, n_boot),
         "length_a": mean_estimate(ra.lengths, confidence, n_boot).to_dict(),
         "length_b": mean_estimate(rb.lengths, confidence, n_boot).to_dict(),
         "win_rate": win,
@@ -204,8 +205,8 @@ def print_compare_report(report: dict, console) -> None:
     d = report["difference"]
     table.add_row("B − A", f"{d['value']:+.3f}", _ci(d), "Newcombe paired")
     table.add_row("B − A", f"{d['value']:+.3f}", _ci(d["bootstrap"]), "bootstrap")
-    for key, label in (("accuracy_a", "strict accuracy A"), ("accuracy_b", "strict accuracy B")):
-        m = report["strict"][key]
+    for key, label in (("accuracy_a", "lenient accuracy A"), ("accuracy_b", "lenient accuracy B")):
+        m = report["lenient"][key]
         table.add_row(label, f"{m['value']:.3f}", _ci(m), "Wilson")
     if report["win_rate"]:
         w = report["win_rate"]["win_rate_b"]
@@ -219,8 +220,8 @@ def print_compare_report(report: dict, console) -> None:
     mc, c = report["mcnemar"], report["counts"]
     console.print(f"McNemar exact: only A right {mc['a_only']}, only B right {mc['b_only']} "
                   f"(both {c['both']}, neither {c['neither']}), p = {mc['p_value']:.3g}")
-    smc = report["strict"]["mcnemar"]
-    console.print(f"strict: only A {smc['a_only']}, only B {smc['b_only']}, p = {smc['p_value']:.3g}")
+    smc = report["lenient"]["mcnemar"]
+    console.print(f"lenient: only A {smc['a_only']}, only B {smc['b_only']}, p = {smc['p_value']:.3g}")
     if report["win_rate"]:
         w = report["win_rate"]
         console.print(f"reward model: B wins {w['wins_b']}, ties {w['ties']}, A wins {w['wins_a']}")

@@ -45,6 +45,9 @@ class TaskConfig(_Strict):
     heldout_size: int | None = Field(None, description="number held out when the file has no split")
     instruction: str | None = Field(None, description="final-answer instruction appended to every prompt (default per answer type)")
     max_heldout: int | None = Field(None, description="evaluate on at most this many held-out tasks")
+    verifier: Literal["strict", "lenient"] = Field(
+        "strict", description="strict: only an explicit, unambiguous final answer equal to the key is rewarded; "
+        "lenient (opt-in): the last number/label counts too (reported as a separate metric either way)")
 
 
 class RolloutConfig(_Strict):

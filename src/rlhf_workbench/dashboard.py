@@ -168,8 +168,8 @@ def dashboard_tab(demo: gr.Blocks, store: Store, tab: gr.Tab) -> None:
 
     def refresh():
         m = store.metrics()
-        acc = _line_plot("held-out accuracy", {"accuracy": m.get("eval/accuracy", []),
-                                               "strict": m.get("eval/strict_accuracy", [])})
+        acc = _line_plot("held-out accuracy", {"accuracy (strict)": m.get("eval/accuracy", []),
+                                               "lenient": m.get("eval/lenient_accuracy", [])})
         rew = {"reward": m.get("train/reward", [])}
         if "train/rewards/margins" in m:
             rew["DPO reward margin"] = m["train/rewards/margins"]

@@ -31,10 +31,12 @@ class EvalResult:
     """Per-task outcomes of one greedy evaluation (same task order as the input)."""
 
     task_ids: list[str]
-    correct: list[bool]
+    correct: list[bool]  # the strict verdict (explicit, unambiguous, equal to the key)
     format_ok: list[bool]
     lengths: list[int]
     completions: list[Completion]
+    lenient_correct: list[bool] = field(default_factory=list)  # the lenient reading (a separate metric)
+    ambiguous: list[bool] = field(default_factory=list)
     kl: float | None = None  # mean per-token KL(π || π_ref), nats
     kl_seq: float | None = None  # mean per-completion KL (sum over tokens), nats
 
@@ -45,21 +47,23 @@ class EvalResult:
 
     @property
     def accuracy(self) -> float:
-        """pass@1 with greedy decoding: fraction of tasks whose extracted answer is correct."""
+        """Greedy pass@1 as a grader sees it: an explicit, unambiguous final answer equal to the key."""
         return sum(self.correct) / max(1, self.n)
 
     @property
-    def strict_accuracy(self) -> float:
-        """Fraction correct *and* given on an explicit answer line (``Answer:`` / ``\\boxed{}``)."""
-        return sum(c and f for c, f in zip(self.correct, self.format_ok)) / max(1, self.n)
+    def lenient_accuracy(self) -> float:
+        """Fraction whose lenient reading (last number / label, no ambiguity check) is correct."""
+        return sum(self.lenient_correct) / max(1, self.n)
 
     def metrics(self, prefix: str = "eval/") -> dict[str, float]:
-        """Flat metrics dict: accuracy, strict accuracy (= correct answer on a well-formed line),
-        format rate, reward (mean verifier reward), mean completion length, KL, Wilson 95% CI."""
+        """Flat metrics dict: accuracy (strict verifier) with its Wilson 95% CI, lenient accuracy,
+        format rate (explicit answer marker), ambiguous rate, reward (mean verifier reward), mean
+        completion length, KL."""
         lo, hi = wilson_interval(sum(self.correct), self.n)
         m = {
             "accuracy": self.accuracy, "accuracy_ci_low": lo, "accuracy_ci_high": hi,
-            "strict_accuracy": self.strict_accuracy, "format_rate": sum(self.format_ok) / max(1, self.n),
+            "lenient_accuracy": self.lenient_accuracy, "format_rate": sum(self.format_ok) / max(1, self.n),
+            "ambiguous_rate": sum(self.ambiguous) / max(1, self.n),
             "reward": self.accuracy, "completion_length": sum(self.lengths) / max(1, self.n), "n": self.n,
         }
         if self.kl is not None:
@@ -134,19 +138,21 @@ def token_kl(pair: PolicyPair, completions: list[Completion], micro_batch_size: 
 
 
 def evaluate(pair: PolicyPair, tasks: list[Task], max_new_tokens: int = 64, batch_size: int = 64,
-             mixed_precision: str = "no", kl_samples: int = 0, progress=None) -> EvalResult:
+             mixed_precision: str = "no", kl_samples: int = 0, progress=None, lenient: bool = False) -> EvalResult:
     """Greedy pass@1 on ``tasks`` (plus the KL to the reference on the first ``kl_samples``
-    completions when ``kl_samples > 0``).
+    completions when ``kl_samples > 0``). ``correct`` is the strict verifier's verdict, or the
+    lenient reading with ``lenient=True`` (:func:`rlhf_workbench.verify.verify`).
 
     Returns:
         An :class:`EvalResult`.
     """
     comps = generate(pair.policy, pair.tokenizer, tasks, num_generations=1, do_sample=False,
                      max_new_tokens=max_new_tokens, batch_size=batch_size, mixed_precision=mixed_precision, progress=progress)
-    vers: list[Verification] = [verify(c.text, t) for c, t in zip(comps, tasks)]
+    vers: list[Verification] = [verify(c.text, t, lenient) for c, t in zip(comps, tasks)]
     result = EvalResult(task_ids=[t.id for t in tasks], correct=[v.correct for v in vers],
                         format_ok=[v.format_ok for v in vers], lengths=[len(c.token_ids) for c in comps],
-                        completions=comps)
+                        completions=comps, lenient_correct=[v.lenient_correct for v in vers],
+                        ambiguous=[v.ambiguous for v in vers])
     if kl_samples > 0:
         result.kl, result.kl_seq = token_kl(pair, comps[:kl_samples], mixed_precision=mixed_precision)
     return result
@@ -520,11 +526,11 @@ def same_model(a: str, b: str) -> bool:
 
 
 def _greedy(model, tokenizer, tasks: list[Task], max_new_tokens: int, batch_size: int, mixed_precision: str,
-            progress=None) -> tuple[EvalResult, list[Verification]]:
+            progress=None, lenient: bool = False) -> tuple[EvalResult, list[Verification]]:
     """Greedy evaluation of one model (:func:`evaluate`) plus each completion's verification."""
     res = evaluate(PolicyPair(model, model, tokenizer), tasks, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                   mixed_precision=mixed_precision, kl_samples=0, progress=progress)
-    return res, [verify(c.text, t) for c, t in zip(res.completions, tasks)]
+                   mixed_precision=mixed_precision, kl_samples=0, progress=progress, lenient=lenient)
+    return res, [verify(c.text, t, lenient) for c, t in zip(res.completions, tasks)]
 
 
 def _mcnemar_dict(before: list[bool], after: list[bool]) -> dict[str, Any]:
@@ -536,7 +542,8 @@ def _mcnemar_dict(before: list[bool], after: list[bool]) -> dict[str, Any]:
 
 
 def _answer_record(c: Completion, v: Verification) -> dict[str, Any]:
-    return {"text": c.text, "extracted": v.extracted, "correct": v.correct, "format_ok": v.format_ok,
+    return {"text": c.text, "extracted": v.extracted, "correct": v.correct, "lenient_correct": v.lenient_correct,
+            "format_ok": v.format_ok, "ambiguous": v.ambiguous, "reason": v.reason,
             "tokens": len(c.token_ids), "finished": c.finished}
 
 
@@ -544,12 +551,13 @@ def eval_report(model: str, selection: TaskSelection, reference: str | None = No
                 k: int = 1, n_samples: int | None = None, temperature: float = 0.7, top_p: float = 1.0,
                 max_new_tokens: int = 64, batch_size: int = 32, mixed_precision: str = "no", seed: int = 0,
                 confidence: float = CONFIDENCE, n_boot: int = N_BOOT, judge=None,
-                progress: Callable | None = None) -> dict:
+                progress: Callable | None = None, lenient: bool = False) -> dict:
     """Evaluate one model on the selected questions, every metric with a confidence interval.
+    Correctness is the strict verifier's, or the lenient reading with ``lenient=True``.
 
     Metrics (``report["metrics"]``, each an :meth:`Estimate.to_dict`):
 
-    * ``pass@1`` (greedy decoding), ``strict_pass@1`` (correct on an explicit answer line),
+    * ``pass@1`` (greedy decoding, strict verifier), ``lenient_pass@1`` (the lenient reading),
       ``format_rate``, ``clipped_rate`` (hit ``max_new_tokens``): proportions, Wilson.
     * ``length``: greedy completion tokens (EOS included when generated), bootstrap.
     * With sampling (``k > 1`` or ``n_samples``): ``n = n_samples or k`` samples per question
@@ -613,12 +621,13 @@ def eval_report(model: str, selection: TaskSelection, reference: str | None = No
         return progress(label, total) if progress else None
 
     policy, tok, path = load_eval_model(model)
-    greedy, vers = _greedy(policy, tok, tasks, max_new_tokens, batch_size, mixed_precision, bar("greedy", len(tasks)))
+    greedy, vers = _greedy(policy, tok, tasks, max_new_tokens, batch_size, mixed_precision, bar("greedy", len(tasks)),
+                           lenient)
     comps = greedy.completions
     N = len(tasks)
     metrics: dict[str, Estimate] = {
         "pass@1": proportion_estimate(sum(greedy.correct), N, confidence),
-        "strict_pass@1": proportion_estimate(sum(c and f for c, f in zip(greedy.correct, greedy.format_ok)), N, confidence),
+        "lenient_pass@1": proportion_estimate(sum(greedy.lenient_correct), N, confidence),
         "format_rate": proportion_estimate(sum(greedy.format_ok), N, confidence),
         "clipped_rate": proportion_estimate(sum(not c.finished for c in comps), N, confidence),
         "length": mean_estimate(greedy.lengths, **est),
@@ -634,7 +643,7 @@ def eval_report(model: str, selection: TaskSelection, reference: str | None = No
         pk, p1, mk = [], [], []
         for i, t in enumerate(tasks):
             group = sampled[i * n : (i + 1) * n]
-            sv = [verify(c.text, t) for c in group]
+            sv = [verify(c.text, t, lenient) for c in group]
             answers, correct = [v.extracted for v in sv], [v.correct for v in sv]
             c = sum(correct)
             winner, votes = majority_vote(answers)
@@ -680,7 +689,7 @@ def eval_report(model: str, selection: TaskSelection, reference: str | None = No
             q["reward"] = r
     if ref_model is not None and (score is not None or judge is not None):
         ref_res, ref_vers = _greedy(ref_model, ref_tok, tasks, max_new_tokens, batch_size, mixed_precision,
-                                    bar("reference greedy", N))
+                                    bar("reference greedy", N), lenient)
         ref_comps = ref_res.completions
         metrics["reference_pass@1"] = proportion_estimate(sum(ref_res.correct), N, confidence)
         vs_reference = {"mcnemar": _mcnemar_dict(ref_res.correct, greedy.correct)}
@@ -726,7 +735,7 @@ def eval_report(model: str, selection: TaskSelection, reference: str | None = No
 
 
 EVAL_ROWS: tuple[tuple[str, str], ...] = (
-    ("pass@1", "pass@1 (greedy)"), ("strict_pass@1", "strict pass@1 (answer line)"), ("format_rate", "format rate"),
+    ("pass@1", "pass@1 (greedy)"), ("lenient_pass@1", "lenient pass@1 (last number)"), ("format_rate", "format rate"),
     ("pass@1_sampled", "pass@1 (sampled)"), ("pass@k", "pass@{k} (unbiased)"), ("maj@k", "maj@{k}"),
     ("reward", "reward (RM)"), ("reward_reference", "reward of reference (RM)"),
     ("reference_pass@1", "reference pass@1 (greedy)"), ("win_rate", "win rate vs reference (RM)"),

@@ -61,8 +61,9 @@ def prompts_for_round(train: list, round: int, n: int, seed: int) -> list:
 
 
 def _store_rollout(store: Store, round: int, version: int, settings: dict, tasks_by_id: dict,
-                   comps: list[Completion]) -> int:
-    """Verify one round's completions and store them with their verdicts in one transaction."""
+                   comps: list[Completion], lenient: bool = False) -> int:
+    """Verify one round's completions and store them with their verdicts in one transaction
+    (strict verifier; ``lenient`` rewards the lenient reading instead, the opt-in setting)."""
     with store.session() as s, s.begin():
         rollout = Rollout(round=round, policy_version_id=version, settings=settings)
         s.add(rollout)
@@ -72,7 +73,7 @@ def _store_rollout(store: Store, round: int, version: int, settings: dict, tasks
                 for c in comps]
         s.add_all(rows)
         s.flush()
-        s.add_all(VerificationRow(completion_id=r.id, **vars(verify(c.text, tasks_by_id[c.task_id])))
+        s.add_all(VerificationRow(completion_id=r.id, **vars(verify(c.text, tasks_by_id[c.task_id], lenient)))
                   for r, c in zip(rows, comps))
         return rollout.id
 
@@ -129,7 +130,9 @@ def _rule_scores(rollout: Rollout, cfg: RunConfig, tasks_by_id: dict | None = No
     for task_id, rows in by_task.items():
         comps = [Completion(c.task_id, c.index, c.prompt_ids, c.token_ids, c.logps, c.text, c.finished) for c in rows]
         vers = [Verification(correct=c.verification.correct and c.id not in flagged, extracted=c.verification.extracted,
-                             format_ok=c.verification.format_ok, reason=c.verification.reason) for c in rows]
+                             format_ok=c.verification.format_ok, reason=c.verification.reason,
+                             ambiguous=bool(c.verification.ambiguous),
+                             lenient_correct=bool(c.verification.lenient_correct)) for c in rows]
         task = (tasks_by_id or {}).get(task_id)
         out[task_id] = dict(zip((c.id for c in rows), ranker(comps, vers, task=task)))
     stats = ranker.stats() if hasattr(ranker, "stats") else {}
@@ -165,6 +168,8 @@ def _round_batch(store: Store, rollout: Rollout, cfg: RunConfig, algorithm: str 
         "reward_std": r.view(-1, K).std(dim=1).mean().item() if len(r) >= K and len(r) % K == 0 else 0.0,
         "acceptance_rate": sum(c.verification.correct for c in comps.values()) / max(1, len(comps)),
         "format_rate": sum(c.verification.format_ok for c in comps.values()) / max(1, len(comps)),
+        "lenient_acceptance_rate": sum(bool(c.verification.lenient_correct) for c in comps.values()) / max(1, len(comps)),
+        "ambiguous_rate": sum(bool(c.verification.ambiguous) for c in comps.values()) / max(1, len(comps)),
         "completions/mean_length": sum(len(c.token_ids) for c in comps.values()) / max(1, len(comps)),
         "completions/clipped_ratio": sum(not c.finished for c in comps.values()) / max(1, len(comps)),
     }
@@ -317,7 +322,7 @@ def run(cfg: RunConfig, out_dir: str | Path, console: Console | None = None) -> 
             before = run_eval("v0")
             _save_eval(out, 0, before)
             store.publish_version(0, None, "base", None, before.metrics(), round=0)
-            console.print(f"v0 held-out accuracy {before.accuracy:.3f} (strict {before.strict_accuracy:.3f}, n={before.n})")
+            console.print(f"v0 held-out accuracy {before.accuracy:.3f} (lenient {before.lenient_accuracy:.3f}, n={before.n})")
         latest_id = 0
         accelerator.wait_for_everyone()
 
@@ -341,7 +346,7 @@ def run(cfg: RunConfig, out_dir: str | Path, console: Console | None = None) -> 
             if main:
                 settings = {**r.model_dump(), "do_sample": True, "mixed_precision": cfg.model.mixed_precision,
                             "num_processes": world}
-                _store_rollout(store, round, round - 1, settings, tasks_by_id, comps)
+                _store_rollout(store, round, round - 1, settings, tasks_by_id, comps, cfg.tasks.verifier == "lenient")
                 rollout = store.rollout_for_round(round)
         algorithm = "sft" if round <= cfg.sft.warmup_rounds else cfg.algorithm
         batch = stats = None
@@ -415,6 +420,7 @@ def _save_eval(out: Path, version: int, result: EvalResult) -> None:
     d.mkdir(exist_ok=True)
     (d / f"v{version}.json").write_text(json.dumps({
         "version": version, "task_ids": result.task_ids, "correct": result.correct, "format_ok": result.format_ok,
+        "lenient_correct": result.lenient_correct, "ambiguous": result.ambiguous,
         "completions": [c.text for c in result.completions], "metrics": result.metrics(""),
     }, indent=1))
 
@@ -433,7 +439,7 @@ def _summary(out: Path, store: Store, cfg: RunConfig, wall: float) -> dict:
 
     def block(ev):
         m = ev["metrics"]
-        return {k: m[k] for k in ("accuracy", "strict_accuracy", "format_rate", "accuracy_ci_low",
+        return {k: m[k] for k in ("accuracy", "lenient_accuracy", "format_rate", "ambiguous_rate", "accuracy_ci_low",
                                   "accuracy_ci_high", "completion_length", "kl") if k in m} | {"n": int(m["n"])}
 
     summary = {
@@ -441,8 +447,7 @@ def _summary(out: Path, store: Store, cfg: RunConfig, wall: float) -> dict:
         "wall_seconds": round(wall, 1), "model": cfg.model.name, "tasks": cfg.tasks.path,
         "significance": {"test": "exact McNemar (two-sided) on paired held-out outcomes", "n": len(ev0["correct"]),
                          **mcnemar_exact(ev0["correct"], ev1["correct"])},
-        "significance_strict": mcnemar_exact([a and b for a, b in zip(ev0["correct"], ev0["format_ok"])],
-                                             [a and b for a, b in zip(ev1["correct"], ev1["format_ok"])]),
+        "significance_lenient": mcnemar_exact(ev0.get("lenient_correct", []), ev1.get("lenient_correct", [])),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .store import Store  # noqa: E402
 
 PLOTS = {
-    "accuracy": (["eval/accuracy", "eval/strict_accuracy"], "held-out accuracy (greedy pass@1)"),
+    "accuracy": (["eval/accuracy", "eval/lenient_accuracy"], "held-out accuracy (greedy pass@1)"),
     "reward": (["train/reward", "train/acceptance_rate"], "rollout reward and acceptance rate"),
     "kl": (["eval/kl", "train/kl"], "KL to the reference (nats/token)"),
     "loss": (["train/loss"], "training loss"),
@@ -56,13 +56,13 @@ def write_report(out: Path, store: Store, summary: dict) -> Path:
         "| held-out (greedy pass@1) | before | after |", "|---|---|---|",
         f"| accuracy | {b['accuracy']:.3f} [{b['accuracy_ci_low']:.3f}, {b['accuracy_ci_high']:.3f}] "
         f"| {a['accuracy']:.3f} [{a['accuracy_ci_low']:.3f}, {a['accuracy_ci_high']:.3f}] |",
-        f"| strict accuracy (answer line) | {b['strict_accuracy']:.3f} | {a['strict_accuracy']:.3f} |",
+        f"| lenient accuracy (last number) | {b['lenient_accuracy']:.3f} | {a['lenient_accuracy']:.3f} |",
         f"| n | {b['n']} | {a['n']} |", "",
         f"{sig['test']}: {int(sig['b'])} tasks improved, {int(sig['c'])} regressed, p = {sig['p_value']:.3g} "
         "(95% Wilson intervals in brackets).", "",
         "## Per round", "",
     ]
-    keys = ["eval/accuracy", "eval/strict_accuracy", "train/reward", "train/acceptance_rate", "train/loss",
+    keys = ["eval/accuracy", "eval/lenient_accuracy", "train/reward", "train/acceptance_rate", "train/loss",
             "eval/kl", "time/round_s"]
     keys = [k for k in keys if k in metrics]
     lines += ["| round | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine,
-                        event, select)
+                        event, inspect, select, text)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
@@ -91,7 +91,9 @@ class CompletionRow(Base):
 
 
 class VerificationRow(Base):
-    """The verifier's verdict on a completion."""
+    """The verifier's verdict on a completion (:class:`rlhf_workbench.verify.Verification`):
+    ``correct`` is the strict verdict the reward uses, ``lenient_correct`` the separate
+    last-number/label metric, ``ambiguous`` a hedged or multiple final answer."""
 
     __tablename__ = "verifications"
     completion_id: Mapped[int] = mapped_column(ForeignKey("completions.id"), primary_key=True)
@@ -99,6 +101,8 @@ class VerificationRow(Base):
     format_ok: Mapped[bool] = mapped_column(Boolean)
     extracted: Mapped[str | None] = mapped_column(Text, nullable=True)
     reason: Mapped[str] = mapped_column(Text)
+    ambiguous: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    lenient_correct: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
     completion: Mapped[CompletionRow] = relationship(back_populates="verification")
 
 
@@ -213,6 +217,31 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+def _add_missing_columns(engine: Engine) -> None:
+    """Add columns that the models gained since an existing database was created.
+
+    ``create_all`` creates missing tables but never alters existing ones, so a run directory
+    written by an older version would fail on the first query touching a new column. Each
+    missing column is added with ``ALTER TABLE ... ADD COLUMN`` and its server default (new
+    columns must have one or be nullable); works on SQLite and PostgreSQL.
+    """
+    insp = inspect(engine)
+    with engine.begin() as conn:
+        for table in Base.metadata.sorted_tables:
+            if not insp.has_table(table.name):
+                continue
+            have = {c["name"] for c in insp.get_columns(table.name)}
+            for col in table.columns:
+                if col.name in have:
+                    continue
+                ddl = col.type.compile(dialect=engine.dialect)
+                default = col.server_default.arg if col.server_default is not None else None
+                if isinstance(col.type, Boolean) and default is not None and engine.dialect.name == "postgresql":
+                    default = "false" if str(default) in ("0", "false") else "true"
+                clause = f" DEFAULT {default}" if default is not None else ""
+                conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {ddl}{clause}'))
+
+
 class Store:
     """The run's database: open (creating tables) and write whole stages in transactions.
 
@@ -230,6 +259,7 @@ class Store:
         self.url = url
         self.engine = make_engine(url)
         Base.metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
 
     def session(self) -> Session:
