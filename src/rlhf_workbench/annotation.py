@@ -249,7 +249,9 @@ def save_annotation(store: Store, user_id: int, rollout_id: int, task_id: str, s
 
 def record_binary_feedback(store: Store, user_id: int | None, policy_version: int | None, prompt: str,
                            completion: str, label: bool) -> int:
-    """Store a playground thumbs up (True) / down (False) with the policy version; returns its id."""
+    """Store a playground thumbs up (True) / down (False) with the policy version; returns its id.
+
+    Stored only: no update trains on these yet (KTO on them is planned, not built)."""
     with store.session() as s, s.begin():
         row = BinaryFeedback(user_id=user_id, policy_version_id=policy_version, prompt=prompt,
                              completion=completion, label=bool(label))

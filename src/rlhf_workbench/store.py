@@ -181,7 +181,8 @@ class Annotation(Base):
 
 
 class BinaryFeedback(Base):
-    """A thumbs up/down on a playground answer, tied to the policy version that wrote it."""
+    """A thumbs up/down on a playground answer, tied to the policy version that wrote it (stored
+    for analysis and export; no update trains on it yet)."""
 
     __tablename__ = "binary_feedback"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
