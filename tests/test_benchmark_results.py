@@ -50,7 +50,8 @@ def test_writer_makes_paths_portable_and_records_the_processor(tmp_path):
     import _common
 
     result = {"settings": {"data_dir": str(_common.ROOT.parent / "shared" / "data"),
-                           "model": str(tmp_path / "tiny-llama"), "config": str(_common.ROOT / "configs" / "x.yaml"),
+                           "model": "/usr/share/tiny-llama",  # neither in nor beside the repository
+                           "config": str(_common.ROOT / "configs" / "x.yaml"),
                            "sizes": [1, 2], "endpoint": "/gradio_api/call/submit"}}
     out = _common.write_result(result, tmp_path / "r.json")
     on_disk = json.loads(out.read_text())
