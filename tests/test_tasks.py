@@ -404,3 +404,36 @@ def test_generate_arithmetic_keeps_commuted_twins_on_one_side():
     twins_in_train = sum((b, a) in ordered for a, b in ordered if a < b)
     assert twins_in_train > 0  # twins exist, so the check below is not vacuous
     assert not {_twin_key(t) for t in train} & {_twin_key(t) for t in heldout}
+
+
+# ---- binary and mis-encoded files -------------------------------------------------------
+
+_GOOD_LINE = json.dumps({"id": "a", "question": "What is 1 + 1?", "answer": "2"}).encode() + b"\n"
+
+
+@pytest.mark.parametrize("name,data,fmt,where", [
+    ("random.jsonl", bytes(range(256)) * 4, "auto", "line 1"),           # a binary file
+    ("latin1.jsonl", _GOOD_LINE + b"\n" + '{"id": "é"}\n'.encode("latin-1"), "jsonl", "line 3"),
+    ("blob.json", b"[\n" + b"\x89PNG\r\n\x1a\n", "auto", "line 2"),
+    ("pmq.json", b'{"1": {"QUESTION": "\xff"}}', "pubmedqa", "line 1"),
+    ("t.csv", b"id,question,answer\n1,\xfe\xff,2\n", "hf", "line 2"),
+    ("z.jsonl.gz", gzip.compress(_GOOD_LINE + b"\x00\xc3\x28\n"), "jsonl", "line 2"),
+])
+def test_binary_task_file_names_file_and_line(tmp_path, name, data, fmt, where):
+    """A binary or non-UTF-8 task file is a TaskFormatError naming the file and the line of the
+    first bad byte (was a bare UnicodeDecodeError with neither)."""
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(TaskFormatError) as e:
+        load_tasks(path, format=fmt)
+    assert str(path) in str(e.value) and f"{where}:" in str(e.value) and "not UTF-8" in str(e.value)
+
+
+def test_corrupt_gzip_task_file(tmp_path):
+    path = tmp_path / "t.jsonl.gz"
+    path.write_bytes(gzip.compress(_GOOD_LINE * 50)[:40])  # truncated
+    with pytest.raises(TaskFormatError, match=r"t\.jsonl\.gz: not a readable gzip file"):
+        load_tasks(path)
+    path.write_bytes(b"not gzip at all")
+    with pytest.raises(TaskFormatError, match=r"t\.jsonl\.gz: not a readable gzip file"):
+        load_tasks(path)

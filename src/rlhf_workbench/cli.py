@@ -18,6 +18,14 @@ def main() -> None:
 
 
 def _parse_overrides(items: list[str]) -> dict:
+    """``--set key=value`` options as ``{dotted key: YAML-parsed value}``.
+
+    Raises:
+        typer.BadParameter: an item without ``=``, an empty or malformed dotted key, or a value
+            that is not valid YAML.
+    """
+    import re
+
     import yaml
 
     out = {}
@@ -25,7 +33,13 @@ def _parse_overrides(items: list[str]) -> dict:
         if "=" not in item:
             raise typer.BadParameter(f"--set expects key=value, got {item!r}")
         k, v = item.split("=", 1)
-        out[k] = yaml.safe_load(v)
+        k = k.strip()
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", k):
+            raise typer.BadParameter(f"--set {item!r}: the key must be a dotted field path such as tasks.path")
+        try:
+            out[k] = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise typer.BadParameter(f"--set {item!r}: the value is not valid YAML ({e})") from None
     return out
 
 

@@ -40,11 +40,12 @@ class ModelConfig(_Strict):
 class TaskConfig(_Strict):
     path: str = Field("bundled:arithmetic", description="task file, or bundled:<name>")
     format: str = Field("auto", description="auto, jsonl, gsm8k, pubmedqa, mcq or hf")
-    limit: int | None = Field(None, description="read at most this many tasks")
+    limit: int | None = Field(None, ge=1, description="read at most this many tasks (None: all)")
     heldout_fraction: float | None = Field(None, description="fraction held out when the file has no split")
     heldout_size: int | None = Field(None, description="number held out when the file has no split")
     instruction: str | None = Field(None, description="final-answer instruction appended to every prompt (default per answer type)")
-    max_heldout: int | None = Field(None, description="evaluate on at most this many held-out tasks")
+    max_heldout: int | None = Field(None, ge=1, description="evaluate on at most this many held-out tasks "
+                                    "(None: all; 0 is refused: a run always evaluates on at least one)")
     verifier: Literal["strict", "lenient"] = Field(
         "strict", description="strict: only an explicit, unambiguous final answer equal to the key is rewarded; "
         "lenient (opt-in): the last number/label counts too (reported as a separate metric either way)")
@@ -240,7 +241,8 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(64, ge=1, description="completion cap for greedy evaluation")
     batch_size: int = Field(64, ge=1, description="prompts per generation batch")
     every_round: bool = Field(True, description="evaluate after every round (else only before and after)")
-    round_subset: int | None = Field(None, description="intermediate rounds evaluate only the first N held-out tasks")
+    round_subset: int | None = Field(None, ge=1, description="intermediate rounds evaluate only the first N held-out "
+                                     "tasks (None: all)")
     kl_samples: int = Field(32, ge=0, description="held-out completions used for the KL to the reference")
 
 
@@ -293,8 +295,14 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
     for key, value in (overrides or {}).items():
         node = raw
         *parents, leaf = key.split(".")
-        for p in parents:
+        if not all(key.split(".")):
+            raise ConfigError(f"override {key!r}: expected a dotted field path such as tasks.path")
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                where = ".".join(parents[: i + 1])
+                raise ConfigError(f"{path}: override {key}: field {where} holds the value {node!r}, "
+                                  "not a section of fields")
         node[leaf] = value
     try:
         return RunConfig.model_validate(raw)

@@ -73,12 +73,14 @@ ANSWER_INSTRUCTIONS: dict[str, str] = {
 import csv  # noqa: E402
 import gzip  # noqa: E402
 import hashlib  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
 import string  # noqa: E402
 import tempfile  # noqa: E402
+import zlib  # noqa: E402
 from collections.abc import Iterable, Iterator, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -391,16 +393,46 @@ def _ext(path: Path) -> str:
     return Path(name).suffix
 
 
-def _open_text(path: Path):
+def _open_binary(path: Path):
     if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def _decode(data: bytes, path: Path, line_no: int) -> str:
+    """``data`` (starting at line ``line_no``, possibly spanning several lines) as UTF-8 text; a
+    :class:`TaskFormatError` naming the file, line and column of the first bad byte if it is not
+    (a binary file, or another encoding). A NUL byte, which no text file holds, counts as bad."""
+    try:
+        bad = data.index(b"\x00")
+    except ValueError:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad = e.start
+    line = line_no + data.count(b"\n", 0, bad)
+    column = bad - (data.rfind(b"\n", 0, bad) + 1) + 1
+    raise TaskFormatError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[bad]:02x} at column {column}); "
+                          "task files are UTF-8 JSON lines, JSON, CSV or parquet, not binary")
+
+
+def _binary_lines(path: Path) -> Iterator[bytes]:
+    """The file's raw lines; a truncated or corrupt ``.gz`` file is a :class:`TaskFormatError`."""
+    try:
+        with _open_binary(path) as f:
+            yield from f
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise TaskFormatError(f"{path}: not a readable gzip file ({type(e).__name__}: {e})") from None
+
+
+def _read_text(path: Path) -> str:
+    """The whole file as UTF-8 text (``.gz`` decompressed); errors name the file and line."""
+    return _decode(b"".join(_binary_lines(path)), path, 1)
 
 
 def _parse_whole_json(path: Path) -> Any:
     """The parsed file, or ``None`` if it is not a single JSON document."""
-    with _open_text(path) as f:
-        text = f.read()
+    text = _read_text(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError:
@@ -423,17 +455,17 @@ def _iter_records(path: Path) -> Iterator[tuple[str, int, Any]]:
             return
         if isinstance(data, dict) and _looks_like_pubmedqa(data):
             raise TaskFormatError(f"{path}: line 1: this is a PubMedQA file; use format='pubmedqa'")
-    with _open_text(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskFormatError(
-                    f"{path}: line {line_no}: malformed JSON: {e.msg} (column {e.colno})"
-                ) from None
-            yield f"line {line_no}", line_no, record
+    for line_no, raw in enumerate(_binary_lines(path), 1):
+        line = _decode(raw, path, line_no)
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TaskFormatError(
+                f"{path}: line {line_no}: malformed JSON: {e.msg} (column {e.colno})"
+            ) from None
+        yield f"line {line_no}", line_no, record
 
 
 def _err(path: Path, loc: str, field_name: str, problem: str) -> TaskFormatError:
@@ -631,8 +663,7 @@ def _from_mcq(record: Any, path: Path, loc: str, line_no: int) -> Task:
 
 
 def _load_pubmedqa(path: Path, limit: int | None) -> list[Task]:
-    with _open_text(path) as f:
-        text = f.read()
+    text = _read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -681,8 +712,7 @@ def _load_hf(path: Path, limit: int | None) -> list[Task]:
     if builder == "csv":
         # read every column as text: keeps ids like "001" and answers like "1,234" as written
         sep = "\t" if ext == ".tsv" else ","
-        with _open_text(path) as f:
-            header = next(csv.reader(f, delimiter=sep), None)
+        header = next(csv.reader(io.StringIO(_read_text(path)), delimiter=sep), None)
         if not header:
             raise TaskFormatError(f"{path}: no tasks found (empty file)")
         kwargs["sep"] = sep
