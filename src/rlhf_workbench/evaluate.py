@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .logprobs import scale_logits
 from .models import PolicyPair
 from .rollout import Completion, autocast, generate, pad_batch
 from .stats import (BOOT_SEED, CONFIDENCE, N_BOOT, Estimate, maj_at_k, majority_vote, mcnemar_exact, mean_estimate,
@@ -105,7 +106,7 @@ def token_kl_per_completion(pair: PolicyPair, completions: list[Completion], mic
             with autocast(mixed_precision):
                 out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
                             logits_to_keep=T + 1).logits[:, :-1]
-            return torch.log_softmax(out.float(), -1)
+            return torch.log_softmax(scale_logits(out), -1)
 
         lp = logits(pair.policy)
         with pair.reference_context():

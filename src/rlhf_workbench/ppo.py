@@ -80,7 +80,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
 from .config import RunConfig
-from .logprobs import completion_logps, selective_log_softmax
+from .logprobs import completion_logps, scale_logits, token_logps
 from .losses import explained_variance, gae_advantages, kl_penalty_rewards, masked_whiten, ppo_loss
 from .models import PolicyPair, resolve_model_path
 from .rollout import autocast, pad_batch
@@ -246,7 +246,8 @@ def token_values(critic: torch.nn.Module, samples: list[Sample], pad_id: int, mi
 def _policy_forward(model, samples: list[Sample], pad_id: int, temperature: float, mixed_precision: str,
                     with_entropy: bool, device: torch.device):
     """``(logps [B, T], entropy [B, T] or None, completion_mask [B, T])`` of the sampled tokens
-    under ``softmax(logits / temperature)``; entropy (nats) of that distribution per position."""
+    under ``softmax(logits.float() / temperature)`` (:func:`~rlhf_workbench.logprobs.token_logps`, as
+    the rollout recorded them); entropy (nats) of that distribution per position."""
     ids, mask, cmask = pad_batch([s.prompt_ids for s in samples], [s.token_ids for s in samples], pad_id)
     ids, mask, cmask = ids.to(device), mask.to(device), cmask.to(device)
     T = cmask.shape[1]
@@ -257,9 +258,9 @@ def _policy_forward(model, samples: list[Sample], pad_id: int, temperature: floa
     with autocast(mixed_precision):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
                        logits_to_keep=T + 1).logits
-    logits = logits[:, :-1, :].float() / temperature
-    logps = selective_log_softmax(logits, ids[:, -T:])
-    entropy = torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    scaled = scale_logits(logits[:, :-1, :], temperature)  # float32, shared by log-probs and entropy
+    logps = token_logps(scaled, ids[:, -T:])
+    entropy = torch.logsumexp(scaled, dim=-1) - (torch.softmax(scaled, dim=-1) * scaled).sum(-1)
     return logps, entropy, cmask
 
 

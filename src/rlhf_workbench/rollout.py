@@ -3,7 +3,8 @@
 For every completion we keep its text, token ids and the per-token log-probabilities of
 the sampled tokens under the policy that sampled it: read from the very logits that chose
 each token, temperature-scaled but before the top-p cut (TRL's convention), so no second
-forward pass is needed (tests/test_fast_paths.py checks them against a fresh forward pass).
+forward pass is needed (tests/test_fast_paths.py checks them against a fresh forward pass, and
+tests/test_logprobs_bf16.py under bf16 autocast; both sides use ``logprobs.token_logps``).
 Decoding is our own loop over the Hugging Face model (:func:`decode`): each distinct prompt
 is run once for its K samples, the prefix all prompts share once per batch, finished rows
 leave the batch. Greedy evaluation uses the same path with ``do_sample=False``.
@@ -22,6 +23,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from .logprobs import scale_logits, token_logps
 from .tasks import Task
 
 
@@ -138,23 +140,25 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: floa
     """Next tokens and their log-probs from last-position logits ``[R, V]``.
 
     Greedy: argmax (what ``generate`` does without logits processors), log-probs at temperature 1.
-    Sampling: nucleus sampling (Holtzman et al. 2020) from ``softmax(logits / temperature)``; the
-    returned log-probs are those of the temperature-scaled distribution before the top-p cut (TRL's
-    convention for ``old_per_token_logps``). Returns ``(tokens [R], logps [R] float32)``.
+    Sampling: nucleus sampling (Holtzman et al. 2020) from ``softmax(logits.float() / temperature)``
+    (:func:`~rlhf_workbench.logprobs.scale_logits`); the returned log-probs are those of that
+    temperature-scaled distribution before the top-p cut (TRL's convention for
+    ``old_per_token_logps``), from :func:`~rlhf_workbench.logprobs.token_logps`, the function the
+    training passes use, so that both round the same way under bf16. Returns
+    ``(tokens [R], logps [R] float32 nats)``.
     """
-    scaled = logits.float() if not do_sample or temperature == 1.0 else logits.float() / temperature
-    logprobs = torch.log_softmax(scaled, dim=-1)
+    scaled = scale_logits(logits, temperature if do_sample else 1.0)  # float32 first, then / T
     if not do_sample:
         tokens = logits.argmax(-1)
     else:
-        probs = logprobs.exp()
+        probs = torch.softmax(scaled, dim=-1)
         if top_p < 1.0:
             sorted_p, order = probs.sort(-1, descending=True)
             sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p > top_p, 0.0)
             tokens = order.gather(-1, torch.multinomial(sorted_p, 1)).squeeze(-1)
         else:
             tokens = torch.multinomial(probs, 1).squeeze(-1)
-    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, token_logps(scaled, tokens)  # scaled is float32 already: token_logps(logits, tokens, T)
 
 
 PACKED_WEIGHTS_MAX_BYTES = 1 << 30
