@@ -1,0 +1,185 @@
+"""Under bf16 autocast, do the training passes recompute the log-probs the rollout recorded?
+
+Issue 12: the rollout (``rollout._pick``) casts the bf16 logits to float32 and then divides by
+the temperature, while the training passes (``logprobs.completion_logps`` / ``packed_logps``)
+divided the bf16 logits first, rounding the quotient to bf16 again. Since the fix both go
+through ``logprobs.token_logps`` (float32 first, then the temperature). This benchmark measures
+what is left, and what the old order cost, on a real rollout:
+
+  1. load the model (fp32 weights) as the loop does with ``model.mixed_precision: bf16``;
+  2. sample ``--prompts`` bundled arithmetic train tasks × ``--samples`` completions at
+     ``--temperature`` (top-p 1, at most ``--max-new-tokens`` tokens) with ``HFEngine`` under
+     bf16 autocast, recording each token's log-prob while decoding (KV cache, a few rows per
+     matmul);
+  3. recompute the completions' log-probs with the unchanged weights in one training-shaped
+     forward pass under the same autocast, two ways as the trainers do: ``packed_logps``
+     (GRPO / RLOO / DPO / KTO, ``update._forward_logps``) and ``completion_logps`` on the padded
+     batch (PPO, ``ppo._policy_forward``); each once with the current order (``new``: cast, then
+     divide) and once with the old order (``old``: the bf16 logits divided by the temperature in
+     bf16, then cast), the latter by wrapping the model so that its logits come out divided in
+     bf16 and asking for temperature 1;
+  4. compare each with the recorded log-probs: per-token ``|diff|`` (nats) mean / p99 / max;
+     per-token ratios ``exp(diff)`` (PPO / GRPO clip per token) and per-sequence ratios
+     ``exp(Σ_t diff)`` (RLOO clips the sequence ratio): mean ``|ratio - 1|``, max, and the
+     fraction outside ``[0.8, 1.2]`` (a clip range of 0.2) — all before any update, where the
+     ideal is a ratio of exactly 1. For scale, ``bf16_vs_fp32_forward`` compares the bf16 packed
+     pass with the same pass in fp32: the bf16 forward's own error.
+
+    python benchmarks/bf16_ratio.py                    # SmolLM2-135M, 8 prompts x 4 samples, <= 48 tokens
+    python benchmarks/bf16_ratio.py --model PATH --prompts 2 --samples 2 --max-new-tokens 8
+
+Writes ``benchmarks/results/bf16_ratio.json`` (no absolute paths: the model is named by its
+preset or directory name). What remains with the new order is the forward passes' own bf16
+rounding, which depends on the matmul shapes (decode steps vs one packed forward) and on the
+CPU's bf16 kernels (AMX on recent Intel, AVX512-BF16 or emulation elsewhere): the processor
+model is recorded with the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common  # noqa: E402
+
+DEMO_INSTRUCTION = "Reply with the result only, as 'Answer: <number>'."
+CLIP = 0.2
+
+
+def processor_model() -> str:
+    """``lscpu``'s "Model name" (``/proc/cpuinfo``'s "model name" where lscpu is missing)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=True).stdout
+        for line in out.splitlines():
+            if line.strip().startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return _common.device_info(1)["cpu"]
+
+
+class _DivideInBf16:
+    """The model with its logits divided by ``temperature`` in their own dtype (bf16 under
+    autocast), i.e. the old order when asked for log-probs at temperature 1."""
+
+    def __init__(self, model, temperature: float):
+        self.model, self.temperature = model, temperature
+
+    def __call__(self, **kwargs):
+        out = self.model(**kwargs)
+        out.logits = out.logits / self.temperature
+        return out
+
+
+def _stats(fresh, recorded, cmask) -> dict:
+    """Per-token and per-sequence agreement of ``fresh`` [B, T] with ``recorded`` [B, T] (nats)."""
+    import torch
+
+    m = cmask.bool()
+    diff = (fresh - recorded).double()
+    tok = diff[m].abs()
+    tok_ratio = diff[m].exp()
+    seq_ratio = (diff * m).sum(-1).exp()
+    outside = lambda r: float(((r < 1 - CLIP) | (r > 1 + CLIP)).double().mean())  # noqa: E731
+    return {
+        "token_abs_diff_mean": float(tok.mean()), "token_abs_diff_p99": float(torch.quantile(tok, 0.99)),
+        "token_abs_diff_max": float(tok.max()),
+        "token_ratio_abs_dev_mean": float((tok_ratio - 1).abs().mean()),
+        "token_ratio_abs_dev_max": float((tok_ratio - 1).abs().max()),
+        "token_ratio_mean": float(tok_ratio.mean()),
+        "token_ratio_outside_clip": outside(tok_ratio),
+        "seq_ratio_abs_dev_mean": float((seq_ratio - 1).abs().mean()),
+        "seq_ratio_abs_dev_max": float((seq_ratio - 1).abs().max()),
+        "seq_ratio_outside_clip": outside(seq_ratio),
+    }
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m", help="preset, hub id or local path")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=4, help="completions per prompt")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--out", default=str(_common.RESULTS / "bf16_ratio.json"))
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from rlhf_workbench.config import ModelConfig
+    from rlhf_workbench.logprobs import completion_logps, packed_logps
+    from rlhf_workbench.models import load_policy
+    from rlhf_workbench.rollout import HFEngine, autocast, pad_batch
+    from rlhf_workbench.tasks import load_tasks, split_tasks
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    pair = load_policy(ModelConfig(name=args.model, mixed_precision="bf16"))
+    model, tok, T = pair.policy.eval(), pair.tokenizer, args.temperature
+    train, _ = split_tasks(load_tasks("bundled:arithmetic"))
+    tasks = [replace(t, instruction=DEMO_INSTRUCTION) for t in train[: args.prompts]]
+    engine = HFEngine(model, tok, batch_size=args.prompts * args.samples, mixed_precision="bf16")
+    comps = [c for c in engine.generate(tasks, args.samples, T, 1.0, args.max_new_tokens, []) if c.token_ids]
+    prompts, completions, pad = [c.prompt_ids for c in comps], [c.token_ids for c in comps], tok.pad_token_id
+    n = max(len(c) for c in completions)
+    recorded = torch.zeros(len(comps), n)
+    for i, c in enumerate(comps):
+        recorded[i, : len(c.logps)] = torch.tensor(c.logps)
+
+    results = {}
+    with torch.no_grad():
+        with autocast("bf16"):
+            for order, (net, temp) in {"new": (model, T), "old": (_DivideInBf16(model, T), 1.0)}.items():
+                lp, cmask = packed_logps(net, prompts, completions, pad, temp)
+                results[f"packed/{order}"] = _stats(lp, recorded, cmask)
+                if order == "new":
+                    bf16_packed = lp
+                ids, mask, pmask = pad_batch(prompts, completions, pad)
+                lp = completion_logps(net, ids, mask, pmask.shape[1], temp)
+                results[f"padded/{order}"] = _stats(lp, recorded, pmask)
+        fp32_packed, _ = packed_logps(model, prompts, completions, pad, T)
+    # the bf16 forward's own error: the same packed pass under autocast against it in fp32
+    noise = _stats(bf16_packed, fp32_packed, cmask)
+
+    name = args.model if not Path(args.model).exists() else Path(args.model).resolve().name
+    info = _common.device_info(args.threads)
+    result = {
+        "benchmark": "bf16_ratio",
+        "model": name,
+        "settings": {"prompts": args.prompts, "samples": args.samples, "max_new_tokens": args.max_new_tokens,
+                     "temperature": T, "top_p": 1.0, "seed": args.seed,
+                     "mixed_precision": "bf16 autocast, fp32 weights",
+                     "clip_range": [1 - CLIP, 1 + CLIP]},
+        "completions": len(comps), "tokens": int(sum(len(c) for c in completions)),
+        "processor": processor_model(),
+        "device": {k: info[k] for k in ("cores", "torch_threads", "torch", "transformers", "bf16_matmul_units")
+                   if k in info},
+        "results": results,
+        "bf16_vs_fp32_forward": noise,
+        "notes": (
+            "new: token_logps (cast to float32, then divide by T); old: divide the bf16 logits by T, then cast "
+            "(the training passes before issue 12). packed: logprobs.packed_logps as GRPO/RLOO/DPO/KTO; padded: "
+            "logprobs.completion_logps on the padded batch as PPO. Reference: the log-probs the rollout recorded "
+            "while decoding under the same autocast. bf16_vs_fp32_forward: the packed training pass under bf16 "
+            "autocast against the same pass in fp32 (new order both): the bf16 forward's own error, the floor that "
+            "no order of cast and division removes."),
+    }
+    _common.write_result(result, args.out)
+    cols = ["path/order", "tok |d| mean", "tok |d| max", "tok ratio out", "seq |r-1| mean", "seq r out"]
+    _common.print_table(f"bf16 rollout vs training log-probs ({result['processor']})", cols, [
+        [k, v["token_abs_diff_mean"], v["token_abs_diff_max"], v["token_ratio_outside_clip"],
+         v["seq_ratio_abs_dev_mean"], v["seq_ratio_outside_clip"]] for k, v in results.items()])
+    return result
+
+
+if __name__ == "__main__":
+    main()
