@@ -92,3 +92,96 @@ def single_thread():
     datasets.disable_progress_bars()
     yield
     torch.set_num_threads(previous)
+
+
+# --- PostgreSQL --------------------------------------------------------------------------------
+
+def _postgres_bin() -> Path | None:
+    """Directory of PostgreSQL's server binaries (``initdb``, ``pg_ctl``), or None."""
+    import glob
+    import shutil
+
+    found = shutil.which("initdb") or shutil.which("pg_ctl")
+    if found:
+        return Path(found).parent
+    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(Path(p).parts[-3]))
+    return Path(versions[-1]).parent if versions else None
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory):
+    """A throw-away PostgreSQL server for the session: ``initdb`` into a temporary folder, then
+    ``pg_ctl`` on 127.0.0.1 at a free port with its own socket folder (never the system's).
+
+    Yields the server's base URL ``postgresql+psycopg2://postgres@127.0.0.1:PORT`` (trust
+    authentication on loopback only). As root the server runs as ``nobody`` (PostgreSQL refuses
+    root). Skips when the binaries (Debian's ``postgresql`` package) or the driver
+    (``psycopg2-binary``, in the ``test`` extra) are missing, or the server does not start.
+    """
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    pytest.importorskip("psycopg2", reason="psycopg2-binary not installed (pip install -e '.[test]')")
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries not found (apt-get install postgresql)")
+    root = Path(tempfile.mkdtemp(prefix="rlhf-pg-"))
+    user = None
+    if os.geteuid() == 0:
+        user = "nobody"
+        shutil.chown(root, user=user)
+    data, sock, log = root / "data", root / "sock", root / "server.log"
+    sock.mkdir()
+    if user:
+        shutil.chown(sock, user=user)
+
+    def pg(*args, timeout=120):
+        return subprocess.run([str(bindir / args[0]), *args[1:]], user=user, cwd=root, capture_output=True,
+                              text=True, timeout=timeout)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = pg("initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8")
+    if r.returncode != 0:
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.skip(f"initdb failed: {r.stderr.strip()[-500:]}")
+    opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {sock} -c fsync=off -c synchronous_commit=off " \
+           "-c full_page_writes=off -c max_connections=100"
+    r = pg("pg_ctl", "-D", str(data), "-o", opts, "-l", str(log), "-w", "-t", "60", "start")
+    if r.returncode != 0:
+        text = log.read_text() if log.exists() else ""
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.skip(f"PostgreSQL did not start: {r.stderr.strip()[-300:]} {text[-500:]}")
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}"
+    finally:
+        pg("pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop", timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+_pg_databases = iter(range(1, 1_000_000))
+
+
+@pytest.fixture()
+def postgres_url(postgres_server) -> str:
+    """A fresh, empty database on the session's PostgreSQL server (its SQLAlchemy URL)."""
+    from sqlalchemy import create_engine, text
+
+    name = f"test_{os.getpid()}_{next(_pg_databases)}"
+    engine = create_engine(f"{postgres_server}/postgres", isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return f"{postgres_server}/{name}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    """The URL of an empty database, once SQLite (a file in ``tmp_path``) and once PostgreSQL
+    (:func:`postgres_url`; skipped where no server can be started)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'workbench.db'}"
+    return request.getfixturevalue("postgres_url")

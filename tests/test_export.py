@@ -17,9 +17,10 @@ T1 = Task(id="t1", question="What is 2 + 2?", answer="4")
 T2 = Task(id="t2", question="What is 3 + 5?", answer="8")
 
 
-def build_store(tmp_path):
-    """Round 1 ranked by the rules (task t1), round 2 by two experts (task t2)."""
-    store = Store(run_dir=tmp_path / "run")
+def build_store(tmp_path, db_url=None):
+    """Round 1 ranked by the rules (task t1), round 2 by two experts (task t2); in SQLite in the run
+    directory, or the database ``db_url``."""
+    store = Store(db_url, tmp_path / "run")
     cfg = RunConfig.model_validate({"tasks": {"instruction": INSTRUCTION}})
     store.set_meta("config", cfg.model_dump(mode="json"))
     store.add_tasks([T1, T2], "train")
@@ -65,10 +66,11 @@ def expected_rows(ids1, ids2):
     ]
 
 
-def test_export_writes_both_forms_and_dataset(tmp_path):
+def test_export_writes_both_forms_and_dataset(tmp_path, db_url):
+    """Annotation, the worker's use of the submissions and the export, on SQLite and PostgreSQL."""
     import datasets
 
-    store, ids1, ids2 = build_store(tmp_path)
+    store, ids1, ids2 = build_store(tmp_path, db_url)
     out = tmp_path / "export"
     info = export_preferences(store, out)
     assert info["pairs"] == 3 and info["by_source"] == {"rules": 2, "human": 1}

@@ -1,4 +1,5 @@
-"""Store round trip: what is written reads back unchanged, from a second connection."""
+"""Store round trip: what is written reads back unchanged, from a second connection; on SQLite
+and on PostgreSQL (the ``db_url`` fixture, tests/conftest.py)."""
 
 import pytest
 from sqlalchemy import select
@@ -14,8 +15,8 @@ TASKS = [Task(id="t1", question="What is 2 + 2?", answer="4"),
               metadata={"topic": "demo"})]
 
 
-def test_round_trip(tmp_path):
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+def test_round_trip(db_url):
+    url = db_url
     store = Store(url)
     store.add_tasks(TASKS[:1], "train")
     store.add_tasks(TASKS[1:], "heldout")
@@ -55,3 +56,77 @@ def test_round_trip(tmp_path):
     assert stats["acceptance_rate"] == 0.5
     assert samples[0].advantage > 0 > samples[1].advantage
     assert samples[0].old_logps == [-0.5, -1.25, -0.125]
+
+
+def test_values_too_long_for_a_column_are_refused_alike(db_url, tmp_path):
+    """A 150-character username or a 250-character task id was an uncaught DataError on PostgreSQL
+    and stored by SQLite; now both refuse it with the field and its limit named, storing nothing."""
+    from rlhf_workbench.annotation import AnnotationError, create_user, save_annotation
+    from rlhf_workbench.store import FieldTooLong, User
+    from rlhf_workbench.tasks import TaskFormatError, load_tasks
+
+    store = Store(db_url)
+    with pytest.raises(FieldTooLong, match=r"users\.username: 150 characters long; at most 100 are allowed"):
+        create_user(store, "u" * 150, "long enough password")
+    assert create_user(store, "u" * 100, "long enough password")  # the limit itself fits
+    with pytest.raises(FieldTooLong, match=r"tasks\.id: 250 characters long; at most 200 are allowed"):
+        store.add_tasks([TASKS[0], Task(id="t" * 250, question="q", answer="1")], "train")
+    assert store.tasks("train") == []  # the whole batch was refused
+    with store.session() as s:
+        assert [u.username for u in s.scalars(select(User))] == ["u" * 100]
+
+    # A task file with such an id stops at loading, naming the line, before any database is touched.
+    path = tmp_path / "long.jsonl"
+    path.write_text('{"id": "a", "question": "q", "answer": "1"}\n' + f'{{"id": "{"x" * 201}", "question": "q", "answer": "1"}}\n')
+    with pytest.raises(TaskFormatError, match=r"long\.jsonl: line 2: field 'id': 201 characters long; at most 200"):
+        load_tasks(path)
+
+    # An annotation naming a task id longer than any stored one is an AnnotationError, not a DataError.
+    store.add_tasks(TASKS[:1], "train")
+    store.publish_version(0, None, "base", None, {}, round=0)
+    comps = [Completion("t1", 0, [1, 2], [5], [-0.5], "Answer: 4", True),
+             Completion("t1", 1, [1, 2], [8], [-2.0], "Answer: 4", True)]
+    rid = _store_rollout(store, 1, 0, {}, {"t1": TASKS[0]}, comps)
+    uid = create_user(store, "ann", "long enough password")
+    with pytest.raises(AnnotationError):
+        save_annotation(store, uid, rid, "t" * 250, "submitted", {})
+
+
+def test_a_round_has_one_rollout(db_url):
+    """rollouts.round is unique: a second rollout of a stored round is refused by the database and
+    leaves nothing behind (two concurrent runs used to store round 1 twice)."""
+    from sqlalchemy.exc import IntegrityError
+
+    from rlhf_workbench.store import CompletionRow, Rollout
+
+    store = Store(db_url)
+    store.add_tasks(TASKS[:1], "train")
+    store.publish_version(0, None, "base", None, {}, round=0)
+    comps = [Completion("t1", 0, [1, 2], [5], [-0.5], "Answer: 4", True)]
+    _store_rollout(store, 1, 0, {}, {"t1": TASKS[0]}, comps)
+    with pytest.raises(IntegrityError):
+        _store_rollout(store, 1, 0, {}, {"t1": TASKS[0]}, comps)
+    with store.session() as s:
+        assert len(list(s.scalars(select(Rollout)))) == 1 and len(list(s.scalars(select(CompletionRow)))) == 1
+
+
+def test_unique_round_index_added_to_an_old_database(tmp_path):
+    """A database written before rounds were unique gets the index when opened; one that already
+    holds a duplicate round (the corruption the lock prevents) still opens, with a warning."""
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    Store(url)
+    con = sqlite3.connect(tmp_path / "old.db")
+    con.execute("DROP INDEX uq_rollouts_round")
+    con.execute("INSERT INTO policy_versions (id, algorithm, metrics, created_at) VALUES (0, 'base', '{}', '2026-01-01')")
+    for _ in range(2):
+        con.execute("INSERT INTO rollouts (round, policy_version_id, settings, created_at) VALUES (1, 0, '{}', '2026-01-01')")
+    con.commit()
+    with pytest.warns(UserWarning, match="two rollouts of one round"):
+        Store(url)
+    con.execute("DELETE FROM rollouts WHERE id = 2")
+    con.commit()
+    Store(url)
+    assert con.execute("SELECT name FROM sqlite_master WHERE name = 'uq_rollouts_round'").fetchone()
+    con.close()

@@ -161,7 +161,7 @@ class _PlaygroundModels:
         version = latest.id if latest is not None else 0
         with self.lock:
             if self.pair is None or version != self.version:
-                ckpt = latest.checkpoint if latest is not None and latest.id > 0 else None
+                ckpt = store.checkpoint_dir(latest) if latest is not None and latest.id > 0 else None
                 self.pair = load_policy(self.cfg.model, checkpoint=ckpt)
                 self.pair.policy.eval()
                 self.version = version

@@ -53,12 +53,13 @@ def run(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .config import ConfigError, load_config
     from .loop import run as run_loop
+    from .runlock import RunInUseError
     from .tasks import TaskFormatError
 
     try:
         cfg = load_config(config, _parse_overrides(set_))
         run_loop(cfg, out or Path("runs") / config.stem, console)
-    except (ConfigError, TaskFormatError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, TaskFormatError, ValueError, FileNotFoundError, RunInUseError) as e:
         console.print(f"[bold red]error[/]: {e}")
         raise typer.Exit(2)
 
@@ -112,12 +113,13 @@ def worker(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .config import ConfigError, load_config
     from .loop import run as run_loop
+    from .runlock import RunInUseError
     from .tasks import TaskFormatError
 
     try:
         cfg = load_config(config, {**_parse_overrides(set_), "feedback.source": "human"})
         run_loop(cfg, out or Path("runs") / config.stem, console)
-    except (ConfigError, TaskFormatError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, TaskFormatError, ValueError, FileNotFoundError, RunInUseError) as e:
         console.print(f"[bold red]error[/]: {e}")
         raise typer.Exit(2)
 
@@ -380,7 +382,16 @@ def serve(
     run_dir = out or Path("runs") / config.stem
     from .app import launch
 
-    if with_worker:
+    if with_worker:  # refuse at once, not from the worker thread, when a worker already owns the run
+        from .runlock import RunInUseError, RunLock
+        from .store import Store
+
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            RunLock(Store(cfg.db_url, run_dir), run_dir).acquire().release()
+        except RunInUseError as e:
+            console.print(f"[bold red]error[/]: {e}")
+            raise typer.Exit(2)
         from .loop import run as run_loop
 
         def work() -> None:

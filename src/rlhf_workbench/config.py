@@ -246,6 +246,17 @@ class EvalConfig(_Strict):
     kl_samples: int = Field(32, ge=0, description="held-out completions used for the KL to the reference")
 
 
+class TrackingConfig(_Strict):
+    """Experiment tracking through accelerate's trackers (:mod:`rlhf_workbench.tracking`): each
+    round's metrics under the database's names, step = round. Not part of a run's identity: it
+    may change between resumes."""
+
+    backend: str = Field("auto", description="auto (TensorBoard when installed), tensorboard, wandb, trackio, none, "
+                         "or another accelerate tracker name")
+    dir: str | None = Field(None, description="TensorBoard folder (default <out>/tensorboard)")
+    project: str | None = Field(None, description="W&B / trackio project (default: the run directory's name)")
+
+
 class RunConfig(_Strict):
     """A whole run: the loop in :func:`rlhf_workbench.loop.run` reads nothing else."""
 
@@ -266,6 +277,7 @@ class RunConfig(_Strict):
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
 class ConfigError(ValueError):

@@ -213,9 +213,11 @@ def run_checkpoint(run_dir: str | Path) -> Path:
     if (final / "config.json").is_file() or (final / "adapter_config.json").is_file():
         return final
     if (run_dir / "workbench.db").is_file():
-        for v in reversed(Store(None, run_dir).versions()):
-            if v.checkpoint and Path(v.checkpoint).is_dir():
-                return Path(v.checkpoint)
+        store = Store(None, run_dir)
+        for v in reversed(store.versions()):
+            ckpt = store.checkpoint_dir(v)  # stored relative to the run directory (older runs: absolute)
+            if ckpt and Path(ckpt).is_dir():
+                return Path(ckpt)
     raise FileNotFoundError(f"{run_dir}: no policy/ and no published checkpoint to evaluate")
 
 

@@ -20,6 +20,7 @@ import json
 import random
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -39,10 +40,12 @@ from .models import load_policy, save_policy
 from .ppo import load_critic, make_optimizer, ppo_update, save_critic
 from .report import write_report
 from .rollout import Completion, HFEngine
+from .runlock import RunInUseError, RunLock
 from .safety import make_safety_filter
 from .stats import mcnemar_exact
 from .store import CompletionRow, PreferencePair, RankingRow, Rollout, Store, VerificationRow
 from .tasks import load_tasks, split_tasks
+from .tracking import Tracking
 from .update import Sample, dpo_update, grpo_update, kto_update, rloo_update, sft_update
 from .verify import Verification, verify
 
@@ -248,8 +251,16 @@ def run(cfg: RunConfig, out_dir: str | Path, console: Console | None = None) -> 
 
     Raises:
         TaskFormatError: bad task file (before anything is written).
-        ValueError: the run directory holds a run with a different config.
+        ValueError: the run directory holds a run with a different config, or the configured
+            tracker is unknown or not installed.
+        RunInUseError: another live ``rlhf run`` or ``rlhf worker`` owns the run (nothing changed).
     """
+    with ExitStack() as cleanup:  # the run's lock and tracker, released however the run ends
+        return _run(cfg, out_dir, console, cleanup)
+
+
+def _run(cfg: RunConfig, out_dir: str | Path, console: Console | None, cleanup: ExitStack) -> dict:
+    """The body of :func:`run`; what it enters into ``cleanup`` is released when run returns or raises."""
     accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available(),
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(days=1))])
     main = accelerator.is_main_process
@@ -269,22 +280,38 @@ def run(cfg: RunConfig, out_dir: str | Path, console: Console | None = None) -> 
     if leaked:
         raise ValueError(f"{cfg.tasks.path}: tasks in both splits: {sorted(leaked)[:5]}")
     tasks_by_id = {t.id: t for t in train}
-    store, error, latest_id, ckpt = None, None, None, None
+    store, error, lock_error, latest_id, ckpt, lock, tracking = None, None, None, None, None, None, None
     if main:
         out.mkdir(parents=True, exist_ok=True)
         store = Store(cfg.db_url, out)
+        try:  # one owner per run: a second run or worker on it stops here, having changed nothing
+            lock = cleanup.enter_context(RunLock(store, out))
+        except RunInUseError as e:
+            lock_error = str(e)
         config = cfg.model_dump(mode="json")
         stored = _stored_config(store.get_meta("config"))
-        if stored is not None and {**stored, "rounds": 0} != {**config, "rounds": 0}:  # more rounds is a resume
+        same = {"rounds": 0, "tracking": None}  # more rounds is a resume; the tracker may change
+        if lock_error:
+            pass
+        elif stored is not None and {**stored, **same} != {**config, **same}:
             error = f"{out} holds a run with another config; use a new --out or the same config"
         else:
+            try:  # TensorBoard (default), W&B, trackio...: each round's metrics, step = round
+                tracking = Tracking(cfg, out)
+                cleanup.callback(tracking.finish)
+            except ValueError as e:
+                error = str(e)
+        if not (lock_error or error):
             store.set_meta("config", config)
             store.add_tasks(train, "train")
             store.add_tasks(heldout, "heldout")
             latest = store.latest_version()
             latest_id = None if latest is None else latest.id
-            ckpt = latest.checkpoint if latest is not None and latest.id > 0 else None
-    error, latest_id, ckpt = _share(accelerator, (error, latest_id, ckpt))
+            # stored relative to the run directory (older runs: absolute), resolved against it here
+            ckpt = str(out / latest.checkpoint) if latest is not None and latest.id > 0 else None
+    error, lock_error, latest_id, ckpt = _share(accelerator, (error, lock_error, latest_id, ckpt))
+    if lock_error:
+        raise RunInUseError(lock_error)
     if error:
         raise ValueError(error)
     console.print(f"[bold]tasks[/]: {len(train)} train, {len(heldout)} held-out from {cfg.tasks.path}")
@@ -322,6 +349,7 @@ def run(cfg: RunConfig, out_dir: str | Path, console: Console | None = None) -> 
             before = run_eval("v0")
             _save_eval(out, 0, before)
             store.publish_version(0, None, "base", None, before.metrics(), round=0)
+            tracking.log(before.metrics(), step=0)
             console.print(f"v0 held-out accuracy {before.accuracy:.3f} (lenient {before.lenient_accuracy:.3f}, n={before.n})")
         latest_id = 0
         accelerator.wait_for_everyone()
@@ -331,6 +359,8 @@ def run(cfg: RunConfig, out_dir: str | Path, console: Console | None = None) -> 
     rank, world = accelerator.process_index, accelerator.num_processes
     for round in range(latest_id + 1, cfg.rounds + 1):
         t_round = time.time()
+        if lock is not None:
+            lock.check()  # stop if another process took the run over while this one stalled
         rollout = store.rollout_for_round(round) if main else None
         if not _share(accelerator, rollout is not None):
             if main:
@@ -389,7 +419,10 @@ def run(cfg: RunConfig, out_dir: str | Path, console: Console | None = None) -> 
             save_critic(accelerator.unwrap_model(critic), ckpt_dir / "critic")
         torch.save(optimizer.state_dict(), ckpt_dir / "optimizer.pt")
         metrics["time/round_s"] = time.time() - t_round
-        store.publish_version(round, round - 1, algorithm, str(ckpt_dir), metrics, round=round)
+        # the checkpoint's path relative to the run directory: resumes, the app and `rlhf eval --run`
+        # resolve it against their own run directory (another cwd, another machine's mount)
+        store.publish_version(round, round - 1, algorithm, ckpt_dir.relative_to(out).as_posix(), metrics, round=round)
+        tracking.log(metrics, step=round)
         _prune_checkpoints(out / "checkpoints", keep=cfg.keep_checkpoints)
         acc = metrics.get("eval/accuracy")
         console.print(

@@ -17,6 +17,8 @@ Hugging Face ``generate`` of :class:`HFEngine` without touching the loop.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -106,6 +108,19 @@ def _common_prefix(prompts: list[list[int]]) -> int:
     return n
 
 
+def cache_arg(model) -> str:
+    """Name of the forward argument (and output field) holding the KV cache: ``cache`` in the
+    transformers releases that renamed it (passing ``past_key_values`` there warns on every
+    run), ``past_key_values`` in older ones. Read from the base model's ``forward`` signature."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model
+    return _cache_arg_of(type(base))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_arg_of(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
 def _prefill(model, prompts: list[list[int]], pad_id: int):
     """Run distinct prompts once: the token prefix they all share (the chat template's system turn
     and whatever else every prompt starts with) at batch 1, then each prompt's own remainder,
@@ -117,10 +132,10 @@ def _prefill(model, prompts: list[list[int]], pad_id: int):
         logits at each prompt's last token.
     """
     U, C = len(prompts), _common_prefix(prompts)
-    cache = None
+    cache, kv = None, cache_arg(model)
     if C:
-        cache = model(input_ids=torch.tensor([prompts[0][:C]]), position_ids=torch.arange(C)[None],
-                      use_cache=True, logits_to_keep=1).past_key_values
+        cache = getattr(model(input_ids=torch.tensor([prompts[0][:C]]), position_ids=torch.arange(C)[None],
+                              use_cache=True, logits_to_keep=1), kv)
         cache.batch_repeat_interleave(U)
     S = max(len(p) - C for p in prompts)
     ids = torch.full((U, S), pad_id, dtype=torch.long)
@@ -131,9 +146,9 @@ def _prefill(model, prompts: list[list[int]], pad_id: int):
         ids[u, S - len(rest) :] = torch.tensor(rest, dtype=torch.long)
         mask[u, C + S - len(rest) :] = 1
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, C:]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, **{kv: cache},
                 use_cache=True, logits_to_keep=1)
-    return out.past_key_values, mask, out.logits[:, -1, :]
+    return getattr(out, kv), mask, out.logits[:, -1, :]
 
 
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float):
@@ -292,7 +307,7 @@ def decode(model, prompts: list[list[int]], rows: list[int], eos_ids: set[int], 
                 active = [active[j] for j in keep]
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
             logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None],
-                           past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+                           **{cache_arg(model): cache}, use_cache=True, logits_to_keep=1).logits[:, -1, :]
             positions = positions + 1
     return [(tokens_out[r], logps_out[r], done[r]) for r in range(len(rows))]
 

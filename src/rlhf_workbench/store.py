@@ -14,27 +14,48 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine,
-                        event, inspect, select, text)
+from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint,
+                        create_engine, event, inspect, select, text)
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
-from .tasks import Task
+from .tasks import MAX_TASK_ID_LENGTH, Task
 
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+class FieldTooLong(ValueError):
+    """A string longer than its column's size. Raised before anything is written, the same on every
+    database: PostgreSQL refuses such values, SQLite would store them."""
+
+
 class Base(DeclarativeBase):
     """Declarative base of all workbench tables."""
+
+
+@event.listens_for(Base, "before_insert", propagate=True)
+@event.listens_for(Base, "before_update", propagate=True)
+def _check_sizes(mapper, connection, target) -> None:
+    """Refuse a string longer than its column's size, naming the table, column and limit."""
+    for prop in mapper.column_attrs:
+        col = prop.columns[0]
+        value = getattr(target, prop.key, None)
+        if not isinstance(value, str) or not isinstance(col.type, String):
+            continue
+        limit = col.type.length
+        if limit is not None and len(value) > limit:
+            raise FieldTooLong(f"{mapper.local_table.name}.{col.name}: {len(value)} characters long; at most "
+                               f"{limit} are allowed ({value[:40]!r}...)")
 
 
 class TaskRow(Base):
     """A task (question with ground truth) and its split."""
 
     __tablename__ = "tasks"
-    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    id: Mapped[str] = mapped_column(String(MAX_TASK_ID_LENGTH), primary_key=True)
     question: Mapped[str] = mapped_column(Text)
     answer: Mapped[str] = mapped_column(Text)
     answer_type: Mapped[str] = mapped_column(String(20))
@@ -62,9 +83,11 @@ class PolicyVersion(Base):
 
 
 class Rollout(Base):
-    """The traces sampled in one round by one policy version, with the sampling settings."""
+    """The traces sampled in one round by one policy version, with the sampling settings. A round
+    has at most one rollout (unique index ``uq_rollouts_round``)."""
 
     __tablename__ = "rollouts"
+    __table_args__ = (Index("uq_rollouts_round", "round", unique=True),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     round: Mapped[int] = mapped_column(Integer, index=True)
     policy_version_id: Mapped[int] = mapped_column(ForeignKey("policy_versions.id"))
@@ -243,6 +266,22 @@ def _add_missing_columns(engine: Engine) -> None:
                 conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {ddl}{clause}'))
 
 
+def _add_unique_round_index(engine: Engine) -> None:
+    """Give a database created before rounds were unique its ``uq_rollouts_round`` index
+    (``create_all`` adds no index to an existing table). A database that already holds two
+    rollouts of one round (written by two concurrent runs before the run lock) keeps working
+    without the index, with a warning."""
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("CREATE UNIQUE INDEX IF NOT EXISTS uq_rollouts_round ON rollouts (round)"))
+    except DBAPIError as e:
+        import warnings
+
+        warnings.warn(f"{engine.url.render_as_string(hide_password=True)}: rollouts holds two rollouts of one round "
+                      f"(written by two concurrent runs); rounds are not unique there ({type(e.orig).__name__})",
+                      stacklevel=3)
+
+
 class Store:
     """The run's database: open (creating tables) and write whole stages in transactions.
 
@@ -258,9 +297,11 @@ class Store:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             url = f"sqlite:///{Path(run_dir) / 'workbench.db'}"
         self.url = url
+        self.run_dir = Path(run_dir) if run_dir is not None else None
         self.engine = make_engine(url)
         Base.metadata.create_all(self.engine)
         _add_missing_columns(self.engine)
+        _add_unique_round_index(self.engine)
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
 
     def session(self) -> Session:
@@ -309,6 +350,14 @@ class Store:
         return {i: replace(r.to_task(), instruction=instruction or None).prompt() for i, r in rows.items()}
 
     # --- policy versions and metrics ---------------------------------------------------------
+    def checkpoint_dir(self, version: PolicyVersion) -> str | None:
+        """Where ``version``'s checkpoint is: stored relative to the run directory (since the run
+        directory may be given relative to another cwd, or mounted elsewhere on another machine),
+        so resolved against this store's ``run_dir``; an absolute path (older runs) as stored."""
+        if not version.checkpoint:
+            return None
+        return str(self.run_dir / version.checkpoint) if self.run_dir is not None else version.checkpoint
+
     def latest_version(self) -> PolicyVersion | None:
         """The newest published policy version, or None."""
         with self.session() as s:

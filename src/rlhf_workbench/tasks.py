@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 AnswerType = Literal["number", "choice", "yes_no_maybe", "text"]
+MAX_TASK_ID_LENGTH = 200  # characters; the size of the database's task id column (store.TaskRow.id)
 ANSWER_TYPES: tuple[str, ...] = ("number", "choice", "yes_no_maybe", "text")
 
 
@@ -502,7 +503,15 @@ def _id_field(record: dict, path: Path, loc: str) -> str:
     value = record["id"]
     if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
         raise _err(path, loc, "id", "must be a non-empty string or an integer")
-    return str(value).strip()
+    return _check_id_length(str(value).strip(), path, loc)
+
+
+def _check_id_length(task_id: str, path: Path, loc: str) -> str:
+    """``task_id``, or a :class:`TaskFormatError` when it exceeds :data:`MAX_TASK_ID_LENGTH` (the
+    database column's size: PostgreSQL refuses longer ids, SQLite would store them)."""
+    if len(task_id) > MAX_TASK_ID_LENGTH:
+        raise _err(path, loc, "id", f"{len(task_id)} characters long; at most {MAX_TASK_ID_LENGTH} are allowed")
+    return task_id
 
 
 def _raw_answer(record: dict, path: Path, loc: str) -> Any:
@@ -695,6 +704,7 @@ def _load_pubmedqa(path: Path, limit: int | None) -> list[Task]:
             if record.get(key) is not None:
                 metadata[name] = record[key]
         context = "\n".join(c.strip() for c in contexts if c.strip())
+        _check_id_length(f"pubmedqa-{pmid}", path, loc)
         tasks.append(Task(f"pubmedqa-{pmid}", question, decision.strip().lower(), "yes_no_maybe", context, None, metadata))
         if limit is not None and len(tasks) >= limit:
             break
