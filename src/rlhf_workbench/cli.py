@@ -414,20 +414,45 @@ def serve_model_cmd(
     port: int = typer.Option(8001, "--port", help="TCP port"),
     name: str = typer.Option(None, "--name", help="model id reported by the API (default: --model as given)"),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16"),
+    api_key_env: str = typer.Option(None, "--api-key-env", help="environment variable holding the API key that "
+                                    "requests must send as 'Authorization: Bearer <key>' (needed beyond loopback)"),
+    max_queue: int = typer.Option(8, "--max-queue", help="requests in the server at once (generating or waiting); "
+                                  "more get 503"),
+    max_n: int = typer.Option(4, "--max-n", help="largest n (choices) per request"),
+    max_tokens: int = typer.Option(512, "--max-tokens", help="largest max_tokens per request"),
+    max_prompt_tokens: int = typer.Option(2048, "--max-prompt-tokens", help="longest prompt, in tokens"),
 ) -> None:
-    """Serve a model behind an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models)."""
+    """Serve a model behind an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models).
+
+    Without --api-key-env the server has no authentication and listens on loopback only.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from .serve_model import load_served_model, serve
+    from .serve_model import LOOPBACK_HOSTS, ServeLimits, load_served_model, serve
 
     try:
         if dtype not in ("fp32", "bf16"):
             raise ValueError(f"--dtype must be fp32 or bf16, got {dtype!r}")
+        key = None
+        if api_key_env is not None:
+            key = os.environ.get(api_key_env)
+            if not key:
+                raise ValueError(f"--api-key-env: environment variable {api_key_env} is not set or empty")
+        elif host not in LOOPBACK_HOSTS:
+            raise ValueError(f"--host {host}: serving beyond loopback needs an API key: set one in an environment "
+                             "variable and pass its name with --api-key-env")
+        limits = ServeLimits(api_key=key, max_queue=max_queue, max_n=max_n, max_tokens=max_tokens,
+                             max_prompt_tokens=max_prompt_tokens)
         loaded, tokenizer = load_served_model(model, dtype)
     except (ValueError, OSError) as e:  # OSError covers FileNotFoundError and unknown hub ids
         console.print(f"[bold red]error[/]: {e}")
         raise typer.Exit(2)
-    console.print(f"serving {name or model} on http://{host}:{port}/v1 (chat/completions, models)")
-    serve(loaded, tokenizer, name or model, host, port)
+    if key is None:
+        console.print(f"[yellow]warning[/]: no authentication (--api-key-env not given): any process on this "
+                      f"machine can use the model; serving on loopback ({host}) only")
+    console.print(f"serving {name or model} on http://{host}:{port}/v1 (chat/completions, models; "
+                  f"n <= {max_n}, max_tokens <= {max_tokens}, prompt <= {max_prompt_tokens} tokens, "
+                  f"{max_queue} requests at once)")
+    serve(loaded, tokenizer, name or model, host, port, limits)
 
 
 @app.command("train-rm")

@@ -22,13 +22,29 @@ prompt appended, exactly as :func:`rlhf_workbench.rollout.render_prompt` renders
 the served model answers as it does in the loop. One model serves all requests: generation
 is serialised with a lock. Invalid requests get HTTP 400 with an OpenAI-style error whose
 ``message`` and ``param`` name the field at fault; an unknown ``model`` gets 404.
+
+Operating limits (:class:`ServeLimits`, ``rlhf serve-model`` options):
+
+- **Authentication**: with an API key (``--api-key-env VAR`` names the environment variable
+  holding it; the key never appears on the command line) every request needs
+  ``Authorization: Bearer <key>``, else 401. Without a key the command serves on a loopback
+  address only (``--host 0.0.0.0`` is refused) and prints a warning: any local process can
+  call it.
+- **A bounded queue**: at most ``max_queue`` requests are in the server at once (one
+  generating, the others waiting for the model); one more is refused at once with 503 and
+  ``Retry-After``, instead of waiting behind minutes of generation.
+- **Per-request limits**: ``n`` <= ``max_n``, ``max_tokens`` <= ``max_tokens``, the prompt <=
+  ``max_prompt_tokens`` tokens (messages over 16 characters per allowed token are refused
+  before tokenizing); over a limit is 400 naming the field and the limit.
 """
 
 from __future__ import annotations
 
+import hmac
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +52,33 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_MAX_TOKENS = 256
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one ``serve-model`` server accepts (see the module docstring).
+
+    Attributes:
+        api_key: the bearer token every request must carry; None serves without authentication.
+        max_queue: requests in the server at once (generating or waiting); more get 503.
+        max_n: choices per request.
+        max_tokens: ``max_tokens`` per request (also caps the default).
+        max_prompt_tokens: prompt length in tokens (after the chat template).
+    """
+
+    api_key: str | None = None
+    max_queue: int = 8
+    max_n: int = 4
+    max_tokens: int = 512
+    max_prompt_tokens: int = 2048
+
+    def __post_init__(self):
+        for name in ("max_queue", "max_n", "max_tokens", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("the API key is empty")
 
 
 class ChatMessage(BaseModel):
@@ -62,7 +105,7 @@ class ChatRequest(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1, le=128)  # the server's own cap is ServeLimits.max_n
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
@@ -168,7 +211,46 @@ class ChatModel:
         return text, len(row), "length" if len(row) >= max_new else "stop"
 
 
-def make_app(model, tokenizer, model_name: str):
+class _Admission:
+    """Counts the requests in the server; :meth:`enter` refuses one beyond ``limit`` with 503."""
+
+    def __init__(self, limit: int):
+        self.limit, self.inside, self._lock = limit, 0, threading.Lock()
+
+    def enter(self) -> None:
+        """Admit a request, or raise :class:`APIError` 503 when ``limit`` are already inside."""
+        with self._lock:
+            if self.inside >= self.limit:
+                raise APIError(503, f"server busy: {self.inside} requests are queued or generating (limit "
+                                    f"{self.limit}); retry later", None, "server_busy")
+            self.inside += 1
+
+    def leave(self) -> None:
+        """A request admitted by :meth:`enter` is done."""
+        with self._lock:
+            self.inside -= 1
+
+
+def _check_limits(req: ChatRequest, chat: ChatModel, limits: ServeLimits) -> None:
+    """400 for a request over one of ``limits`` (checked before it waits for the model)."""
+    if req.n > limits.max_n:
+        raise APIError(400, f"n: at most {limits.max_n} choices per request on this server, got {req.n}", "n")
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = getattr(req, field)
+        if value is not None and value > limits.max_tokens:
+            raise APIError(400, f"{field}: at most {limits.max_tokens} tokens per request on this server, got "
+                                f"{value}", field)
+    chars = sum(len(m.text()) for m in req.messages)
+    if chars > 16 * limits.max_prompt_tokens:
+        raise APIError(400, f"messages: the prompt is {chars} characters, over this server's limit of "
+                            f"{limits.max_prompt_tokens} tokens", "messages")
+    n_prompt = len(chat.prompt_ids([{"role": m.role, "content": m.text()} for m in req.messages]))
+    if n_prompt > limits.max_prompt_tokens:
+        raise APIError(400, f"messages: the prompt is {n_prompt} tokens, over this server's limit of "
+                            f"{limits.max_prompt_tokens}", "messages")
+
+
+def make_app(model, tokenizer, model_name: str, limits: ServeLimits | None = None):
     """The FastAPI app serving ``model`` as ``model_name`` (see the module docstring).
 
     Args:
@@ -176,6 +258,8 @@ def make_app(model, tokenizer, model_name: str):
         tokenizer: its tokenizer (with a chat template).
         model_name: id reported by ``/v1/models`` and in responses; a request naming another
             model gets 404.
+        limits: authentication, queue and per-request limits (default :class:`ServeLimits`():
+            no key, 8 requests in the server, n <= 4, max_tokens <= 512, prompt <= 2048 tokens).
 
     Raises:
         ValueError: the tokenizer has no chat template.
@@ -184,9 +268,23 @@ def make_app(model, tokenizer, model_name: str):
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
+    limits = limits or ServeLimits()
     chat = ChatModel(model, tokenizer, model_name)
     app = FastAPI(title=f"rlhf serve-model: {model_name}")
-    app.state.chat = chat
+    app.state.chat, app.state.limits = chat, limits
+    app.state.admission = admission = _Admission(limits.max_queue)
+    expected = f"Bearer {limits.api_key}".encode() if limits.api_key else None
+
+    @app.middleware("http")
+    async def _authenticate(request: Request, call_next):
+        if expected is not None:
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):  # constant time
+                body = _error_body(f"{'invalid' if given else 'missing'} API key: send the header "
+                                   "'Authorization: Bearer <key>'", None)
+                body["error"]["code"] = "invalid_api_key"
+                return JSONResponse(status_code=401, content=body, headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -200,7 +298,9 @@ def make_app(model, tokenizer, model_name: str):
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return JSONResponse(status_code=exc.status, content=_error_body(exc.message, exc.param, exc.type))
+        headers = {"Retry-After": "5"} if exc.status == 503 else None
+        return JSONResponse(status_code=exc.status, content=_error_body(exc.message, exc.param, exc.type),
+                            headers=headers)
 
     @app.get("/v1/models")
     def list_models() -> dict:
@@ -213,7 +313,14 @@ def make_app(model, tokenizer, model_name: str):
         if req.model is not None and req.model != model_name:
             raise APIError(404, f"model: {req.model!r} is not served here; available: {model_name!r}", "model",
                            "not_found_error")
-        return chat.complete(req)
+        _check_limits(req, chat, limits)
+        admission.enter()  # 503 when max_queue requests are already queued or generating
+        try:
+            if req.max_tokens is None and req.max_completion_tokens is None:
+                req = req.model_copy(update={"max_tokens": min(DEFAULT_MAX_TOKENS, limits.max_tokens)})
+            return chat.complete(req)
+        finally:
+            admission.leave()
 
     return app
 
@@ -310,8 +417,16 @@ class ServerThread:
         self.stop()
 
 
-def serve(model, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 8001) -> None:
-    """Serve ``model`` on ``host:port`` until interrupted (blocking; ``rlhf serve-model``)."""
+def serve(model, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 8001,
+          limits: ServeLimits | None = None) -> None:
+    """Serve ``model`` on ``host:port`` until interrupted (blocking; ``rlhf serve-model``).
+
+    Raises:
+        ValueError: ``host`` is not a loopback address and ``limits`` has no API key.
+    """
     import uvicorn
 
-    uvicorn.run(make_app(model, tokenizer, model_name), host=host, port=port, log_level="info")
+    limits = limits or ServeLimits()
+    if limits.api_key is None and host not in LOOPBACK_HOSTS:
+        raise ValueError(f"--host {host}: serving beyond loopback needs an API key (--api-key-env VAR)")
+    uvicorn.run(make_app(model, tokenizer, model_name, limits), host=host, port=port, log_level="info")
