@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import select, update
 
 from rlhf_workbench.agreement import agreement_summary, rankings_per_hour
-from rlhf_workbench.annotation import create_user, save_annotation
+from rlhf_workbench.annotation import claim_item, create_user, save_annotation
 from rlhf_workbench.loop import _store_rollout
 from rlhf_workbench.rollout import Completion
 from rlhf_workbench.store import Annotation, CompletionRow, Store
@@ -32,8 +32,17 @@ def make_store(tmp_path, n_tasks: int, traces_per_task: int, users: list[str]):
     return store, rid, ids, uids
 
 
-def submit(store, uid, rid, task_id, cids, ranks):
-    save_annotation(store, uid, rid, task_id, "submitted", dict(zip(cids, ranks)))
+def submit(store, uid, rid, task_id, cids, ranks, status="submitted"):
+    claim_item(store, uid, rid, task_id, annotators_per_item=99)  # served to the annotator, as the app does
+    save_annotation(store, uid, rid, task_id, status, dict(zip(cids, ranks)))
+
+
+def insert_values(store, uid, rid, task_id, cids, values):
+    """A submitted annotation written straight to the table: for published rating data whose
+    values (1..5 on one trace) are no valid ranks (0 .. verified traces - 1) for save_annotation."""
+    with store.session() as s, s.begin():
+        s.add(Annotation(rollout_id=rid, task_id=task_id, user_id=uid, status="submitted",
+                         ranks={str(c): v for c, v in zip(cids, values)}, rationale="", flagged=[], revision=0))
 
 
 def test_identical_rankings_agree_fully(tmp_path):
@@ -87,7 +96,7 @@ def test_alpha_matches_krippendorff_2011_example(tmp_path):
     for user, values in data.items():
         for unit, v in enumerate(values):
             if v is not None:
-                submit(store, uids[user], rid, f"t{unit:02d}", ids[f"t{unit:02d}"], [v])
+                insert_values(store, uids[user], rid, f"t{unit:02d}", ids[f"t{unit:02d}"], [v])
     s = agreement_summary(store)
     assert s["krippendorff_alpha"] == pytest.approx(0.815, abs=5e-4)
     assert s["n_items"] == 11  # unit 12 has a single observer
@@ -97,7 +106,7 @@ def test_alpha_matches_krippendorff_2011_example(tmp_path):
 def test_no_multi_annotated_items(tmp_path):
     store, rid, ids, uids = make_store(tmp_path, 2, 2, ["ann", "bob"])
     submit(store, uids["ann"], rid, "t00", ids["t00"], [0, 1])
-    save_annotation(store, uids["bob"], rid, "t00", "draft", {ids["t00"][0]: 1})  # drafts do not count
+    submit(store, uids["bob"], rid, "t00", ids["t00"][:1], [1], "draft")  # drafts do not count
     submit(store, uids["bob"], rid, "t01", ids["t01"], [1, 0])
     assert agreement_summary(store) == {"kendall_tau": None, "krippendorff_alpha": None, "n_items": 0,
                                         "n_annotations": 0, "n_tau_pairs": 0}
@@ -108,7 +117,7 @@ def test_rankings_per_hour(tmp_path):
     for t in ("t00", "t01", "t02"):
         submit(store, uids["ann"], rid, t, ids[t], [0, 1])
     submit(store, uids["bob"], rid, "t00", ids["t00"], [1, 0])
-    save_annotation(store, uids["cy"], rid, "t00", "draft", {})  # no submission: not listed
+    submit(store, uids["cy"], rid, "t00", [], [], "draft")  # no submission: not listed
     t0 = datetime(2025, 1, 1, 12, 0, 0)
     with store.session() as s, s.begin():
         for i, a in enumerate(s.scalars(select(Annotation).where(Annotation.user_id == uids["ann"])

@@ -3,8 +3,8 @@
 import pytest
 from sqlalchemy import select
 
-from rlhf_workbench.annotation import (AnnotationError, authenticate, check_password, create_user, hash_password,
-                                       human_scores, next_item, save_annotation)
+from rlhf_workbench.annotation import (AnnotationError, authenticate, check_password, claim_item, create_user,
+                                       hash_password, human_scores, next_item, save_annotation)
 from rlhf_workbench.config import ModelConfig
 from rlhf_workbench.models import load_policy
 from rlhf_workbench.store import Annotation, Store
@@ -54,8 +54,10 @@ def test_items_are_blind_and_need_two_verified_traces(seeded):
     second = "q2" if first == "q1" else "q1"
     save_annotation(store, alice, rid, first, "submitted", {t.completion_id: i for i, t in enumerate(item.verified)})
     assert next_item(store, bob).task.id == second  # one annotator per item: bob gets the other one
-    with pytest.raises(AnnotationError, match="enough"):  # shown the same item at once, bob is too late
+    with pytest.raises(AnnotationError, match="not served to you"):  # only what was served can be saved
         save_annotation(store, bob, rid, first, "skipped", annotators_per_item=1)
+    with pytest.raises(AnnotationError, match="enough"):  # and alice's item is not to be had
+        claim_item(store, bob, rid, first, annotators_per_item=1)
     save_annotation(store, bob, rid, second, "submitted",
                     {t.completion_id: 0 for t in next_item(store, bob).verified})
     assert next_item(store, alice) is None  # q3 has one verified trace only
@@ -100,3 +102,36 @@ def test_bad_submissions_change_nothing(seeded):
 
     scores, flagged, n = human_scores(store, store.rollout_for_round(1))
     assert n == 1 and flagged == {ids[1]} and scores[q] == {ids[0]: 0.0, ids[1]: 0.0} and scores[other] == {}
+
+
+def test_values_the_ui_blocks_are_refused_here_too(seeded):
+    """Issue 13, item 6: the API path reaches save_annotation with whatever a client sends. A rank
+    of 10**12 used to be stored (and dominated the mean rank), a flagged id 22.7 was truncated to
+    a real trace id, and a 5 MB rationale was cut to 2,000 characters without a word."""
+    store, rid, alice, _ = seeded
+    item = next_item(store, alice)
+    q, ids = item.task.id, [t.completion_id for t in item.verified]
+    rejected = item.rejected[0].completion_id
+    cases = [
+        (dict(ranks={ids[0]: 0, ids[1]: 10**12}), r"ranks must be integers from 0 to 1 .*10{12}"),
+        (dict(ranks={ids[0]: 0, ids[1]: 2}), r"from 0 to 1"),  # two verified traces: ranks 0 and 1 only
+        (dict(ranks={ids[0]: 0, ids[1]: 1.0}), r"ranks must be integers"),
+        (dict(ranks={ids[0]: 0, ids[1]: True}), r"ranks must be integers"),
+        (dict(ranks={ids[0]: 0, str(ids[1]) + ".0": 1}), r"completion ids \(integers\)"),
+        (dict(ranks={ids[0]: 0, ids[1]: 1}, flagged=[rejected + 0.7]), r"flagged traces must be completion ids"),
+        (dict(ranks={ids[0]: 0, ids[1]: 1}, verifier_wrong=[ids[0] + 0.7]), r"marked wrong must be completion ids"),
+        (dict(ranks={ids[0]: 0, ids[1]: 1}, flagged=[True]), r"flagged traces must be completion ids"),
+        (dict(ranks={ids[0]: 0, ids[1]: 1}, rationale="x" * 5_000_000),
+         r"the rationale has 5000000 characters; the limit is 2000"),
+        (dict(ranks={ids[0]: 0, ids[1]: 1}, rationale=["not", "text"]), r"rationale must be text"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(AnnotationError, match=message):
+            save_annotation(store, alice, rid, q, "submitted", **kwargs)
+    assert _count(store) == []
+    # What the UI sends still goes through: the limit itself, ids as JSON object keys (strings).
+    save_annotation(store, alice, rid, q, "submitted", {str(ids[0]): 1, str(ids[1]): 0}, "y" * 2000,
+                    [str(rejected)])
+    with store.session() as s:
+        a = s.scalars(select(Annotation)).one()
+    assert a.ranks == {str(ids[0]): 1, str(ids[1]): 0} and len(a.rationale) == 2000 and a.flagged == [rejected]

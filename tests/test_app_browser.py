@@ -2,10 +2,11 @@
 
 A run with a tiny policy and a hand-written first rollout (real token ids, real per-token
 log-probs of the tiny policy, verified by the verifier) is served on a loopback port. An
-annotator logs in, ranks three items with the keyboard (digits + Enter), marks one verified
+expert (role admin: annotates, and sees the dashboard and the playground) logs in, ranks three items with the keyboard (digits + Enter), marks one verified
 trace "verified answer is actually wrong" and skips one item (S); the database must hold
 exactly those rankings, the mark and the skip. The worker (the loop with
-``feedback.source: human``) then trains on them and publishes v1, which samples round 2: the
+``feedback.source: human``) then trains on them (marking each submission consumed) and publishes
+v1, which samples round 2: the
 dashboard shows v1 and the verifier's audited precision, the marked trace was never chosen,
 and the next item on the Annotate page comes from policy v1. The HTTP API ``/submit`` refuses
 a "wrong" mark on a trace of another item and still takes the older six-argument call. Screenshots of
@@ -151,7 +152,7 @@ def test_annotate_train_publish_in_browser(browser, tiny_model_dir, tmp_path, mo
     cfg = make_cfg(tiny_model_dir, tasks_path, rounds=2)
     rollout_id = seed_first_rollout(cfg, out)
     store = Store(cfg.db_url, out)
-    user_id = create_user(store, USER, PASSWORD)
+    user_id = create_user(store, USER, PASSWORD, role="admin")  # annotates, and sees the dashboard and playground
 
     port = _free_port()
     demo = launch(cfg, out, "127.0.0.1", port, block=False)
@@ -261,14 +262,19 @@ def test_annotate_train_publish_in_browser(browser, tiny_model_dir, tmp_path, mo
         assert rows[2].task_id == marked_wrong[0] and rows[2].flagged == []
         assert rows[3].ranks == {} and next_item(store, user_id, 1, 0) is None
 
-        # The worker trains on them, publishes v1, samples round 2 with v1 and waits for rankings.
+        # The worker trains on them, publishes v1, samples round 2 with v1 and is stopped while it
+        # waits there. (Round 2's traces from the tiny policy are all wrong: nothing in it can be
+        # ranked, so the real worker would not wait; this keeps round 2 open for the checks below.)
         real_wait = loop_mod.wait_for_human_rankings
 
         def wait_once(store_, rollout, cfg_, console=None, timeout=None):
-            return real_wait(store_, rollout, cfg_, console, timeout=0.0 if rollout.round == 2 else 30.0)
+            if rollout.round == 2:
+                store_.set_meta("status", {"state": "waiting", "have": 0, "need": 3, "round": 2})
+                raise TimeoutError("stopped while waiting for round 2")
+            return real_wait(store_, rollout, cfg_, console, timeout=30.0)
 
         monkeypatch.setattr(loop_mod, "wait_for_human_rankings", wait_once)
-        with pytest.raises(TimeoutError, match="only 0 of 3"):
+        with pytest.raises(TimeoutError, match="stopped while waiting for round 2"):
             loop_mod.run(cfg, out)
         assert [v.id for v in store.versions()] == [0, 1]
         assert [r.source for r in store.rankings_for_rollout(rollout_id)] == ["human"] * 4
@@ -279,6 +285,9 @@ def test_annotate_train_publish_in_browser(browser, tiny_model_dir, tmp_path, mo
         ranking = next(r for r in store.rankings_for_rollout(rollout_id) if r.task_id == marked_wrong[0])
         assert ranking.ranks[str(marked_wrong[1])] is None and ranking.rewards[str(marked_wrong[1])] == 0.0
         assert chosen and marked_wrong[1] not in chosen
+        with store.session() as s:  # the worker marked every submission it trained on
+            assert sorted(a.consumed_round for a in s.scalars(select(Annotation).where(
+                Annotation.rollout_id == rollout_id, Annotation.status == "submitted"))) == [1, 1, 1]
 
         page.get_by_role("tab", name="Dashboard").click()
         page.locator("#refresh-btn").click()

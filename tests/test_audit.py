@@ -4,8 +4,8 @@ reward 0, and counts as a false accept in the verifier's audited precision."""
 import pytest
 from sqlalchemy import null, select, update
 
-from rlhf_workbench.annotation import (AnnotationError, create_user, human_scores, next_item, save_annotation,
-                                       verifier_audit)
+from rlhf_workbench.annotation import (AnnotationError, claim_item, create_user, human_scores, next_item,
+                                       save_annotation, verifier_audit)
 from rlhf_workbench.config import RunConfig
 from rlhf_workbench.dashboard import audit_md
 from rlhf_workbench.loop import _record_rankings, _store_rollout
@@ -22,7 +22,7 @@ TEXTS = {"t1": ["2 + 2 = 4\nAnswer: 4", "Answer: 4", "Answer: 5"],
 
 @pytest.fixture()
 def seeded(tmp_path):
-    """One rollout: per task two verified traces and one rejected; two annotators."""
+    """One rollout: per task two verified traces and one rejected; two annotators, each served both items."""
     store = Store(run_dir=tmp_path / "run")
     store.add_tasks([T1, T2], "train")
     store.publish_version(0, None, "base", None, {}, round=0)
@@ -35,6 +35,9 @@ def seeded(tmp_path):
     verdicts = [c.verification.correct for c in store.rollout_for_round(1).completions]
     assert verdicts == [True, True, False] * 2  # the premise: two verified traces, one rejected, per task
     ann, bob = create_user(store, "ann", "password-1"), create_user(store, "bob", "password-2")
+    for user in (ann, bob):  # both items served to both annotators, as the app would
+        for task_id in ids:
+            claim_item(store, user, rid, task_id, annotators_per_item=2)
     return store, rid, ids, ann, bob
 
 

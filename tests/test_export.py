@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from rlhf_workbench.annotation import create_user, human_scores, save_annotation
+from rlhf_workbench.annotation import claim_item, create_user, human_scores, save_annotation
 from rlhf_workbench.config import RunConfig
 from rlhf_workbench.export import export_preferences, preference_rows
 from rlhf_workbench.loop import _record_rankings, _rule_scores, _store_rollout
@@ -40,6 +40,8 @@ def build_store(tmp_path, db_url=None):
     a_id, b_id, wrong = (c.id for c in store.rollout_for_round(2).completions)
     ann = create_user(store, "ann", "password-1")
     bob = create_user(store, "bob", "password-2")
+    for user in (ann, bob):
+        claim_item(store, user, rid2, "t2", annotators_per_item=2)  # served to both, as the app does
     save_annotation(store, ann, rid2, "t2", "submitted", {b_id: 0, a_id: 1}, rationale="short and right")
     save_annotation(store, bob, rid2, "t2", "submitted", {b_id: 0, a_id: 0}, rationale="both fine")
     r2 = store.rollout_for_round(2)

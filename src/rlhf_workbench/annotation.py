@@ -1,12 +1,19 @@
 """Human feedback: annotator accounts, the items they rank, and validated submissions.
 
-An *item* is one task's traces in one rollout that has not been used for training yet. The
-web app (``app.py``) shows items and saves annotations only through this module; the worker
-(the loop with ``feedback.source: human``) waits here until enough items are submitted, then
-turns them into rankings. The database is the only channel between the two, so annotators and
-the worker can be separate processes on separate machines.
+An *item* is one task's traces in one rollout. Only items of the open round (the newest
+rollout, not yet used for training) can be annotated, and only by an annotator they were served
+to: :func:`next_item` records a claim (:mod:`rlhf_workbench.assignment`), capped at
+``feedback.annotators_per_item`` in the database. The web app (``app.py``) shows items and saves
+annotations only through this module; the worker (the loop with ``feedback.source: human``)
+waits here until enough items are submitted, then reads them and records the round's rankings in
+one transaction (:func:`consume_human_rankings`) that marks every submission it used; a
+submission that arrives later is refused, never acknowledged and dropped. The database is the
+only channel between the two, so annotators and the worker can be separate processes on
+separate machines.
 
-Every write validates first and changes nothing on error (:class:`AnnotationError`).
+Every write validates first and changes nothing on error (:class:`AnnotationError`): ranks are
+integers from 0 to the number of verified traces - 1, trace ids are integers of this item, a
+rationale has at most :data:`RATIONALE_MAX_CHARS` characters.
 
 Experts also audit the verifier: a verified trace (graded correct) can be marked as actually
 wrong. The worker treats it like a flagged trace (never chosen, reward 0), and
@@ -19,22 +26,25 @@ import hashlib
 import hmac
 import os
 import random
-import threading
+import re
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from rich.console import Console
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
+from .assignment import claim_of, claimed_items, holders, is_trained, lock_round, open_rollout, take_claim
 from .config import RunConfig
 from .stats import wilson_interval
-from .store import Annotation, BinaryFeedback, CompletionRow, RankingRow, Rollout, Store, TaskRow, User, VerificationRow
+from .store import Annotation, BinaryFeedback, CompletionRow, Rollout, Store, TaskRow, User, VerificationRow
 from .tasks import Task
 
-ROLES = ("annotator", "admin")
-
-
-_WRITE_LOCK = threading.Lock()  # one check-then-write at a time per process (see save_annotation)
+ROLES = ("annotator", "admin", "playground")  # what each may do: rlhf_workbench.auth.PERMISSIONS
+RATIONALE_MAX_CHARS = 2000
+DEFAULT_CLAIM_SECONDS = 1800.0  # feedback.claim_seconds' default
 
 
 class AnnotationError(ValueError):
@@ -80,11 +90,22 @@ def create_user(store: Store, username: str, password: str, role: str = "annotat
         return user.id
 
 
+_DUMMY_HASH: list[str] = []  # a hash to check unknown usernames against (computed once)
+
+
 def authenticate(store: Store, username: str, password: str) -> User | None:
-    """The account if the password matches, else None."""
+    """The account if the password matches, else None.
+
+    An unknown username costs one scrypt check too (against a dummy hash), so that it takes as
+    long as a wrong password and the answer time does not tell which usernames exist."""
     with store.session() as s:
         user = s.scalar(select(User).where(User.username == username))
-    return user if user is not None and check_password(password, user.password_hash) else None
+    if user is None:
+        if not _DUMMY_HASH:
+            _DUMMY_HASH.append(hash_password(os.urandom(16).hex()))
+        check_password(password, _DUMMY_HASH[0])
+        return None
+    return user if check_password(password, user.password_hash) else None
 
 
 # --- items ------------------------------------------------------------------------------------
@@ -111,12 +132,6 @@ class Item:
     draft: Annotation | None = None
 
 
-def _open_rollouts(s) -> list[Rollout]:
-    """Rollouts not yet turned into rankings (so still open to annotators), newest first."""
-    ranked = select(RankingRow.rollout_id).distinct()
-    return list(s.scalars(select(Rollout).where(Rollout.id.not_in(ranked)).order_by(Rollout.id.desc())))
-
-
 def _item_traces(s, rollout_id: int, task_id: str) -> tuple[list[CompletionRow], list[CompletionRow]]:
     rows = list(s.scalars(select(CompletionRow).where(CompletionRow.rollout_id == rollout_id,
                                                       CompletionRow.task_id == task_id).order_by(CompletionRow.index)))
@@ -125,126 +140,232 @@ def _item_traces(s, rollout_id: int, task_id: str) -> tuple[list[CompletionRow],
     return verified, rejected
 
 
-def next_item(store: Store, user_id: int, annotators_per_item: int = 1, min_verified: int = 2) -> Item | None:
-    """The next item for an annotator: their own draft first, then an open item with at least
-    ``min_verified`` verified traces that fewer than ``annotators_per_item`` people have submitted
-    or skipped and that this annotator has not (fewest annotations first, ties in an order
-    shuffled per annotator); None when there is nothing to do. Newest rollout first."""
-    with store.session() as s:
-        for rollout in _open_rollouts(s):
-            mine = {a.task_id: a for a in s.scalars(select(Annotation).where(
-                Annotation.rollout_id == rollout.id, Annotation.user_id == user_id))}
-            done = dict(s.execute(select(Annotation.task_id, func.count()).where(
-                Annotation.rollout_id == rollout.id, Annotation.status.in_(("submitted", "skipped")))
-                .group_by(Annotation.task_id)).all())
-            n_verified = dict(s.execute(select(CompletionRow.task_id, func.count(VerificationRow.completion_id))
-                                        .outerjoin(VerificationRow, (VerificationRow.completion_id == CompletionRow.id)
-                                                   & VerificationRow.correct.is_(True))
-                                        .where(CompletionRow.rollout_id == rollout.id)
-                                        .group_by(CompletionRow.task_id)).all())
-            drafts = [t for t, a in mine.items() if a.status == "draft"]
-            # Fewest annotations first, then an order shuffled per annotator, so that annotators
-            # working at the same time are spread over different items.
-            open_ = [t for t, n in n_verified.items() if n >= min_verified and t not in mine
-                     and done.get(t, 0) < annotators_per_item]
-            open_.sort(key=lambda t: (done.get(t, 0), hashlib.sha256(f"{user_id}:{t}".encode()).hexdigest()))
-            candidates = drafts + open_
-            if candidates:
-                task_id = candidates[0]
-                verified, rejected = _item_traces(s, rollout.id, task_id)
-                order = list(range(len(verified)))
-                random.Random(f"{user_id}:{rollout.id}:{task_id}").shuffle(order)  # blind, stable per annotator
-                return Item(
-                    rollout_id=rollout.id, round=rollout.round, policy_version=rollout.policy_version_id,
-                    task=s.get(TaskRow, task_id).to_task(),
-                    verified=[Trace(verified[i].id, verified[i].text, verified[i].verification.reason) for i in order],
-                    rejected=[Trace(c.id, c.text, c.verification.reason) for c in rejected],
-                    draft=mine.get(task_id),
-                )
+def _verified_counts(s, rollout_id: int) -> dict[str, int]:
+    """Task id -> number of verified traces, for every task of the rollout."""
+    return dict(s.execute(select(CompletionRow.task_id, func.count(VerificationRow.completion_id))
+                          .outerjoin(VerificationRow, (VerificationRow.completion_id == CompletionRow.id)
+                                     & VerificationRow.correct.is_(True))
+                          .where(CompletionRow.rollout_id == rollout_id)
+                          .group_by(CompletionRow.task_id)).all())
+
+
+def next_item(store: Store, user_id: int, annotators_per_item: int = 1, min_verified: int = 2,
+              claim_seconds: float = DEFAULT_CLAIM_SECONDS) -> Item | None:
+    """The next item of the open round for an annotator, claimed for them; None when there is
+    nothing to do.
+
+    In order: their own drafts, items already served to them and not done, then items with at
+    least ``min_verified`` verified traces that fewer than ``annotators_per_item`` people hold and
+    that this annotator has not done (fewest holders first, ties in an order shuffled per
+    annotator, so that annotators working at the same time are spread over different items).
+    Serving claims the item for ``claim_seconds`` (:func:`rlhf_workbench.assignment.take_claim`)
+    in the same transaction as the count, serialised with every other writer of the round, so
+    annotators in any number of app processes never exceed ``annotators_per_item``; only a
+    claimed item can be saved (:func:`save_annotation`)."""
+    for attempt in range(2):
+        try:
+            return _serve(store, user_id, annotators_per_item, min_verified, claim_seconds)
+        except IntegrityError:  # a slot taken by a writer the lock did not cover; look again
+            if attempt:
+                raise
     return None
+
+
+def _serve(store: Store, user_id: int, annotators_per_item: int, min_verified: int,
+           claim_seconds: float) -> Item | None:
+    now = time.time()
+    with store.session() as s, s.begin():
+        rollout = lock_round(s)
+        if rollout is None:
+            return None
+        mine = {a.task_id: a for a in s.scalars(select(Annotation).where(
+            Annotation.rollout_id == rollout.id, Annotation.user_id == user_id))}
+        held = holders(s, rollout.id, now)
+        n_verified = _verified_counts(s, rollout.id)
+        drafts = [t for t, a in mine.items() if a.status == "draft"]
+        served = [t for t in claimed_items(s, rollout.id, user_id, now) if t not in mine]
+        open_ = [t for t, n in n_verified.items() if n >= min_verified and t not in mine and t not in served
+                 and len(held.get(t, set()) - {user_id}) < annotators_per_item]
+        open_.sort(key=lambda t: (len(held.get(t, ())), hashlib.sha256(f"{user_id}:{t}".encode()).hexdigest()))
+        for task_id in drafts + served + open_:
+            if take_claim(s, rollout.id, task_id, user_id, annotators_per_item, claim_seconds, now) is None:
+                continue  # a draft whose place went to someone else after its claim expired
+            verified, rejected = _item_traces(s, rollout.id, task_id)
+            order = list(range(len(verified)))
+            random.Random(f"{user_id}:{rollout.id}:{task_id}").shuffle(order)  # blind, stable per annotator
+            return Item(
+                rollout_id=rollout.id, round=rollout.round, policy_version=rollout.policy_version_id,
+                task=s.get(TaskRow, task_id).to_task(),
+                verified=[Trace(verified[i].id, verified[i].text, verified[i].verification.reason) for i in order],
+                rejected=[Trace(c.id, c.text, c.verification.reason) for c in rejected],
+                draft=mine.get(task_id),
+            )
+    return None
+
+
+def claim_item(store: Store, user_id: int, rollout_id: int, task_id: str, annotators_per_item: int = 1,
+               claim_seconds: float = DEFAULT_CLAIM_SECONDS) -> None:
+    """Serve one named item of the open round to an annotator (what :func:`next_item` does for the
+    item it picks): scripts and tests that know which item they want.
+
+    Raises:
+        AnnotationError: the rollout is not the open round, the task has no traces in it, or
+            ``annotators_per_item`` other annotators hold it.
+    """
+    with store.session() as s, s.begin():
+        rollout = _open_item_rollout(s, rollout_id, task_id)
+        if _item_traces(s, rollout_id, task_id) == ([], []):
+            raise AnnotationError(f"task {task_id!r} has no traces in round {rollout.round}")
+        if take_claim(s, rollout_id, task_id, user_id, annotators_per_item, claim_seconds) is None:
+            raise AnnotationError(f"this item already has {annotators_per_item} annotator(s), enough; "
+                                  "load the next one")
+
+
+def _open_item_rollout(s: Session, rollout_id: int, task_id: str) -> Rollout:
+    """Lock the rollout of an item and check that it is the open round (else AnnotationError)."""
+    rollout = lock_round(s, rollout_id)
+    if rollout is None or s.get(TaskRow, task_id) is None:
+        raise AnnotationError(f"no item for rollout {rollout_id} and task {task_id!r}")
+    if is_trained(s, rollout_id):
+        raise AnnotationError(f"round {rollout.round} was already used for training, so this was not saved; "
+                              "load the next item")
+    current = open_rollout(s)
+    if current is None or current.id != rollout_id:
+        raise AnnotationError(f"round {rollout.round} (rollout {rollout_id}) is not open for annotation"
+                              + (f"; the open round is {current.round}" if current is not None else ""))
+    return rollout
+
+
+def _trace_id(x, what: str) -> int:
+    """A completion id given as an int or a string of digits (JSON object keys); never a float."""
+    if isinstance(x, int) and not isinstance(x, bool):
+        return x
+    if isinstance(x, str) and re.fullmatch(r"-?[0-9]+", x.strip()):
+        return int(x)
+    raise AnnotationError(f"{what} must be completion ids (integers), got {x!r}")
+
+
+def _checked_input(ranks, flagged, verifier_wrong, rationale) -> tuple[dict[int, int], list[int], list[int], str]:
+    """Types and sizes of a submission's fields, before anything is read or written."""
+    if not isinstance(ranks or {}, dict):
+        raise AnnotationError("ranks must map completion ids to ranks")
+    for name, ids in (("flagged traces", flagged), ("traces marked wrong", verifier_wrong)):
+        if not isinstance(ids or [], (list, tuple, set)):
+            raise AnnotationError(f"{name} must be a list of completion ids")
+    out = {}
+    for k, v in (ranks or {}).items():
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise AnnotationError(f"ranks must be integers (0 is best, ties allowed), got {v!r} for trace {k!r}")
+        out[_trace_id(k, "ranked traces")] = v
+    flagged = sorted({_trace_id(x, "flagged traces") for x in (flagged or [])})
+    wrong = sorted({_trace_id(x, "traces marked wrong") for x in (verifier_wrong or [])})
+    if not isinstance(rationale, str):
+        raise AnnotationError(f"the rationale must be text, got {type(rationale).__name__}")
+    if len(rationale) > RATIONALE_MAX_CHARS:
+        raise AnnotationError(f"the rationale has {len(rationale)} characters; the limit is {RATIONALE_MAX_CHARS}: "
+                              "shorten it (nothing was saved)")
+    return out, flagged, wrong, rationale
 
 
 def save_annotation(store: Store, user_id: int, rollout_id: int, task_id: str, status: str,
                     ranks: dict[int, int] | None = None, rationale: str = "", flagged: list[int] | None = None,
                     revision: int | None = None, annotators_per_item: int | None = None,
-                    verifier_wrong: list[int] | None = None) -> Annotation:
-    """Save a draft, a submission or a skip of one item, after validating it.
+                    verifier_wrong: list[int] | None = None,
+                    claim_seconds: float = DEFAULT_CLAIM_SECONDS) -> Annotation:
+    """Save a draft, a submission or a skip of one item served to this annotator, after validating it.
 
     Args:
         status: ``draft``, ``submitted`` or ``skipped``.
-        ranks: completion id -> rank (0 best, ties allowed); a submission must rank every
-            verified trace of the item and nothing else.
+        ranks: completion id -> rank (0 best, ties allowed, at most the number of verified traces
+            - 1); a submission must rank every verified trace of the item and nothing else.
+        rationale: at most :data:`RATIONALE_MAX_CHARS` characters (longer is refused, not cut).
         flagged: completion ids of this item marked unsafe / clinically wrong.
         verifier_wrong: completion ids of verified traces of this item whose answer the expert
             found actually wrong (an audit of the verifier; see :func:`verifier_audit`). A
             submission must still rank them; the worker treats them like flagged traces.
         revision: the revision of the draft the page was showing (None when it showed none);
             a different stored revision means the draft is stale.
-        annotators_per_item: when given, a submission or skip is refused once the item already has
-            that many from other annotators (several annotators may have been shown the same item
-            at once). Checks and writes are serialised within the process, so concurrent
-            submissions to one app cannot overshoot; separate app processes on one database can.
+        annotators_per_item: when given, a submission or skip is refused once that many others
+            hold the item (the cap is enforced when the item is served; this re-checks it for an
+            annotator whose claim expired).
+        claim_seconds: how long a saved draft keeps the item for its annotator.
+
+    The item's round is locked for the check and the write (:func:`rlhf_workbench.assignment.lock_round`),
+    the same lock the worker takes to consume the round, so a submission is either read by the
+    worker or refused because the round was used for training; never acknowledged and dropped.
+    A submission or skip keeps the annotator's place on the item for good.
 
     Returns:
         The stored annotation.
 
     Raises:
-        AnnotationError: unknown status, item closed or unknown, ranks that miss a trace or name
-            a trace of another item, a trace marked wrong that is not a verified trace of this
-            item, non-integer or negative ranks, stale draft, or a second submission of the same
-            item by the same annotator.
+        AnnotationError: unknown status; item unknown or not in the open round; round already
+            used for training; item not served to this annotator (or their claim expired and the
+            place went to someone else); ranks that miss a trace, name a trace of another item,
+            or are not integers from 0 to the number of verified traces - 1; trace ids that are
+            not integers, or a trace marked wrong that is not a verified trace of this item;
+            rationale too long; stale draft; or a second submission of the same item by the
+            same annotator.
     """
     if status not in ("draft", "submitted", "skipped"):
         raise AnnotationError(f"status must be draft, submitted or skipped, got {status!r}")
-    ranks = {int(k): v for k, v in (ranks or {}).items()}
-    flagged = [int(x) for x in (flagged or [])]
+    ranks, flagged, verifier_wrong, rationale = _checked_input(ranks, flagged, verifier_wrong, rationale)
     try:
-        verifier_wrong = sorted({int(x) for x in (verifier_wrong or [])})
-    except (TypeError, ValueError) as e:
-        raise AnnotationError(f"traces marked wrong must be completion ids (integers): {e}") from e
-    with _WRITE_LOCK, store.session() as s, s.begin():
-        rollout = s.get(Rollout, rollout_id)
-        if rollout is None or s.get(TaskRow, task_id) is None:
-            raise AnnotationError(f"no item for rollout {rollout_id} and task {task_id!r}")
-        if s.scalar(select(func.count()).select_from(RankingRow).where(RankingRow.rollout_id == rollout_id)):
-            raise AnnotationError("this item was already used for training; load the next one")
-        verified, rejected = _item_traces(s, rollout_id, task_id)
-        verified_ids = {c.id for c in verified}
-        all_ids = verified_ids | {c.id for c in rejected}
-        foreign = sorted((set(ranks) - verified_ids) | (set(flagged) - all_ids))
-        if foreign:
-            raise AnnotationError(f"trace ids {foreign} are not verified traces of this item")
-        not_verified = sorted(set(verifier_wrong) - verified_ids)
-        if not_verified:
-            raise AnnotationError(f"trace ids {not_verified} cannot be marked 'verified answer is actually wrong': "
-                                  "only verified traces of this item can (the verifier already rejected or "
-                                  "never saw the others)")
-        if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in ranks.values()):
-            raise AnnotationError("ranks must be integers >= 0 (0 is best, ties allowed)")
-        if status == "submitted" and set(ranks) != verified_ids:
-            missing = sorted(verified_ids - set(ranks))
-            raise AnnotationError(f"rank every trace: traces {missing} have no rank")
-        if annotators_per_item is not None and status != "draft":
-            others = s.scalar(select(func.count()).select_from(Annotation).where(
-                Annotation.rollout_id == rollout_id, Annotation.task_id == task_id, Annotation.user_id != user_id,
-                Annotation.status.in_(("submitted", "skipped"))))
-            if others >= annotators_per_item:
-                raise AnnotationError(f"this item already has {others} annotation(s), enough; load the next one")
-        existing = s.scalar(select(Annotation).where(Annotation.rollout_id == rollout_id, Annotation.task_id == task_id,
-                                                    Annotation.user_id == user_id))
-        if existing is not None and existing.status != "draft":
-            raise AnnotationError(f"you already {existing.status} this item")
-        if existing is not None and revision != existing.revision:
-            raise AnnotationError("stale draft: this item was saved elsewhere since you opened it; reload it")
-        if existing is None:
-            existing = Annotation(rollout_id=rollout_id, task_id=task_id, user_id=user_id, revision=0)
-            s.add(existing)
-        else:
-            existing.revision += 1
-        existing.status, existing.ranks, existing.rationale, existing.flagged, existing.verifier_wrong = (
-            status, {str(k): v for k, v in ranks.items()}, rationale[:2000], flagged, verifier_wrong)
-        s.flush()
-        return existing
+        with store.session() as s, s.begin():
+            return _save(s, user_id, rollout_id, task_id, status, ranks, rationale, flagged, revision,
+                         annotators_per_item, verifier_wrong, claim_seconds)
+    except IntegrityError as e:  # the database refused a duplicate row another writer just made
+        raise AnnotationError("this item was saved concurrently elsewhere; reload it") from e
+
+
+def _save(s: Session, user_id: int, rollout_id: int, task_id: str, status: str, ranks: dict[int, int],
+          rationale: str, flagged: list[int], revision: int | None, annotators_per_item: int | None,
+          verifier_wrong: list[int], claim_seconds: float) -> Annotation:
+    now = time.time()
+    rollout = _open_item_rollout(s, rollout_id, task_id)
+    claim = claim_of(s, rollout_id, task_id, user_id)
+    if claim is None:
+        raise AnnotationError(f"task {task_id!r} of round {rollout.round} was not served to you (or you held it "
+                              "too long and it went to another annotator): load the next item")
+    verified, rejected = _item_traces(s, rollout_id, task_id)
+    verified_ids = {c.id for c in verified}
+    all_ids = verified_ids | {c.id for c in rejected}
+    foreign = sorted((set(ranks) - verified_ids) | (set(flagged) - all_ids))
+    if foreign:
+        raise AnnotationError(f"trace ids {foreign} are not verified traces of this item")
+    not_verified = sorted(set(verifier_wrong) - verified_ids)
+    if not_verified:
+        raise AnnotationError(f"trace ids {not_verified} cannot be marked 'verified answer is actually wrong': "
+                              "only verified traces of this item can (the verifier already rejected or "
+                              "never saw the others)")
+    bad = {cid: v for cid, v in ranks.items() if not 0 <= v < len(verified)}
+    if bad:
+        raise AnnotationError(f"ranks must be integers from 0 to {len(verified) - 1} (0 is best, ties allowed; "
+                              f"this item has {len(verified)} verified traces), got {bad}")
+    if status == "submitted" and set(ranks) != verified_ids:
+        missing = sorted(verified_ids - set(ranks))
+        raise AnnotationError(f"rank every trace: traces {missing} have no rank")
+    expired = claim.expires_at is not None and claim.expires_at <= now
+    if annotators_per_item is not None and status != "draft" and expired:
+        others = len(holders(s, rollout_id, now).get(task_id, set()) - {user_id})
+        if others >= annotators_per_item:
+            raise AnnotationError(f"this item already has {others} annotation(s), enough; load the next one")
+    existing = s.scalar(select(Annotation).where(Annotation.rollout_id == rollout_id, Annotation.task_id == task_id,
+                                                Annotation.user_id == user_id))
+    if existing is not None and existing.status != "draft":
+        raise AnnotationError(f"you already {existing.status} this item")
+    if existing is not None and revision != existing.revision:
+        raise AnnotationError("stale draft: this item was saved elsewhere since you opened it; reload it")
+    if existing is None:
+        existing = Annotation(rollout_id=rollout_id, task_id=task_id, user_id=user_id, revision=0)
+        s.add(existing)
+    else:
+        existing.revision += 1
+    existing.status, existing.ranks, existing.rationale, existing.flagged, existing.verifier_wrong = (
+        status, {str(k): v for k, v in ranks.items()}, rationale, flagged, verifier_wrong)
+    claim.expires_at = None if status != "draft" else now + claim_seconds
+    s.flush()
+    return existing
 
 
 def record_binary_feedback(store: Store, user_id: int | None, policy_version: int | None, prompt: str,
@@ -261,18 +382,8 @@ def record_binary_feedback(store: Store, user_id: int | None, policy_version: in
 
 
 # --- the worker's side --------------------------------------------------------------------------
-def human_scores(store: Store, rollout: Rollout) -> tuple[dict[str, dict[int, float]], set[int], int]:
-    """Aggregate the submitted annotations of a rollout.
-
-    Returns:
-        ``(scores, flagged, n_submitted)``: per task, completion id -> minus the mean rank over
-        annotators (higher is better; tasks nobody ranked get all zeros, i.e. the verifier alone
-        decides); the union of flagged completion ids and of verified traces marked actually
-        wrong (so either is never chosen and gets reward 0); the number of submitted annotations.
-    """
-    with store.session() as s:
-        subs = list(s.scalars(select(Annotation).where(Annotation.rollout_id == rollout.id,
-                                                       Annotation.status == "submitted")))
+def _aggregate(rollout: Rollout, subs: list[Annotation]) -> tuple[dict[str, dict[int, float]], set[int]]:
+    """Scores and flagged traces from submitted annotations (see :func:`human_scores`)."""
     scores: dict[str, dict[int, float]] = {c.task_id: {} for c in rollout.completions}
     sums: dict[str, dict[int, list[int]]] = {}
     flagged: set[int] = set()
@@ -283,7 +394,59 @@ def human_scores(store: Store, rollout: Rollout) -> tuple[dict[str, dict[int, fl
             sums.setdefault(a.task_id, {}).setdefault(int(cid), []).append(rank)
     for task_id, per in sums.items():
         scores[task_id] = {cid: -sum(r) / len(r) for cid, r in per.items()}
-    return scores, flagged, len(subs)
+    return scores, flagged
+
+
+def _submitted(s: Session, rollout_id: int) -> list[Annotation]:
+    return list(s.scalars(select(Annotation).where(Annotation.rollout_id == rollout_id,
+                                                   Annotation.status == "submitted").order_by(Annotation.id)))
+
+
+def human_scores(store: Store, rollout: Rollout) -> tuple[dict[str, dict[int, float]], set[int], int]:
+    """Aggregate the submitted annotations of a rollout (a read; the worker consumes them with
+    :func:`consume_human_rankings`).
+
+    Returns:
+        ``(scores, flagged, n_rankings)``: per task, completion id -> minus the mean rank over
+        annotators (higher is better; tasks nobody ranked get all zeros, i.e. the verifier alone
+        decides); the union of flagged completion ids and of verified traces marked actually
+        wrong (so either is never chosen and gets reward 0); the number of submissions that rank
+        something (a submission of an item without verified traces ranks nothing and does not
+        count toward ``feedback.min_rankings``).
+    """
+    with store.session() as s:
+        subs = _submitted(s, rollout.id)
+    scores, flagged = _aggregate(rollout, subs)
+    return scores, flagged, sum(bool(a.ranks) for a in subs)
+
+
+def consume_human_rankings(store: Store, rollout: Rollout,
+                           record: Callable[[Session, dict[str, dict[int, float]], set[int]], None]) -> int | None:
+    """The worker's read-score-and-record, as one transaction.
+
+    Locks the rollout (:func:`rlhf_workbench.assignment.lock_round`, the lock every submission
+    takes), reads its submitted annotations, aggregates them as :func:`human_scores` does, calls
+    ``record(session, scores, flagged)`` to write the round's rankings in the same session, and
+    marks every submission it read with ``consumed_round``. A submission racing with this either
+    committed first (and is read here) or waits for the lock and then finds the round used for
+    training (refused with that message): none is acknowledged and left out.
+
+    Returns:
+        The number of submissions consumed; None (and ``record`` is not called) when the rollout's
+        rankings were already recorded.
+    """
+    with store.session() as s, s.begin():
+        if lock_round(s, rollout.id) is None:
+            raise ValueError(f"rollout {rollout.id} is not stored")
+        if is_trained(s, rollout.id):
+            return None
+        subs = _submitted(s, rollout.id)
+        scores, flagged = _aggregate(rollout, subs)
+        record(s, scores, flagged)
+        if subs:
+            s.execute(update(Annotation).where(Annotation.id.in_([a.id for a in subs]))
+                      .values(consumed_round=rollout.round))
+        return len(subs)
 
 
 def verifier_audit(store: Store, z: float = 1.96) -> dict:
@@ -334,8 +497,10 @@ def open_item_count(store: Store, rollout: Rollout, min_verified: int = 2) -> in
 
 def wait_for_human_rankings(store: Store, rollout: Rollout, cfg: RunConfig, console: Console | None = None,
                             timeout: float | None = None):
-    """Block until ``cfg.feedback.min_rankings`` items of ``rollout`` are submitted (or every open
-    item is), publishing the waiting status in ``run_meta["status"]`` for the dashboard.
+    """Block until ``cfg.feedback.min_rankings`` items of ``rollout`` are submitted (or every item
+    that can be ranked is: at least ``min_verified`` and at least one verified trace), publishing
+    the waiting status in ``run_meta["status"]`` for the dashboard. Only submissions that rank
+    something count. Then consume them with :func:`consume_human_rankings`.
 
     Returns:
         ``(scores, flagged)`` as :func:`human_scores`.
@@ -344,7 +509,7 @@ def wait_for_human_rankings(store: Store, rollout: Rollout, cfg: RunConfig, cons
         TimeoutError: ``timeout`` seconds passed first.
     """
     start = time.time()
-    need = min(cfg.feedback.min_rankings, open_item_count(store, rollout, cfg.feedback.min_verified))
+    need = min(cfg.feedback.min_rankings, open_item_count(store, rollout, max(1, cfg.feedback.min_verified)))
     while True:
         scores, flagged, have = human_scores(store, rollout)
         store.set_meta("status", {"state": "waiting", "have": have, "need": need, "round": rollout.round})

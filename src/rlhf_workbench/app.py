@@ -15,13 +15,21 @@ Three tabs behind a login (accounts from :mod:`rlhf_workbench.annotation`):
 - **Playground**: one question answered greedily by the current policy and by the reference
   (base) model side by side, with thumbs up/down stored as binary feedback.
 
+Each user sees the tabs their role allows, and every handler checks the role again on the
+server (:mod:`rlhf_workbench.auth`: annotators annotate, admins also see the dashboard, the
+playground needs the ``playground`` or ``admin`` role), so a handler called directly through the
+queue API refuses what the page would not show. Logins are throttled and sessions expire
+(``app:`` in the run config).
+
 The database is the only channel to the worker (the loop with ``feedback.source: human``).
 API endpoints for scripted clients (``gradio_client``, logged in with ``auth=(user, password)``):
 ``/next_item`` (no arguments; the item as a JSON string, ``null`` when there is nothing to do)
 and ``/submit`` (rollout_id, task_id, ranks_json, rationale, flagged_json, revision, wrong_json:
 the verified traces whose answer is actually wrong; returns ``"ok: ..."`` or
 ``"error: <reason>"``). ``gradio_client`` fills in wrong_json's default ``"[]"`` when it is left
-out; Gradio's plain HTTP API (``POST /gradio_api/call/submit``) needs all seven values.
+out; Gradio's plain HTTP API (``POST /gradio_api/call/submit``) needs all seven values. Only the
+item ``/next_item`` served to the caller can be submitted (it is held for them for
+``feedback.claim_seconds``), and only while its round is open.
 """
 
 from __future__ import annotations
@@ -34,13 +42,14 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
-from sqlalchemy import select  # noqa: E402
 
-from .annotation import (AnnotationError, Item, authenticate, next_item, record_binary_feedback,  # noqa: E402
-                         save_annotation)
+from .annotation import (RATIONALE_MAX_CHARS, AnnotationError, Item, next_item,  # noqa: E402
+                         record_binary_feedback, save_annotation)
+from .auth import (CLIENT_ADDRESS, LoginPolicy, LoginThrottled, SessionMiddleware, allowed, login,  # noqa: E402
+                   require, role_of)
 from .config import RunConfig  # noqa: E402
 from .dashboard import dashboard_tab  # noqa: E402
-from .store import Store, User  # noqa: E402
+from .store import Store  # noqa: E402
 
 LATEX = [
     {"left": "$$", "right": "$$", "display": True},
@@ -48,7 +57,6 @@ LATEX = [
     {"left": "\\(", "right": "\\)", "display": False},
     {"left": "\\[", "right": "\\]", "display": True},
 ]
-NO_SESSION = "Your session has expired or you are not logged in: reload the page and log in again."
 
 # Keyboard-first annotation. Active only while the Annotate tab is shown; never while typing in
 # a text box (the rationale); inside a rank box the keys type normally and Enter submits.
@@ -102,16 +110,10 @@ def _username(request: gr.Request | None) -> str | None:
     return getattr(request, "username", None) if request is not None else None
 
 
-def _user_id(store: Store, request: gr.Request | None) -> int:
-    """The logged-in user's id; AnnotationError with a clear message when there is no session."""
-    name = _username(request)
-    if not name:
-        raise AnnotationError(NO_SESSION)
-    with store.session() as s:
-        uid = s.scalar(select(User.id).where(User.username == name))
-    if uid is None:
-        raise AnnotationError(f"{NO_SESSION} (account {name!r} not found)")
-    return uid
+def _user_id(store: Store, request: gr.Request | None, action: str = "annotate") -> int:
+    """The logged-in user's id if their role allows ``action``; AnnotationError (NotAllowed for
+    the role) with a clear message otherwise (:func:`rlhf_workbench.auth.require`)."""
+    return require(store, _username(request), action)
 
 
 def _question_md(item: Item) -> str:
@@ -239,7 +241,7 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
             uid = _user_id(store, request)
         except AnnotationError as e:
             return render(None, f"**{e}**")
-        return render(next_item(store, uid, fb.annotators_per_item, fb.min_verified), status)
+        return render(next_item(store, uid, fb.annotators_per_item, fb.min_verified, fb.claim_seconds), status)
 
     def collect(state: dict, values: list, require_all: bool) -> tuple[dict[int, int], list[int], list[int]]:
         ids = state["completion_ids"]
@@ -261,16 +263,15 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
         return ranks, flagged, wrong
 
     def act(request: gr.Request, status_name: str, state: dict | None, rationale: str, values: list):
-        if state is None:
-            gr.Warning("No item is loaded.")
-            return [gr.skip()] * (len(page_outputs) - 1) + [gr.update(value="**No item is loaded.**")]
         try:
             uid = _user_id(store, request)
+            if state is None:
+                raise AnnotationError("No item is loaded.")
             ranks, flagged, wrong = ({}, [], []) if status_name == "skipped" else collect(
                 state, values, status_name == "submitted")
             revision = None if state["revision"] < 0 else state["revision"]
             save_annotation(store, uid, state["rollout_id"], state["task_id"], status_name, ranks,
-                            rationale or "", flagged, revision, cfg.feedback.annotators_per_item, wrong)
+                            rationale or "", flagged, revision, fb.annotators_per_item, wrong, fb.claim_seconds)
         except AnnotationError as e:
             gr.Warning(str(e))
             return [gr.skip()] * (len(page_outputs) - 1) + [gr.update(value=f"**Not saved:** {e}")]
@@ -288,7 +289,7 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
         return act(request, "skipped", state, rationale, list(values))
 
     def poll(request: gr.Request, state):
-        if state is not None:
+        if state is not None or not allowed(role_of(store, _username(request)), "annotate"):
             return [gr.skip()] * len(page_outputs)
         return load_next(request, "")
 
@@ -302,7 +303,7 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
             uid = _user_id(store, request)
         except AnnotationError as e:
             return json.dumps({"error": str(e)})
-        item = next_item(store, uid, fb.annotators_per_item, fb.min_verified)
+        item = next_item(store, uid, fb.annotators_per_item, fb.min_verified, fb.claim_seconds)
         if item is None:
             return "null"
         return json.dumps({**item_state(item), "texts": [t.text for t in item.verified],
@@ -326,15 +327,20 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
                 raise AnnotationError("ranks_json must be a JSON object, flagged_json and wrong_json JSON lists")
             rev = None if revision is None or int(revision) < 0 else int(revision)
             a = save_annotation(store, uid, int(rollout_id), str(task_id), "submitted", ranks, rationale or "",
-                                flagged, rev, cfg.feedback.annotators_per_item, wrong)
+                                flagged, rev, fb.annotators_per_item, wrong, fb.claim_seconds)
         except (AnnotationError, ValueError, TypeError) as e:
             return f"error: {e}"
         return f"ok: submitted rollout {a.rollout_id} task {a.task_id}"
 
     # --- playground ------------------------------------------------------------------------------------
-    def ask(question: str, instruction: str):
+    def ask(question: str, instruction: str, request: gr.Request):
         from .tasks import Task
 
+        try:
+            _user_id(store, request, "playground")
+        except AnnotationError as e:
+            gr.Warning(str(e))
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), None, f"**{e}**"
         if not question or not question.strip():
             gr.Warning("Type a question first.")
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), None, "Type a question first."
@@ -347,14 +353,14 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
 
     def rate(which: str, label: bool):
         def fn(state: dict | None, request: gr.Request):
-            if not state:
-                gr.Warning("Ask a question first.")
-                return "Ask a question first."
             try:
-                uid = _user_id(store, request)
+                uid = _user_id(store, request, "playground")
             except AnnotationError as e:
                 gr.Warning(str(e))
                 return f"**{e}**"
+            if not state or not isinstance(state, dict) or which not in state or "prompt" not in state:
+                gr.Warning("Ask a question first.")
+                return "Ask a question first."
             version = state["version"] if which == "policy" else 0
             record_binary_feedback(store, uid, version, state["prompt"], state[which], label)
             return f"Recorded thumbs {'up' if label else 'down'} for the {which} answer (v{version})."
@@ -363,8 +369,8 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
     # --- layout -------------------------------------------------------------------------------------------
     with gr.Blocks(title="RLHF workbench", analytics_enabled=False) as demo:
         gr.Markdown("## Online RLHF workbench")
-        with gr.Tabs():
-            with gr.Tab("Annotate", id="annotate", elem_id="tab-annotate"):
+        with gr.Tabs() as tabs:
+            with gr.Tab("Annotate", id="annotate", elem_id="tab-annotate") as annotate_tab:
                 header = gr.Markdown(elem_id="item-header")
                 question = gr.Markdown(elem_id="item-question", latex_delimiters=LATEX)
                 state = gr.State(None)
@@ -387,7 +393,8 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
                     wrong_boxes.append(wrong)
                 with gr.Accordion("Rejected traces", open=False, elem_id="rejected") as rejected_acc:
                     rejected_md = gr.Markdown(latex_delimiters=LATEX, line_breaks=True)
-                rationale = gr.Textbox(label="Rationale (optional)", lines=2, elem_id="rationale")
+                rationale = gr.Textbox(label=f"Rationale (optional, at most {RATIONALE_MAX_CHARS} characters)", lines=2,
+                                       max_length=RATIONALE_MAX_CHARS, elem_id="rationale")
                 with gr.Row():
                     submit_btn = gr.Button("Submit (Enter)", variant="primary", elem_id="submit-btn")
                     draft_btn = gr.Button("Save draft", elem_id="draft-btn")
@@ -405,9 +412,9 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
                                   show_progress="hidden")
 
             with gr.Tab("Dashboard", id="dashboard", elem_id="tab-dashboard") as dash_tab:
-                dashboard_tab(demo, store, dash_tab)
+                dashboard_tab(demo, store, dash_tab, lambda request: _user_id(store, request, "dashboard"))
 
-            with gr.Tab("Playground", id="playground", elem_id="tab-playground"):
+            with gr.Tab("Playground", id="playground", elem_id="tab-playground") as pg_tab:
                 pg_question = gr.Textbox(label="Question", lines=3, elem_id="pg-question")
                 pg_instruction = gr.Textbox(label="Answer instruction appended to the question (as in training)",
                                             value=cfg.tasks.instruction or "", elem_id="pg-instruction")
@@ -435,6 +442,18 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
                     btn.click(rate(which, label), [pg_state], [pg_status], api_visibility="private",
                               concurrency_limit=None)
 
+        def tabs_for_role(request: gr.Request):
+            """Only the tabs the user's role allows; the first of them selected."""
+            role = role_of(store, _username(request))
+            shown = {name: allowed(role, action) for name, action in
+                     (("annotate", "annotate"), ("dashboard", "dashboard"), ("playground", "playground"))}
+            first = next((name for name, ok in shown.items() if ok), "annotate")
+            # "hidden" hides the tab's button too (Gradio 6; False leaves the button).
+            return (gr.Tabs(selected=first), *(gr.Tab(visible=True if shown[name] else "hidden")
+                                               for name in ("annotate", "dashboard", "playground")))
+
+        demo.load(tabs_for_role, None, [tabs, annotate_tab, dash_tab, pg_tab], api_visibility="private",
+                  concurrency_limit=None)
         gr.api(api_next_item, api_name="next_item", concurrency_limit=None)
         gr.api(api_submit, api_name="submit", concurrency_limit=None)
     demo.queue(default_concurrency_limit=8)
@@ -446,20 +465,34 @@ def launch(cfg: RunConfig, out_dir: Path, host: str = "127.0.0.1", port: int = 7
            demo: gr.Blocks | None = None) -> gr.Blocks:
     """Build (unless given) and serve the app with a login backed by the accounts table.
 
+    Logins are throttled per username and per client address, and sessions expire after
+    ``cfg.app.session_max_age_s`` (:mod:`rlhf_workbench.auth`); a throttled login is answered
+    HTTP 429 with the reason.
+
     Args:
         block: serve until interrupted; False returns at once with the server running in a thread
             (stop it with ``demo.close()``).
     """
+    from fastapi import HTTPException
+    from starlette.middleware import Middleware
+
     for key in ("NO_PROXY", "no_proxy"):  # gradio calls its own URL at start-up
         have = [x for x in os.environ.get(key, "").split(",") if x]
         os.environ[key] = ",".join(dict.fromkeys([*have, "127.0.0.1", "localhost"]))
     demo = demo or build_app(cfg, out_dir)
     store = demo.workbench_store
+    policy = LoginPolicy.from_config(cfg.app)
 
     def check(username: str, password: str) -> bool:
-        return authenticate(store, username, password) is not None
+        try:
+            return login(store, username, password, CLIENT_ADDRESS.get(), policy) is not None
+        except LoginThrottled as e:
+            raise HTTPException(status_code=429, detail=str(e), headers={"Retry-After": str(int(e.retry_after) + 1)})
 
     demo.launch(server_name=host, server_port=port, auth=check, ssr_mode=False, prevent_thread_lock=not block,
-                auth_message="Online RLHF workbench: log in with your annotator account.", head=KEYBOARD_JS,
-                css=CSS, quiet=True, show_error=True)
+                auth_message=(f"Online RLHF workbench: log in with your account. After {policy.max_failures} failed "
+                              f"logins within {policy.window_s / 60:g} min, logins are refused for "
+                              f"{policy.lockout_s / 60:g} min."), head=KEYBOARD_JS,
+                css=CSS, quiet=True, show_error=True,
+                app_kwargs={"middleware": [Middleware(SessionMiddleware, max_age=cfg.app.session_max_age_s)]})
     return demo

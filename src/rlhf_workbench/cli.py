@@ -80,7 +80,7 @@ def _run_store(config: Path, out: Path | None, set_: list[str]):
 @user_app.command("add")
 def user_add(
     username: str = typer.Argument(..., help="login name"),
-    role: str = typer.Option("annotator", "--role", help="annotator or admin"),
+    role: str = typer.Option("annotator", "--role", help="annotator, playground or admin (see rlhf_workbench.auth)"),
     config: Path = typer.Option(..., "--config", "-c", help="YAML run config (locates the run's database)"),
     out: Path = typer.Option(None, "--out", "-o", help="run directory (default runs/<config name>)"),
     password: str = typer.Option(None, "--password", help="password (prompted twice, hidden, if omitted)"),

@@ -151,6 +151,8 @@ class FeedbackConfig(_Strict):
     annotators_per_item: int = Field(1, ge=1, description="human: annotators each item is shown to")
     poll_seconds: float = Field(2.0, gt=0, description="human: how often the worker checks for new rankings")
     min_verified: int = Field(2, ge=0, description="human: verified traces an item needs to be shown for ranking")
+    claim_seconds: float = Field(1800.0, gt=0, description="human: an item served to an annotator is held for them "
+                                 "this long; unsubmitted after that, it returns to the pool")
     sources: list[FeedbackSource] = Field(
         default_factory=lambda: [FeedbackSource(name="format", weight=1.0), FeedbackSource(name="length", weight=0.1)],
         description="sources whose weighted sum ranks the verified traces of a prompt",
@@ -246,6 +248,18 @@ class EvalConfig(_Strict):
     kl_samples: int = Field(32, ge=0, description="held-out completions used for the KL to the reference")
 
 
+class AppConfig(_Strict):
+    """The web app's logins (``rlhf serve``)."""
+
+    session_max_age_s: float = Field(43200.0, gt=0, description="a login is valid this long (seconds), then "
+                                     "the user logs in again")
+    login_max_failures: int = Field(5, ge=1, description="failed logins per username, and per client address, "
+                                    "within login_window_s before further logins are refused")
+    login_window_s: float = Field(300.0, gt=0, description="window (seconds) in which failed logins are counted")
+    login_lockout_s: float = Field(300.0, gt=0, description="how long (seconds) logins are refused after too many "
+                                   "failures")
+
+
 class TrackingConfig(_Strict):
     """Experiment tracking through accelerate's trackers (:mod:`rlhf_workbench.tracking`): each
     round's metrics under the database's names, step = round. Not part of a run's identity: it
@@ -278,6 +292,7 @@ class RunConfig(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    app: AppConfig = Field(default_factory=AppConfig)
 
 
 class ConfigError(ValueError):

@@ -3,20 +3,22 @@
 Held-out accuracy, reward, KL, loss and acceptance per round (from the ``metrics`` table);
 rankings per hour per annotator; inter-annotator agreement; the verifier's audited precision
 (:func:`rlhf_workbench.annotation.verifier_audit`); the worker's status and the current
-policy version. Everything is read from the database on each refresh.
+policy version. Everything is read from the database on each refresh, and only for users whose
+role allows the dashboard (checked in every handler: admins).
 """
 
 from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
+from typing import Callable
 
 import gradio as gr
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sqlalchemy import select
 
-from .annotation import verifier_audit
+from .annotation import AnnotationError, verifier_audit
 from .store import Annotation, Store, User
 
 
@@ -158,15 +160,27 @@ def version_md(store: Store) -> str:
     return f"### Current policy: v{latest.id}\n\npublished {when} UTC ({latest.algorithm})"
 
 
-def dashboard_tab(demo: gr.Blocks, store: Store, tab: gr.Tab) -> None:
+def dashboard_tab(demo: gr.Blocks, store: Store, tab: gr.Tab, check: Callable[[gr.Request], object]) -> None:
     """Lay out the Dashboard inside ``tab`` (the current context) and wire its refreshes: the
     version and worker status on page load and every 15 s, everything on Refresh and when the
-    tab is selected."""
+    tab is selected.
 
-    def status():
+    ``check(request)`` raises :class:`~rlhf_workbench.annotation.AnnotationError` unless the
+    logged-in user may see the dashboard; every handler calls it first. A refused refresh is an
+    error; the periodic status update quietly changes nothing."""
+
+    def status(request: gr.Request):
+        try:
+            check(request)
+        except AnnotationError:
+            return gr.skip(), gr.skip()
         return version_md(store), _status_text(store.get_meta("status"))
 
-    def refresh():
+    def refresh(request: gr.Request):
+        try:
+            check(request)
+        except AnnotationError as e:
+            raise gr.Error(str(e)) from None
         m = store.metrics()
         acc = _line_plot("held-out accuracy", {"accuracy (strict)": m.get("eval/accuracy", []),
                                                "lenient": m.get("eval/lenient_accuracy", [])})
@@ -177,7 +191,8 @@ def dashboard_tab(demo: gr.Blocks, store: Store, tab: gr.Tab) -> None:
         kl = _line_plot("KL(policy ‖ reference), held-out", {"kl": m.get("eval/kl", [])}, "nats / token")
         loss = _line_plot("training loss", {"loss": m.get("train/loss", [])})
         accept = _line_plot("acceptance rate (verified / sampled)", {"acceptance": m.get("train/acceptance_rate", [])})
-        return (*status(), acc, reward, kl, loss, accept, _rankings_plot(store), _annotator_table(store),
+        return (version_md(store), _status_text(store.get_meta("status")), acc, reward, kl, loss, accept,
+                _rankings_plot(store), _annotator_table(store),
                 _agreement_md(store), audit_md(store))
 
     with gr.Row():

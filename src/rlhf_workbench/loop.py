@@ -31,7 +31,7 @@ from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gath
 from rich.console import Console
 from rich.progress import Progress
 
-from .annotation import wait_for_human_rankings
+from .annotation import consume_human_rankings, wait_for_human_rankings
 from .config import RunConfig
 from .evaluate import EvalResult, evaluate
 from .feedback import build_pairs, completion_rewards, make_ranker, rank_group
@@ -90,26 +90,31 @@ def _by_task(rollout: Rollout) -> dict[str, list[CompletionRow]]:
 
 
 def _record_rankings(store: Store, rollout: Rollout, source: str, scores: dict[str, dict[int, float]],
-                     flagged: set[int], cfg: RunConfig) -> None:
-    """Turn per-task scores of the traces into rankings, rewards and DPO pairs (one transaction).
+                     flagged: set[int], cfg: RunConfig, session=None) -> None:
+    """Turn per-task scores of the traces into rankings, rewards and DPO pairs (one transaction,
+    or written into ``session``, the caller's transaction, when given).
 
     Wrong and flagged traces are unranked: reward 0, never chosen.
     """
     by_task = _by_task(rollout)
-    with store.session() as s, s.begin():
-        for task_id, task_scores in scores.items():
-            rows = by_task[task_id]
-            vers = [c.verification for c in rows]
-            ok = [v.correct and c.id not in flagged for v, c in zip(vers, rows)]
-            ranks = rank_group(ok, [task_scores.get(c.id, 0.0) for c in rows])
-            rewards = completion_rewards(ranks, cfg.feedback.ranking_weight)
-            ranking = RankingRow(rollout_id=rollout.id, task_id=task_id, source=source,
-                                 ranks={str(c.id): k for c, k in zip(rows, ranks)},
-                                 rewards={str(c.id): x for c, x in zip(rows, rewards)})
-            s.add(ranking)
-            s.flush()
-            for ci, ri in build_pairs(ranks, cfg.dpo.pairing, cfg.dpo.max_pairs_per_prompt):
-                s.add(PreferencePair(ranking_id=ranking.id, chosen_id=rows[ci].id, rejected_id=rows[ri].id))
+    if session is None:
+        with store.session() as s, s.begin():
+            _record_rankings(store, rollout, source, scores, flagged, cfg, session=s)
+        return
+    s = session
+    for task_id, task_scores in scores.items():
+        rows = by_task[task_id]
+        vers = [c.verification for c in rows]
+        ok = [v.correct and c.id not in flagged for v, c in zip(vers, rows)]
+        ranks = rank_group(ok, [task_scores.get(c.id, 0.0) for c in rows])
+        rewards = completion_rewards(ranks, cfg.feedback.ranking_weight)
+        ranking = RankingRow(rollout_id=rollout.id, task_id=task_id, source=source,
+                             ranks={str(c.id): k for c, k in zip(rows, ranks)},
+                             rewards={str(c.id): x for c, x in zip(rows, rewards)})
+        s.add(ranking)
+        s.flush()
+        for ci, ri in build_pairs(ranks, cfg.dpo.pairing, cfg.dpo.max_pairs_per_prompt):
+            s.add(PreferencePair(ranking_id=ranking.id, chosen_id=rows[ci].id, rejected_id=rows[ri].id))
 
 
 def _safety_flags(rollout: Rollout, cfg: RunConfig) -> dict[int, str]:
@@ -388,8 +393,9 @@ def _run(cfg: RunConfig, out_dir: str | Path, console: Console | None, cleanup: 
                     scores, feedback_stats = _rule_scores(rollout, cfg, tasks_by_id, set(unsafe))
                     _record_rankings(store, rollout, "rules", scores, set(unsafe), cfg)
                 else:  # experts rank in the web app; wait for enough of them (see annotation.py)
-                    scores, flagged = wait_for_human_rankings(store, rollout, cfg, console)
-                    _record_rankings(store, rollout, "human", scores, flagged | set(unsafe), cfg)
+                    wait_for_human_rankings(store, rollout, cfg, console)
+                    consume_human_rankings(store, rollout, lambda s, scores, flagged: _record_rankings(
+                        store, rollout, "human", scores, flagged | set(unsafe), cfg, session=s))
                 feedback_stats["safety_flagged"] = float(len(unsafe))
                 for cid, why in list(unsafe.items())[:5]:
                     console.print(f"[yellow]safety filter[/]: completion {cid} flagged: {why}")

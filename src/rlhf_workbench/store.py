@@ -171,7 +171,7 @@ class User(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     username: Mapped[str] = mapped_column(String(100), unique=True)
     password_hash: Mapped[str] = mapped_column(String(300))
-    role: Mapped[str] = mapped_column(String(20))  # "annotator" | "admin"
+    role: Mapped[str] = mapped_column(String(20))  # "annotator" | "admin" | "playground" (see auth.py)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
@@ -184,7 +184,9 @@ class Annotation(Base):
     (the verifier graded them correct) that the expert marked as actually wrong: treated like
     flagged ones, and counted as the verifier's false accepts in
     :func:`rlhf_workbench.annotation.verifier_audit`; ``revision`` increases with every save so
-    that a stale draft is refused.
+    that a stale draft is refused; ``consumed_round`` is the round whose training read this
+    submission (set by the worker in the transaction that records the round's rankings; None
+    while pending).
     """
 
     __tablename__ = "annotations"
@@ -199,8 +201,41 @@ class Annotation(Base):
     flagged: Mapped[list] = mapped_column(JSON, default=list)
     verifier_wrong: Mapped[list | None] = mapped_column(JSON, nullable=True, default=list)  # None: older rows
     revision: Mapped[int] = mapped_column(Integer, default=0)
+    consumed_round: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now)
+
+
+class ItemClaim(Base):
+    """An annotator's place on an item (a task's traces in one rollout), written when the item is
+    served (:mod:`rlhf_workbench.assignment`).
+
+    ``slot`` is unique per item and below ``feedback.annotators_per_item``, so the database itself
+    refuses one annotator too many; ``expires_at`` (seconds since the epoch) frees an abandoned
+    place, and is None once the annotator submitted or skipped the item (the place is kept).
+    """
+
+    __tablename__ = "item_claims"
+    __table_args__ = (UniqueConstraint("rollout_id", "task_id", "user_id"),
+                      UniqueConstraint("rollout_id", "task_id", "slot"))
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id"), index=True)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    slot: Mapped[int] = mapped_column(Integer)
+    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class LoginAttempt(Base):
+    """One login attempt (for throttling, :mod:`rlhf_workbench.auth`): the name tried (cut to 200
+    characters), the client address when known, success, and when (seconds since the epoch)."""
+
+    __tablename__ = "login_attempts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(200), index=True)
+    address: Mapped[str | None] = mapped_column(String(100), nullable=True, index=True)
+    ok: Mapped[bool] = mapped_column(Boolean)
+    at: Mapped[float] = mapped_column(Float, index=True)
 
 
 class BinaryFeedback(Base):
