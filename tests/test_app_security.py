@@ -187,11 +187,12 @@ def test_the_annotation_api_still_works_for_annotators(app):
 
 def test_an_expired_session_is_refused(app):
     demo, url, _ = app
-    with client(url, "ann") as http:
+    with client(url, "ann") as http, client(url, "boss") as other:
         assert call_api(http, "next_item", [])[0] == "complete"
         tokens = demo.server_app.tokens
         token = next(t for t, u in dict.items(tokens) if u == "ann" and t in http.cookies.values())
         tokens.issued[token] -= 601  # logged in longer ago than app.session_max_age_s
+        assert other.get("/logout", follow_redirects=False).status_code == 302  # walks every token, expired too
         assert http.post("/gradio_api/call/next_item", json={"data": []}).status_code == 401
         assert http.get("/config").status_code == 401  # the page falls back to the login form
         assert token not in tokens

@@ -80,6 +80,9 @@ def test_session_tokens_expire(monkeypatch):
     tokens["t1"] = "boss"
     assert tokens.get("t1") == "boss" and "t1" in tokens and tokens["old"] == "ann"
     clock[0] = 161.0
+    tokens["t3"] = "pg"
+    assert [t for t in list(tokens.keys()) if tokens[t] == "pg"] == ["t3"]  # as Gradio's logout walks it
+    assert len(tokens) == 1 and dict(tokens.items()) == {"t3": "pg"}
     assert tokens.get("t1") is None and "t1" not in tokens and "old" not in tokens
     with pytest.raises(KeyError):
         tokens["t1"]

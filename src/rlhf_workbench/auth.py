@@ -189,6 +189,33 @@ class ExpiringTokens(dict):
         self.issued.pop(token, None)
         super().__delitem__(token)
 
+    def _purge(self) -> None:
+        for token in [t for t in super().keys() if t in self.issued]:
+            self._expired(token)
+
+    def keys(self):
+        """Live tokens (Gradio's logout walks them and indexes each)."""
+        self._purge()
+        return super().keys()
+
+    def items(self):
+        """Live (token, username) pairs."""
+        self._purge()
+        return super().items()
+
+    def values(self):
+        """Usernames of live tokens."""
+        self._purge()
+        return super().values()
+
+    def __iter__(self):
+        self._purge()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self._purge()
+        return super().__len__()
+
 
 # Shows a too-many-failures answer (HTTP 429, with the reason) on Gradio's login form, which by
 # itself reports only HTTP 400 ("Incorrect credentials"). Added to the page by SessionMiddleware:

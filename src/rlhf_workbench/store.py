@@ -186,7 +186,7 @@ class Annotation(Base):
     :func:`rlhf_workbench.annotation.verifier_audit`; ``revision`` increases with every save so
     that a stale draft is refused; ``consumed_round`` is the round whose training read this
     submission (set by the worker in the transaction that records the round's rankings; None
-    while pending).
+    while pending, and for rows written before the column existed).
     """
 
     __tablename__ = "annotations"
