@@ -312,6 +312,8 @@ def _add_unique_round_index(engine: Engine) -> None:
     except DBAPIError as e:
         import warnings
 
+        if any(ix["name"] == "uq_rollouts_round" for ix in inspect(engine).get_indexes("rollouts")):
+            return  # another process created it at the same moment
         warnings.warn(f"{engine.url.render_as_string(hide_password=True)}: rollouts holds two rollouts of one round "
                       f"(written by two concurrent runs); rounds are not unique there ({type(e.orig).__name__})",
                       stacklevel=3)
