@@ -140,6 +140,24 @@ def _item_traces(s, rollout_id: int, task_id: str) -> tuple[list[CompletionRow],
     return verified, rejected
 
 
+def blind_order(n: int, user_id: int, rollout_id: int, task_id: str) -> list[int]:
+    """The order in which an annotator sees an item's ``n`` verified traces: shuffled, stable per
+    annotator and item (indices into the traces in stored order)."""
+    order = list(range(n))
+    random.Random(f"{user_id}:{rollout_id}:{task_id}").shuffle(order)
+    return order
+
+
+def item_traces(store: Store, rollout_id: int, task_id: str) -> tuple[list[CompletionRow], list[CompletionRow]]:
+    """An item's verified and rejected completion rows (stored order), detached for reading."""
+    with store.session() as s:
+        verified, rejected = _item_traces(s, rollout_id, task_id)
+        for c in verified + rejected:
+            _ = c.verification.reason
+        s.expunge_all()
+    return verified, rejected
+
+
 def _verified_counts(s, rollout_id: int) -> dict[str, int]:
     """Task id -> number of verified traces, for every task of the rollout."""
     return dict(s.execute(select(CompletionRow.task_id, func.count(VerificationRow.completion_id))
@@ -191,8 +209,7 @@ def _serve(store: Store, user_id: int, annotators_per_item: int, min_verified: i
             if take_claim(s, rollout.id, task_id, user_id, annotators_per_item, claim_seconds, now) is None:
                 continue  # a draft whose place went to someone else after its claim expired
             verified, rejected = _item_traces(s, rollout.id, task_id)
-            order = list(range(len(verified)))
-            random.Random(f"{user_id}:{rollout.id}:{task_id}").shuffle(order)  # blind, stable per annotator
+            order = blind_order(len(verified), user_id, rollout.id, task_id)
             return Item(
                 rollout_id=rollout.id, round=rollout.round, policy_version=rollout.policy_version_id,
                 task=s.get(TaskRow, task_id).to_task(),
@@ -271,7 +288,7 @@ def save_annotation(store: Store, user_id: int, rollout_id: int, task_id: str, s
                     ranks: dict[int, int] | None = None, rationale: str = "", flagged: list[int] | None = None,
                     revision: int | None = None, annotators_per_item: int | None = None,
                     verifier_wrong: list[int] | None = None,
-                    claim_seconds: float = DEFAULT_CLAIM_SECONDS) -> Annotation:
+                    claim_seconds: float = DEFAULT_CLAIM_SECONDS, complete: bool = True) -> Annotation:
     """Save a draft, a submission or a skip of one item served to this annotator, after validating it.
 
     Args:
@@ -289,6 +306,9 @@ def save_annotation(store: Store, user_id: int, rollout_id: int, task_id: str, s
             hold the item (the cap is enforced when the item is served; this re-checks it for an
             annotator whose claim expired).
         claim_seconds: how long a saved draft keeps the item for its annotator.
+        complete: False for a partial judgment (a pairwise one, :mod:`rlhf_workbench.pairwise`):
+            the submission ranks at least two verified traces (or every one, when the item has
+            fewer), not necessarily all.
 
     The item's round is locked for the check and the write (:func:`rlhf_workbench.assignment.lock_round`),
     the same lock the worker takes to consume the round, so a submission is either read by the
@@ -313,14 +333,14 @@ def save_annotation(store: Store, user_id: int, rollout_id: int, task_id: str, s
     try:
         with store.session() as s, s.begin():
             return _save(s, user_id, rollout_id, task_id, status, ranks, rationale, flagged, revision,
-                         annotators_per_item, verifier_wrong, claim_seconds)
+                         annotators_per_item, verifier_wrong, claim_seconds, complete)
     except IntegrityError as e:  # the database refused a duplicate row another writer just made
         raise AnnotationError("this item was saved concurrently elsewhere; reload it") from e
 
 
 def _save(s: Session, user_id: int, rollout_id: int, task_id: str, status: str, ranks: dict[int, int],
           rationale: str, flagged: list[int], revision: int | None, annotators_per_item: int | None,
-          verifier_wrong: list[int], claim_seconds: float) -> Annotation:
+          verifier_wrong: list[int], claim_seconds: float, complete: bool = True) -> Annotation:
     now = time.time()
     rollout = _open_item_rollout(s, rollout_id, task_id)
     claim = claim_of(s, rollout_id, task_id, user_id)
@@ -342,7 +362,9 @@ def _save(s: Session, user_id: int, rollout_id: int, task_id: str, status: str, 
     if bad:
         raise AnnotationError(f"ranks must be integers from 0 to {len(verified) - 1} (0 is best, ties allowed; "
                               f"this item has {len(verified)} verified traces), got {bad}")
-    if status == "submitted" and set(ranks) != verified_ids:
+    if status == "submitted" and not complete and len(ranks) < min(2, len(verified_ids)):
+        raise AnnotationError("a pairwise judgment ranks two traces")
+    if status == "submitted" and complete and set(ranks) != verified_ids:
         missing = sorted(verified_ids - set(ranks))
         raise AnnotationError(f"rank every trace: traces {missing} have no rank")
     expired = claim.expires_at is not None and claim.expires_at <= now
@@ -392,8 +414,16 @@ def _aggregate(rollout: Rollout, subs: list[Annotation]) -> tuple[dict[str, dict
         flagged.update(a.verifier_wrong or [])
         for cid, rank in a.ranks.items():
             sums.setdefault(a.task_id, {}).setdefault(int(cid), []).append(rank)
+    verified: dict[str, list[int]] = {}
+    for c in rollout.completions:
+        if c.verification is not None and c.verification.correct:
+            verified.setdefault(c.task_id, []).append(c.id)
     for task_id, per in sums.items():
         scores[task_id] = {cid: -sum(r) / len(r) for cid, r in per.items()}
+        if scores[task_id]:  # partially ranked (pairwise): unranked verified traces sit in the middle
+            mid = (max(scores[task_id].values()) + min(scores[task_id].values())) / 2
+            for cid in verified.get(task_id, []):
+                scores[task_id].setdefault(cid, mid)
     return scores, flagged
 
 
@@ -409,7 +439,9 @@ def human_scores(store: Store, rollout: Rollout) -> tuple[dict[str, dict[int, fl
     Returns:
         ``(scores, flagged, n_rankings)``: per task, completion id -> minus the mean rank over
         annotators (higher is better; tasks nobody ranked get all zeros, i.e. the verifier alone
-        decides); the union of flagged completion ids and of verified traces marked actually
+        decides; in a task ranked only in part, by pairwise judgments, a verified trace nobody
+        ranked gets the midpoint of the ranked traces' scores: never best or worst by accident,
+        and tied with everything when the judgments were ties); the union of flagged completion ids and of verified traces marked actually
         wrong (so either is never chosen and gets reward 0); the number of submissions that rank
         something (a submission of an item without verified traces ranks nothing and does not
         count toward ``feedback.min_rankings``).
@@ -453,9 +485,9 @@ def verifier_audit(store: Store, z: float = 1.96) -> dict:
     """The verifier's precision as audited by the experts.
 
     *Audited* means reviewed by an expert in a **submitted** annotation: every verified trace
-    (the verifier graded it correct) of the item counts once per submitted annotation (the
-    submission ranks every verified trace, so the expert has read each one; two annotators of
-    one item count twice). Drafts and skips audit nothing. A trace the annotator marked
+    (the verifier graded it correct) that the submission ranks counts once (a full ranking ranks
+    every verified trace, so the expert has read each one; a pairwise judgment the two shown;
+    two annotators of one item count twice). Drafts and skips audit nothing. A trace the annotator marked
     "verified answer is actually wrong" is a *false accept* of the verifier.
 
     Returns:
@@ -464,22 +496,19 @@ def verifier_audit(store: Store, z: float = 1.96) -> dict:
         (:func:`rlhf_workbench.stats.wilson_interval`, ``z`` = 1.96 for 95 %). The last three
         are None when nothing was audited yet.
     """
-    item = (CompletionRow.rollout_id == Annotation.rollout_id) & (CompletionRow.task_id == Annotation.task_id)
     with store.session() as s:
-        audited = s.scalar(select(func.count()).select_from(Annotation).join(CompletionRow, item)
-                           .join(VerificationRow, VerificationRow.completion_id == CompletionRow.id)
-                           .where(Annotation.status == "submitted", VerificationRow.correct.is_(True)))
-        marked = [(r, t, set(w)) for r, t, w in s.execute(
-            select(Annotation.rollout_id, Annotation.task_id, Annotation.verifier_wrong)
-            .where(Annotation.status == "submitted")).all() if w]
+        subs = s.execute(select(Annotation.rollout_id, Annotation.task_id, Annotation.ranks,
+                                Annotation.verifier_wrong).where(Annotation.status == "submitted")).all()
         verified: dict[tuple[int, str], set[int]] = {}
-        for rollout_id, task_id, _ in marked:  # count only marks on verified traces of the item
+        for rollout_id, task_id, _, _ in subs:
             if (rollout_id, task_id) not in verified:
                 verified[rollout_id, task_id] = set(s.scalars(
                     select(CompletionRow.id).join(VerificationRow, VerificationRow.completion_id == CompletionRow.id)
                     .where(CompletionRow.rollout_id == rollout_id, CompletionRow.task_id == task_id,
                            VerificationRow.correct.is_(True))))
-    wrong = sum(len(w & verified[r, t]) for r, t, w in marked)
+    # a trace counts as read when the submission ranks it (a full ranking ranks every verified trace)
+    audited = sum(len({int(k) for k in (ranks or {})} & verified[r, t]) for r, t, ranks, _ in subs)
+    wrong = sum(len(set(w or []) & verified[r, t]) for r, t, _, w in subs)
     if not audited:
         return {"audited": 0, "wrong": 0, "precision": None, "ci_low": None, "ci_high": None}
     low, high = wilson_interval(audited - wrong, audited, z)

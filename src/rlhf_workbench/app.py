@@ -44,11 +44,12 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 from .annotation import (RATIONALE_MAX_CHARS, AnnotationError, Item, next_item,  # noqa: E402
-                         record_binary_feedback, save_annotation)
+                         record_binary_feedback)
 from .auth import (CLIENT_ADDRESS, LoginPolicy, LoginThrottled, SessionMiddleware, allowed, login,  # noqa: E402
                    require, role_of)
 from .config import RunConfig  # noqa: E402
 from .dashboard import dashboard_tab  # noqa: E402
+from .items import count_label, group_traces, save_grouped  # noqa: E402
 from .store import Store  # noqa: E402
 
 LATEX = [
@@ -135,9 +136,11 @@ def _rejected_md(item: Item) -> str:
                               for j, tr in enumerate(item.rejected, 1))
 
 
-def _trace_md(number: int, trace) -> str:
-    """A verified trace as shown for ranking, with the verifier's reason for accepting it."""
-    return f"#### Trace {number}\n\n{trace.text}\n\nverifier: _{trace.reason}_"
+def _trace_md(number: int, trace, count: int = 1) -> str:
+    """A verified trace as shown for ranking, with the verifier's reason for accepting it (and
+    how many identical copies it stands for, :mod:`rlhf_workbench.items`)."""
+    copies = f" · {count_label(count)}" if count > 1 else ""
+    return f"#### Trace {number}{copies}\n\n{trace.text}\n\nverifier: _{trace.reason}_"
 
 
 def _answer_md(text: str) -> str:
@@ -193,6 +196,7 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
             return None
         return {"rollout_id": item.rollout_id, "task_id": item.task.id, "round": item.round,
                 "policy_version": item.policy_version, "completion_ids": [t.completion_id for t in item.verified],
+                "groups": [e.completion_ids for e in group_traces(item.verified)],
                 "rejected_ids": [t.completion_id for t in item.rejected],
                 "revision": item.draft.revision if item.draft is not None else -1}
 
@@ -216,12 +220,13 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
         if draft is not None:
             header += f" · draft revision {draft.revision}"
         updates = [gr.update(value=header), gr.update(value=_question_md(item)), item_state(item)]
-        n = len(item.verified)
+        entries = group_traces(item.verified)
+        n = len(entries)
         for i in range(n_slots):
             if i < n:
-                tr = item.verified[i]
+                tr = entries[i].trace
                 rank = draft_ranks.get(tr.completion_id)
-                updates += [gr.update(visible=True), gr.update(value=_trace_md(i + 1, tr)),
+                updates += [gr.update(visible=True), gr.update(value=_trace_md(i + 1, tr, entries[i].count)),
                             gr.update(value=None if rank is None else rank + 1,
                                       label=f"Rank of Trace {i + 1} (1 = best)"),
                             gr.update(value=tr.completion_id in draft_flags),
@@ -244,22 +249,22 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
         return render(next_item(store, uid, fb.annotators_per_item, fb.min_verified, fb.claim_seconds), status)
 
     def collect(state: dict, values: list, require_all: bool) -> tuple[dict[int, int], list[int], list[int]]:
-        ids = state["completion_ids"]
+        groups = state.get("groups") or [[cid] for cid in state["completion_ids"]]  # one slot per entry
         ranks_in, flags_in, wrong_in = values[:n_slots], values[n_slots:2 * n_slots], values[2 * n_slots:]
         ranks, missing = {}, []
-        for i, cid in enumerate(ids):
+        for i, ids in enumerate(groups):
             v = ranks_in[i]
             if v is None or v == "":
                 missing.append(i + 1)
                 continue
-            if float(v) != int(float(v)) or not 1 <= int(float(v)) <= len(ids):
-                raise AnnotationError(f"Trace {i + 1}: a rank must be a whole number from 1 to {len(ids)} (1 = best)")
-            ranks[cid] = int(float(v)) - 1
+            if float(v) != int(float(v)) or not 1 <= int(float(v)) <= len(groups):
+                raise AnnotationError(f"Trace {i + 1}: a rank must be a whole number from 1 to {len(groups)} (1 = best)")
+            ranks.update({cid: int(float(v)) - 1 for cid in ids})  # every identical copy
         if require_all and missing:
             raise AnnotationError(f"rank every trace: Trace {', '.join(map(str, missing))} "
                                   f"{'has' if len(missing) == 1 else 'have'} no rank")
-        flagged = [cid for i, cid in enumerate(ids) if flags_in[i]]
-        wrong = [cid for i, cid in enumerate(ids) if wrong_in[i]]
+        flagged = [cid for i, ids in enumerate(groups) if flags_in[i] for cid in ids]
+        wrong = [cid for i, ids in enumerate(groups) if wrong_in[i] for cid in ids]
         return ranks, flagged, wrong
 
     def act(request: gr.Request, status_name: str, state: dict | None, rationale: str, values: list):
@@ -270,8 +275,8 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
             ranks, flagged, wrong = ({}, [], []) if status_name == "skipped" else collect(
                 state, values, status_name == "submitted")
             revision = None if state["revision"] < 0 else state["revision"]
-            save_annotation(store, uid, state["rollout_id"], state["task_id"], status_name, ranks,
-                            rationale or "", flagged, revision, fb.annotators_per_item, wrong, fb.claim_seconds)
+            save_grouped(store, uid, state["rollout_id"], state["task_id"], status_name, ranks,
+                         rationale or "", flagged, revision, fb.annotators_per_item, wrong, fb.claim_seconds)
         except AnnotationError as e:
             gr.Warning(str(e))
             return [gr.skip()] * (len(page_outputs) - 1) + [gr.update(value=f"**Not saved:** {e}")]
@@ -297,8 +302,9 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
     def api_next_item(request: gr.Request) -> str:
         """The logged-in annotator's next item as JSON (null when there is nothing to do):
         rollout_id, task_id, round, policy_version, completion_ids (verified traces in display
-        order), texts (those traces' texts, same order), rejected_ids, revision (-1 when no draft),
-        question, answer."""
+        order), texts (those traces' texts, same order), groups (identical traces collapsed: one
+        entry per distinct text, in display order, each ``{"completion_ids", "text", "count"}``),
+        rejected_ids, revision (-1 when no draft), question, answer."""
         try:
             uid = _user_id(store, request)
         except AnnotationError as e:
@@ -306,13 +312,17 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
         item = next_item(store, uid, fb.annotators_per_item, fb.min_verified, fb.claim_seconds)
         if item is None:
             return "null"
-        return json.dumps({**item_state(item), "texts": [t.text for t in item.verified],
+        groups = [{"completion_ids": e.completion_ids, "text": e.trace.text, "count": e.count}
+                  for e in group_traces(item.verified)]
+        return json.dumps({**item_state(item), "texts": [t.text for t in item.verified], "groups": groups,
                            "question": item.task.question, "answer": item.task.answer})
 
     def api_submit(rollout_id: int, task_id: str, ranks_json: str, rationale: str, flagged_json: str,
                    revision: int, request: gr.Request, wrong_json: str = "[]") -> str:
         """Submit a ranking as the logged-in annotator. ranks_json: JSON object completion id ->
-        0-based rank (0 best, ties allowed); flagged_json: JSON list of completion ids; revision:
+        0-based rank (0 best, ties allowed; a rank given to one of identical traces applies to
+        every copy), or a JSON list with one 0-based rank per entry of ``groups`` from
+        /next_item; flagged_json: JSON list of completion ids; revision:
         the draft revision shown, or -1 for none; wrong_json (optional): JSON list of verified
         completion ids whose answer is actually wrong. Returns "ok: ..." or "error: <reason>"."""
         try:
@@ -323,11 +333,12 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
                 wrong = json.loads(wrong_json or "[]")
             except json.JSONDecodeError as e:
                 raise AnnotationError(f"ranks_json / flagged_json / wrong_json must be JSON: {e}") from e
-            if not isinstance(ranks, dict) or not isinstance(flagged, list) or not isinstance(wrong, list):
-                raise AnnotationError("ranks_json must be a JSON object, flagged_json and wrong_json JSON lists")
+            if not isinstance(ranks, (dict, list)) or not isinstance(flagged, list) or not isinstance(wrong, list):
+                raise AnnotationError("ranks_json must be a JSON object or list, flagged_json and wrong_json "
+                                      "JSON lists")
             rev = None if revision is None or int(revision) < 0 else int(revision)
-            a = save_annotation(store, uid, int(rollout_id), str(task_id), "submitted", ranks, rationale or "",
-                                flagged, rev, fb.annotators_per_item, wrong, fb.claim_seconds)
+            a = save_grouped(store, uid, int(rollout_id), str(task_id), "submitted", ranks, rationale or "",
+                             flagged, rev, fb.annotators_per_item, wrong, fb.claim_seconds)
         except (AnnotationError, ValueError, TypeError) as e:
             return f"error: {e}"
         return f"ok: submitted rollout {a.rollout_id} task {a.task_id}"

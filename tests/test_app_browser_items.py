@@ -1,0 +1,82 @@
+"""Identical traces collapsed and pairwise judgments, in headless Chromium.
+
+A hand-written round 1 in which one item has two identical verified traces (up to whitespace):
+the page shows them as one entry with "×2 identical traces", and the rank typed for it is
+stored for both copies.
+"""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from conftest import seed_rollout
+from test_app_browser import PASSWORD, USER, _free_port, browser, make_cfg, write_tasks  # noqa: F401
+
+
+@pytest.fixture
+def served(browser, tiny_model_dir, tmp_path):  # noqa: F811
+    """The app on a loopback port over a hand-written round 1; yields (page, store, user_id, rollout_id)."""
+    from rlhf_workbench.annotation import create_user
+    from rlhf_workbench.app import launch
+    from rlhf_workbench.config import ModelConfig
+    from rlhf_workbench.models import load_policy
+    from rlhf_workbench.store import Store
+
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = make_cfg(tiny_model_dir, write_tasks(tmp_path / "tasks.jsonl"), rounds=1)
+    cfg.feedback.min_verified = 2
+    store = Store(cfg.db_url, out)
+    store.add_tasks(_tasks(cfg), "train")
+    store.publish_version(0, None, "base", None, {}, 0)
+    pair = load_policy(ModelConfig(name=str(tiny_model_dir), mixed_precision="no"))
+    rid = seed_rollout(store, pair, {"q0": ["12 + 30 = 42\nAnswer: 42", "Answer: 42", "Answer:   42\n",
+                                            "Answer: 52"]})
+    uid = create_user(store, USER, PASSWORD, role="annotator")
+    port = _free_port()
+    demo = launch(cfg, out, "127.0.0.1", port, block=False)
+    try:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(20_000)
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.get_by_label("username").fill(USER)
+        page.get_by_label("password").fill(PASSWORD)
+        page.get_by_role("button", name="Login").click()
+        yield page, store, uid, rid
+    finally:
+        demo.close()
+
+
+def _tasks(cfg):
+    import json
+
+    from rlhf_workbench.tasks import Task
+
+    with open(cfg.tasks.path) as f:
+        return [Task(id=r["id"], question=r["question"], answer=r["answer"]) for r in map(json.loads, f)][:1]
+
+
+@pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
+def test_identical_traces_are_one_entry_in_the_page(served):
+    from playwright.sync_api import expect
+
+    from rlhf_workbench.items import shown_entries
+    from rlhf_workbench.store import Annotation
+
+    page, store, uid, rid = served
+    expect(page.locator("#item-header")).to_contain_text("policy v0 · round 1")
+    expect(page.locator("#trace-2")).to_be_visible()
+    expect(page.locator("#trace-3")).to_be_hidden()  # three verified traces, two of them identical
+    entries = shown_entries(store, uid, rid, "q0")
+    dup = next(i for i, e in enumerate(entries, 1) if e.count == 2)
+    expect(page.locator(f"#trace-text-{dup}")).to_contain_text("×2 identical traces")
+    page.locator("#keys-help").click()
+    page.keyboard.press("1" if dup == 1 else "2")
+    page.keyboard.press("2" if dup == 1 else "1")
+    page.keyboard.press("Enter")
+    expect(page.locator("#annotate-status")).to_contain_text("Submitted (task q0,")
+    with store.session() as s:
+        ranks = {int(k): v for k, v in s.scalars(select(Annotation)).one().ranks.items()}
+    assert ranks == {cid: (0 if i == dup else 1) for i, e in enumerate(entries, 1) for cid in e.completion_ids}
+
