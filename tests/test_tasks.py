@@ -377,7 +377,7 @@ def test_bad_arguments(tmp_path):
 
 
 def test_answer_types_cover_instructions():
-    assert set(ANSWER_TYPES) == {"number", "choice", "yes_no_maybe", "text"}
+    assert set(ANSWER_TYPES) == {"number", "choice", "yes_no_maybe", "text", "open"}
 
 
 def _twin_key(task) -> tuple:

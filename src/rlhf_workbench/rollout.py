@@ -63,9 +63,10 @@ def autocast(mixed_precision: str):
 
 
 def render_prompt(tokenizer, task: Task) -> list[int]:
-    """Chat-templated prompt token ids for a task (generation prompt appended)."""
+    """Chat-templated prompt token ids for a task (generation prompt appended); a multi-turn
+    open task is rendered as its messages, so the policy continues as the assistant."""
     ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": task.prompt()}], add_generation_prompt=True, tokenize=True
+        task.chat_messages(), add_generation_prompt=True, tokenize=True
     )
     if hasattr(ids, "keys"):
         ids = ids["input_ids"]

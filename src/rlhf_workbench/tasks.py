@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-AnswerType = Literal["number", "choice", "yes_no_maybe", "text"]
+AnswerType = Literal["number", "choice", "yes_no_maybe", "text", "open"]
 MAX_TASK_ID_LENGTH = 200  # characters; the size of the database's task id column (store.TaskRow.id)
-ANSWER_TYPES: tuple[str, ...] = ("number", "choice", "yes_no_maybe", "text")
+ANSWER_TYPES: tuple[str, ...] = ("number", "choice", "yes_no_maybe", "text", "open")
 
 
 class TaskFormatError(ValueError):
@@ -28,11 +28,13 @@ class Task:
         id: stable identifier, unique within a task set (used as the database key).
         question: the question text shown to the policy.
         answer: ground truth: a number ("1,234.5"), a choice letter ("C"), "yes"/"no"/"maybe",
-            or free text compared after normalisation.
-        answer_type: how the verifier extracts and compares the answer.
+            or free text compared after normalisation; ``""`` for an open task.
+        answer_type: how the verifier extracts and compares the answer; ``"open"``: no answer
+            key, nothing to verify (see :mod:`rlhf_workbench.open_tasks`).
         context: optional passage (e.g. PubMedQA abstract) shown before the question.
         choices: optional multiple-choice options, letter -> option text, in display order.
-        metadata: free-form extra fields kept from the source record.
+        metadata: free-form extra fields kept from the source record (open tasks: ``messages``,
+            a multi-turn prompt; HH-RLHF: also ``chosen``/``rejected`` final replies).
         instruction: overrides the answer-type's default final-answer instruction in :meth:`prompt`
             (set from the run config's ``tasks.instruction``).
     """
@@ -55,8 +57,23 @@ class Task:
         parts.append(self.question if not self.context else f"Question: {self.question}")
         if self.choices:
             parts.append("\n".join(f"{k}. {v}" for k, v in self.choices.items()))
-        parts.append(self.instruction or ANSWER_INSTRUCTIONS[self.answer_type])
+        instruction = self.instruction or ANSWER_INSTRUCTIONS[self.answer_type]
+        if instruction:
+            parts.append(instruction)
         return "\n\n".join(parts)
+
+    @property
+    def is_open(self) -> bool:
+        """True for an open-ended task (no answer key: ranked, never verified)."""
+        return self.answer_type == "open"
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        """The conversation the policy continues as the assistant: ``metadata["messages"]`` as
+        given for a multi-turn open task, else one user turn holding :meth:`prompt`."""
+        messages = self.metadata.get("messages")
+        if messages:
+            return [dict(m) for m in messages]
+        return [{"role": "user", "content": self.prompt()}]
 
 
 ANSWER_INSTRUCTIONS: dict[str, str] = {
@@ -64,6 +81,7 @@ ANSWER_INSTRUCTIONS: dict[str, str] = {
     "choice": "Think step by step, then end with a line 'Answer: <letter>'.",
     "yes_no_maybe": "Think step by step, then end with a line 'Answer: yes', 'Answer: no' or 'Answer: maybe'.",
     "text": "Think step by step, then end with a line 'Answer: <answer>'.",
+    "open": "",
 }
 
 
@@ -85,7 +103,7 @@ import zlib  # noqa: E402
 from collections.abc import Iterable, Iterator, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-FORMATS: tuple[str, ...] = ("auto", "jsonl", "gsm8k", "pubmedqa", "mcq", "hf")
+FORMATS: tuple[str, ...] = ("auto", "jsonl", "gsm8k", "pubmedqa", "mcq", "hf", "hh")
 BUNDLED: tuple[str, ...] = ("clinical", "arithmetic")
 DATA_DIR = Path(__file__).resolve().parent / "data"
 YES_NO_MAYBE: tuple[str, ...] = ("yes", "no", "maybe")
@@ -136,7 +154,10 @@ def load_tasks(path: str | Path, format: str = "auto", limit: int | None = None)
         ``answer`` given as a letter, a 0-based index or the option text; ids are the
         record's ``id`` or ``mcq-<line>``.
         ``"hf"``: local csv/tsv/json/jsonl/parquet read with ``datasets.load_dataset``, rows
-        mapped with the jsonl schema (``choices``/``metadata`` cells may hold JSON text).
+        mapped with the jsonl schema (``choices``/``metadata``/``messages`` cells may hold JSON text).
+        ``"hh"``: HH-RLHF pairs (``chosen``/``rejected`` transcripts) as open multi-turn prompts.
+        Open tasks (no answer key): a jsonl/hf record with ``answer_type: "open"``, or with
+        ``prompt``/``messages`` and no ``answer`` (see :mod:`rlhf_workbench.open_tasks`).
         ``"auto"``: picks one of the above by looking at the file (see :func:`detect_format`).
 
     Number answers are returned in canonical form (thousands separators removed, so
@@ -175,7 +196,9 @@ def load_tasks(path: str | Path, format: str = "auto", limit: int | None = None)
     elif format == "hf":
         tasks = _load_hf(path, limit)
     else:
-        convert = {"jsonl": _from_schema, "gsm8k": _from_gsm8k, "mcq": _from_mcq}[format]
+        from .open_tasks import hh_task_from_record
+
+        convert = {"jsonl": _from_schema, "gsm8k": _from_gsm8k, "mcq": _from_mcq, "hh": hh_task_from_record}[format]
         tasks = []
         seen: dict[str, str] = {}
         for loc, line_no, record in _iter_records(path):
@@ -193,7 +216,8 @@ def detect_format(path: str | Path) -> str:
     """Guess the format of a task file, as ``load_tasks(format="auto")`` does.
 
     ``.csv``/``.tsv``/``.parquet`` -> ``"hf"``; a ``.json`` object shaped like PubMedQA ->
-    ``"pubmedqa"``; otherwise the first record decides: ``"####"`` in its answer ->
+    ``"pubmedqa"``; otherwise the first record decides: HH-RLHF ``chosen``/``rejected``
+    transcripts -> ``"hh"``; ``"####"`` in its answer ->
     ``"gsm8k"``; an ``options`` field, or ``choices`` without an ``id`` -> ``"mcq"``;
     anything else -> ``"jsonl"``.
 
@@ -201,7 +225,7 @@ def detect_format(path: str | Path) -> str:
         path: the file (``.gz`` allowed) or ``"bundled:<name>"``.
 
     Returns:
-        One of ``"hf"``, ``"pubmedqa"``, ``"gsm8k"``, ``"mcq"``, ``"jsonl"``.
+        One of ``"hf"``, ``"pubmedqa"``, ``"hh"``, ``"gsm8k"``, ``"mcq"``, ``"jsonl"``.
 
     Raises:
         TaskFormatError: the first record is malformed JSON.
@@ -219,6 +243,10 @@ def detect_format(path: str | Path) -> str:
     if first is None or not isinstance(first[2], dict):
         return "jsonl"
     record = first[2]
+    from .open_tasks import looks_like_hh
+
+    if looks_like_hh(record):
+        return "hh"
     if "####" in str(record.get("answer", "")):
         return "gsm8k"
     if "options" in record or ("choices" in record and "id" not in record):
@@ -352,6 +380,8 @@ def task_to_record(task: Task) -> dict[str, Any]:
         record["choices"] = dict(task.choices)
     if task.metadata:
         record["metadata"] = dict(task.metadata)
+    if task.is_open:
+        del record["answer"]
     return record
 
 
@@ -598,6 +628,10 @@ def _validated_answer(raw: Any, answer_type: str, choices: dict[str, str] | None
 
 def _from_schema(record: Any, path: Path, loc: str, line_no: int) -> Task:
     record = _require_object(record, path, loc)
+    from .open_tasks import is_open_record, open_task_from_record
+
+    if is_open_record(record):
+        return open_task_from_record(record, path, loc, line_no)
     task_id = _id_field(record, path, loc)
     question = _text_field(record, ("question", "prompt"), path, loc)
     raw = _raw_answer(record, path, loc)
@@ -745,7 +779,7 @@ def _load_hf(path: Path, limit: int | None) -> list[Task]:
         for i, row in enumerate(rows, 1):
             loc = f"row {i}"
             record = {k: v for k, v in row.items() if not _missing(v)}
-            for key in ("choices", "metadata"):
+            for key in ("choices", "metadata", "messages"):
                 value = record.get(key)
                 if isinstance(value, dict):  # arrow structs: keys missing from this row come back as None
                     record[key] = value = {k: v for k, v in value.items() if v is not None}

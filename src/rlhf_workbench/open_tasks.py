@@ -1,0 +1,223 @@
+"""Open-ended tasks: a prompt with no answer key, and the HH-RLHF dialogue loader.
+
+An open task (``answer_type="open"``, ``answer=""``) is a plain ``prompt`` string or a
+conversational ``messages`` list (TRL's dataset formats: ``[{"role", "content"}, ...]``).
+Nothing verifies it: every unflagged trace is ranked by the configured feedback sources
+(reward model, LLM judge, rule rewards, experts). Multi-turn messages are kept in
+``metadata["messages"]`` and rendered as given with the model's chat template
+(:meth:`rlhf_workbench.tasks.Task.chat_messages`); the policy continues as the assistant.
+
+HH-RLHF records (``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}``) load
+as multi-turn prompts: every turn before the last assistant turn, with the chosen and rejected
+final replies kept in ``metadata["chosen"]`` / ``metadata["rejected"]`` for supervised warm-up
+and reward-model training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+from .tasks import MAX_TASK_ID_LENGTH, Task, TaskFormatError
+
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+_HH_TURN_RE = re.compile(r"\n\n(Human|Assistant):[ ]?")
+
+
+def _err(path: Path, loc: str, field_name: str, problem: str) -> TaskFormatError:
+    return TaskFormatError(f"{path}: {loc}: field '{field_name}': {problem}")
+
+
+def is_open_record(record: Any) -> bool:
+    """Whether a schema record describes an open-ended task.
+
+    Args:
+        record: a parsed JSON object (anything else is not open).
+
+    Returns:
+        ``True`` for ``answer_type: "open"``, or a record with ``messages`` or ``prompt`` and
+        no ``answer`` (missing or ``null``).
+    """
+    if not isinstance(record, dict):
+        return False
+    if record.get("answer_type") == "open":
+        return True
+    return record.get("answer") is None and ("messages" in record or "prompt" in record)
+
+
+def validate_messages(messages: Any, path: Path, loc: str, field_name: str = "messages") -> list[dict[str, str]]:
+    """Check a conversational prompt and return it as plain ``{"role", "content"}`` dicts.
+
+    Args:
+        messages: the value read from the record.
+        path: file name, for the error message.
+        loc: ``line N`` / ``row N``, for the error message.
+        field_name: the field the value came from.
+
+    Returns:
+        The messages (roles ``system``/``user``/``assistant``, non-empty string contents),
+        ending with a user turn so the policy answers as the assistant.
+
+    Raises:
+        TaskFormatError: not a non-empty list of such messages, or the last turn is not the user's.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise _err(path, loc, field_name, "must be a non-empty list of {role, content} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise _err(path, loc, field_name, f"message {i} must be an object, got {type(m).__name__}")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise _err(path, loc, field_name, f"message {i}: role {role!r} is not one of {', '.join(ROLES)}")
+        if not isinstance(content, str) or not content.strip():
+            raise _err(path, loc, field_name, f"message {i}: content must be a non-empty string")
+        out.append({"role": role, "content": content})
+    if out[-1]["role"] != "user":
+        raise _err(path, loc, field_name, f"last message must be the user's (the policy answers it), got {out[-1]['role']!r}")
+    return out
+
+
+def _record_id(record: dict, path: Path, loc: str, line_no: int, prefix: str) -> str:
+    value = record.get("id")
+    if value is None:
+        return f"{prefix}-{line_no}"
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+        raise _err(path, loc, "id", "must be a non-empty string or an integer")
+    task_id = str(value).strip()
+    if len(task_id) > MAX_TASK_ID_LENGTH:
+        raise _err(path, loc, "id", f"{len(task_id)} characters long; at most {MAX_TASK_ID_LENGTH} are allowed")
+    return task_id
+
+
+def open_task_from_record(record: Any, path: Path, loc: str, line_no: int) -> Task:
+    """An open :class:`Task` from a schema record without an answer key.
+
+    Fields: ``prompt`` (alias ``question``) as a string, or ``messages`` (or ``prompt`` given
+    as a message list, as TRL's conversational format does); ``id`` optional (default
+    ``open-<line>``), ``context``, ``metadata``; ``answer`` must be absent or ``null``.
+
+    Args:
+        record: the parsed record.
+        path: file name, for error messages.
+        loc: ``line N`` / ``row N`` / ``record N``.
+        line_no: the 1-based record number (used for default ids).
+
+    Returns:
+        A task with ``answer_type="open"`` and ``answer=""``; multi-turn prompts are in
+        ``metadata["messages"]`` and ``question`` is their last user turn.
+
+    Raises:
+        TaskFormatError: not an object, no prompt, malformed messages or metadata, or an answer.
+    """
+    if not isinstance(record, dict):
+        raise TaskFormatError(f"{path}: {loc}: expected a JSON object, got {type(record).__name__}")
+    if record.get("answer") not in (None, ""):
+        raise _err(path, loc, "answer", "an open task (answer_type 'open') has no answer; drop the field or the answer_type")
+    metadata = record.get("metadata")
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict):
+        raise _err(path, loc, "metadata", f"must be an object, got {type(metadata).__name__}")
+    metadata = dict(metadata)
+    context = record.get("context")
+    if context is not None and (not isinstance(context, str) or not context.strip()):
+        raise _err(path, loc, "context", "must be a non-empty string")
+    raw_messages, field_name = record.get("messages"), "messages"
+    if raw_messages is None and isinstance(record.get("prompt"), list):
+        raw_messages, field_name = record["prompt"], "prompt"
+    if raw_messages is not None:
+        messages = validate_messages(raw_messages, path, loc, field_name)
+        question = messages[-1]["content"]
+        if len(messages) > 1 or messages[0]["role"] != "user":
+            metadata["messages"] = messages
+    else:
+        question = None
+        for name in ("prompt", "question"):
+            if record.get(name) is not None:
+                question = record[name]
+                if not isinstance(question, str) or not question.strip():
+                    raise _err(path, loc, name, "must be a non-empty string (or a list of messages)")
+                break
+        if question is None:
+            raise _err(path, loc, "prompt", "missing required field (an open task needs 'prompt' or 'messages')")
+    task_id = _record_id(record, path, loc, line_no, "open")
+    return Task(task_id, question, "", "open", context, None, metadata)
+
+
+def parse_hh_dialogue(text: str) -> list[dict[str, str]]:
+    """Split an HH-RLHF transcript (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``) into messages.
+
+    Args:
+        text: the transcript.
+
+    Returns:
+        ``[{"role": "user"|"assistant", "content": ...}, ...]`` in order; contents stripped
+        (a turn may be empty, as some HH replies are).
+
+    Raises:
+        ValueError: the text does not start with a ``Human:`` turn.
+    """
+    parts = _HH_TURN_RE.split(text)
+    if len(parts) < 3 or parts[0].strip() or parts[1] != "Human":
+        raise ValueError("expected a transcript starting with '\\n\\nHuman: '")
+    return [{"role": "user" if speaker == "Human" else "assistant", "content": content.strip()}
+            for speaker, content in zip(parts[1::2], parts[2::2])]
+
+
+def looks_like_hh(record: Any) -> bool:
+    """Whether a record is an HH-RLHF pair: string ``chosen`` and ``rejected`` starting with a Human turn."""
+    return (isinstance(record, dict) and isinstance(record.get("chosen"), str) and isinstance(record.get("rejected"), str)
+            and record["chosen"].lstrip(" ").startswith("\n\nHuman:") and "\n\nAssistant:" in record["chosen"])
+
+
+def hh_task_from_record(record: Any, path: Path, loc: str, line_no: int) -> Task:
+    """An open :class:`Task` from an HH-RLHF record (``chosen``/``rejected`` transcripts).
+
+    The prompt is every turn before the final assistant turn (the shared part of both
+    transcripts); ``metadata`` holds ``messages`` (that prompt), ``chosen`` and ``rejected``
+    (the two final replies) and ``source: "hh-rlhf"``. The id is the record's ``id`` or
+    ``hh-<line>-<first 8 hex of sha256(prompt)>``.
+
+    Args:
+        record: the parsed record.
+        path: file name, for error messages.
+        loc: ``line N`` / ``record N``.
+        line_no: the 1-based record number.
+
+    Returns:
+        The task (``answer_type="open"``).
+
+    Raises:
+        TaskFormatError: a missing or non-string ``chosen``/``rejected``, a transcript that does
+            not parse or does not end with an assistant turn, or pairs with different prompts.
+    """
+    if not isinstance(record, dict):
+        raise TaskFormatError(f"{path}: {loc}: expected a JSON object, got {type(record).__name__}")
+    replies = {}
+    prompts = {}
+    for name in ("chosen", "rejected"):
+        value = record.get(name)
+        if not isinstance(value, str):
+            raise _err(path, loc, name, "missing required field" if value is None else f"must be a string, got {type(value).__name__}")
+        try:
+            turns = parse_hh_dialogue(value)
+        except ValueError as e:
+            raise _err(path, loc, name, str(e)) from None
+        if turns[-1]["role"] != "assistant" or len(turns) < 2:
+            raise _err(path, loc, name, "transcript must end with an 'Assistant:' turn")
+        if not turns[-2]["content"]:
+            raise _err(path, loc, name, "the last Human turn is empty")
+        prompts[name], replies[name] = turns[:-1], turns[-1]["content"]
+    if prompts["chosen"] != prompts["rejected"]:
+        raise _err(path, loc, "rejected", "its dialogue before the final reply differs from 'chosen'")
+    messages = [m for m in prompts["chosen"] if m["content"]] or prompts["chosen"]
+    if any(not m["content"] for m in messages):
+        raise _err(path, loc, "chosen", "empty dialogue turns")
+    digest = hashlib.sha256(repr(messages).encode()).hexdigest()[:8]
+    task_id = _record_id(record, path, loc, line_no, f"hh-{line_no}-{digest}") if record.get("id") is not None \
+        else f"hh-{line_no}-{digest}"
+    metadata = {"source": "hh-rlhf", "messages": messages, "chosen": replies["chosen"], "rejected": replies["rejected"]}
+    return Task(task_id, messages[-1]["content"], "", "open", None, None, metadata)
