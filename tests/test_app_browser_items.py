@@ -2,7 +2,8 @@
 
 A hand-written round 1 in which one item has two identical verified traces (up to whitespace):
 the page shows them as one entry with "×2 identical traces", and the rank typed for it is
-stored for both copies.
+stored for both copies. In pairwise mode, key 1 ("A is better") stores A's traces ranked 0
+and B's ranked 1, the item's other traces unranked.
 """
 
 from __future__ import annotations
@@ -80,3 +81,29 @@ def test_identical_traces_are_one_entry_in_the_page(served):
         ranks = {int(k): v for k, v in s.scalars(select(Annotation)).one().ranks.items()}
     assert ranks == {cid: (0 if i == dup else 1) for i, e in enumerate(entries, 1) for cid in e.completion_ids}
 
+
+@pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
+def test_pairwise_mode_key_1_stores_a_over_b(served):
+    from playwright.sync_api import expect
+
+    from rlhf_workbench.pairwise import choose_pair
+    from rlhf_workbench.store import Annotation
+
+    page, store, uid, rid = served
+    expect(page.locator("#item-header")).to_contain_text("policy v0 · round 1")
+    page.get_by_label("Pairwise: A, B or tie").check()
+    expect(page.locator("#pair-a-btn")).to_be_visible()
+    expect(page.locator("#submit-btn")).to_be_hidden()
+    a, b = choose_pair(store, uid, rid, "q0")
+    expect(page.locator("#pair-a-text")).to_contain_text(a.trace.text.splitlines()[0].split()[0])
+    expect(page.locator("#pair-b-text")).to_contain_text(b.trace.text.splitlines()[0].split()[0])
+    dup = a if a.count == 2 else b if b.count == 2 else None
+    if dup is not None:
+        expect(page.locator("#pair-a-text" if dup is a else "#pair-b-text")).to_contain_text("×2 identical traces")
+    page.locator("#pair-keys-help").click()
+    page.keyboard.press("1")
+    expect(page.locator("#annotate-status")).to_contain_text("Submitted (task q0,")
+    with store.session() as s:
+        ranks = {int(k): v for k, v in s.scalars(select(Annotation)).one().ranks.items()}
+    assert ranks == {**{c: 0 for c in a.completion_ids}, **{c: 1 for c in b.completion_ids}}
+    expect(page.locator("#item-header")).to_contain_text("Nothing to rank")

@@ -24,7 +24,7 @@ PASSWORD = "password-123"
 ROLES = {"ann": "annotator", "boss": "admin", "viewer": "playground"}
 # Every event handler of the app and what it needs; a handler missing here fails the test.
 HANDLERS = {"submit_ui": "annotate", "draft_ui": "annotate", "skip_ui": "annotate", "load_next": "annotate",
-            "poll": "annotate", "api_next_item": "annotate", "api_submit": "annotate",
+            "poll": "annotate", "pair_ui": "annotate", "api_next_item": "annotate", "api_submit": "annotate",
             "status": "dashboard", "refresh": "dashboard", "ask": "playground", "fn": "playground",
             "tabs_for_role": None}
 

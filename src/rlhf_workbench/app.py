@@ -8,7 +8,10 @@ Three tabs behind a login (accounts from :mod:`rlhf_workbench.annotation`):
   checkboxes: "flag unsafe / clinically wrong", and "verified answer is actually wrong" (an
   audit of the verifier; both make the trace never chosen, reward 0). Keyboard: a digit fills the
   next unranked trace, Backspace clears the last rank, Enter submits, S skips (never while
-  typing in the rationale).
+  typing in the rationale; :mod:`rlhf_workbench.page_keys`). Identical traces are one entry with
+  a count, and its rank and marks go to every copy (:mod:`rlhf_workbench.items`). A "Mode"
+  switch offers pairwise judgments instead (:mod:`rlhf_workbench.pairwise`): two traces A and B,
+  keys 1 / 2 / 3 (or the buttons) for A better / B better / tie, stored as a ranking of the two.
 - **Dashboard** (:mod:`rlhf_workbench.dashboard`): held-out accuracy, reward, KL, loss and
   acceptance per round, rankings per hour per annotator, inter-annotator agreement, the
   verifier's audited precision, the worker's status and the current version.
@@ -23,7 +26,8 @@ queue API refuses what the page would not show. Logins are throttled and session
 
 The database is the only channel to the worker (the loop with ``feedback.source: human``).
 API endpoints for scripted clients (``gradio_client``, logged in with ``auth=(user, password)``):
-``/next_item`` (no arguments; the item as a JSON string, ``null`` when there is nothing to do)
+``/next_item`` (no arguments; the item as a JSON string, ``null`` when there is nothing to do;
+with ``groups``, the identical traces collapsed)
 and ``/submit`` (rollout_id, task_id, ranks_json, rationale, flagged_json, revision, wrong_json:
 the verified traces whose answer is actually wrong; returns ``"ok: ..."`` or
 ``"error: <reason>"``). ``gradio_client`` fills in wrong_json's default ``"[]"`` when it is left
@@ -50,6 +54,8 @@ from .auth import (CLIENT_ADDRESS, LoginPolicy, LoginThrottled, SessionMiddlewar
 from .config import RunConfig  # noqa: E402
 from .dashboard import dashboard_tab  # noqa: E402
 from .items import count_label, group_traces, save_grouped  # noqa: E402
+from .page_keys import CSS, KEYBOARD_JS  # noqa: E402
+from .pairwise import choose_pair, save_pairwise  # noqa: E402
 from .store import Store  # noqa: E402
 
 LATEX = [
@@ -58,53 +64,6 @@ LATEX = [
     {"left": "\\(", "right": "\\)", "display": False},
     {"left": "\\[", "right": "\\]", "display": True},
 ]
-
-# Keyboard-first annotation. Active only while the Annotate tab is shown; never while typing in
-# a text box (the rationale); inside a rank box the keys type normally and Enter submits.
-KEYBOARD_JS = """
-<script>
-(() => {
-  const visible = (el) => el && el.offsetParent !== null;
-  const rankInputs = () => [...document.querySelectorAll('.rank-input input')].filter(visible);
-  const setValue = (input, value) => {
-    const setter = Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set;
-    setter.call(input, value);
-    input.dispatchEvent(new Event('input', {bubbles: true}));
-    input.dispatchEvent(new Event('change', {bubbles: true}));
-  };
-  document.addEventListener('keydown', (e) => {
-    if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
-    const submit = document.querySelector('#submit-btn');
-    if (!visible(submit)) return;  // not on the Annotate page (or not logged in)
-    const t = e.target || document.body;
-    const tag = (t.tagName || '').toLowerCase();
-    if (tag === 'textarea' || tag === 'select' || t.isContentEditable) return;
-    if (tag === 'input' && !['checkbox', 'radio', 'button'].includes(t.type)) {
-      if (e.key === 'Enter' && t.closest('.rank-input')) { e.preventDefault(); submit.click(); }
-      return;
-    }
-    if (/^[1-9]$/.test(e.key)) {
-      const next = rankInputs().find((i) => i.value === '');
-      if (next) { e.preventDefault(); setValue(next, e.key); }
-    } else if (e.key === 'Backspace') {
-      const filled = rankInputs().filter((i) => i.value !== '');
-      if (filled.length) { e.preventDefault(); setValue(filled[filled.length - 1], ''); }
-    } else if (e.key === 'Enter') {
-      if (tag === 'button') return;  // the button's own Enter already clicks it
-      e.preventDefault(); submit.click();
-    } else if (e.key === 's' || e.key === 'S') {
-      e.preventDefault(); document.querySelector('#skip-btn').click();
-    }
-  });
-})();
-</script>
-"""
-
-CSS = """
-#item-header { font-size: 1.05em; }
-#keys-help { opacity: 0.75; font-size: 0.9em; }
-"""
-
 
 # --- small helpers ---------------------------------------------------------------------------------
 def _username(request: gr.Request | None) -> str | None:
@@ -141,6 +100,12 @@ def _trace_md(number: int, trace, count: int = 1) -> str:
     how many identical copies it stands for, :mod:`rlhf_workbench.items`)."""
     copies = f" · {count_label(count)}" if count > 1 else ""
     return f"#### Trace {number}{copies}\n\n{trace.text}\n\nverifier: _{trace.reason}_"
+
+
+def _pair_md(label: str, entry) -> str:
+    """One side (A or B) of a pairwise judgment."""
+    copies = f" · {count_label(entry.count)}" if entry.count > 1 else ""
+    return f"#### {label}{copies}\n\n{entry.trace.text}\n\nverifier: _{entry.trace.reason}_"
 
 
 def _answer_md(text: str) -> str:
@@ -200,8 +165,12 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
                 "rejected_ids": [t.completion_id for t in item.rejected],
                 "revision": item.draft.revision if item.draft is not None else -1}
 
-    def render(item: Item | None, status: str) -> list:
-        """Updates for every output of the annotation page (see ``page_outputs``)."""
+    def render(item: Item | None, status: str, pair=None) -> list:
+        """Updates for every output of the annotation page (see ``page_outputs``); ``pair``: the
+        two entries (A, B) to judge in pairwise mode, None for a full ranking."""
+        views = [gr.update(visible=pair is None), gr.update(visible=pair is not None),
+                 gr.update(value=_pair_md("A", pair[0]) if pair else ""),
+                 gr.update(value=_pair_md("B", pair[1]) if pair else "")]
         if item is None:
             updates = [gr.update(value="### Nothing to rank right now"),
                        gr.update(value="All open items are done. New items appear here when the worker has "
@@ -210,7 +179,7 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
                 updates += [gr.update(visible=False), gr.update(value=""), gr.update(value=None),
                             gr.update(value=False), gr.update(value=False)]
             updates += [gr.update(label="Rejected traces (0)"), gr.update(value=""), gr.update(value=""),
-                        gr.update(value=status)]
+                        *views, gr.update(value=status)]
             return updates
         draft = item.draft
         draft_ranks = {int(k): v for k, v in (draft.ranks or {}).items()} if draft else {}
@@ -219,7 +188,11 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
         header = f"### policy v{item.policy_version} · round {item.round}"
         if draft is not None:
             header += f" · draft revision {draft.revision}"
-        updates = [gr.update(value=header), gr.update(value=_question_md(item)), item_state(item)]
+        state = item_state(item)
+        if pair is not None:
+            header += " · pairwise: which is better?"
+            state["pair"] = [pair[0].completion_ids, pair[1].completion_ids]
+        updates = [gr.update(value=header), gr.update(value=_question_md(item)), state]
         entries = group_traces(item.verified)
         n = len(entries)
         for i in range(n_slots):
@@ -238,15 +211,21 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
             status = (status + " " if status else "") + "This item has no verified trace: submit it to confirm, or skip it."
         updates += [gr.update(label=f"Rejected traces ({len(item.rejected)}) · verifier's reasons"),
                     gr.update(value=_rejected_md(item)), gr.update(value=draft.rationale if draft else ""),
-                    gr.update(value=status)]
+                    *views, gr.update(value=status)]
         return updates
 
-    def load_next(request: gr.Request, status: str = "") -> list:
+    def load_next(request: gr.Request, mode: str = "ranking", status: str = "") -> list:
         try:
             uid = _user_id(store, request)
         except AnnotationError as e:
             return render(None, f"**{e}**")
-        return render(next_item(store, uid, fb.annotators_per_item, fb.min_verified, fb.claim_seconds), status)
+        item = next_item(store, uid, fb.annotators_per_item, fb.min_verified, fb.claim_seconds)
+        pair = None
+        if item is not None and mode == "pairwise":
+            pair = choose_pair(store, uid, item.rollout_id, item.task.id)
+            if pair is None:
+                status = (status + " " if status else "") + "Fewer than two distinct traces: rank this one in full."
+        return render(item, status, pair)
 
     def collect(state: dict, values: list, require_all: bool) -> tuple[dict[int, int], list[int], list[int]]:
         groups = state.get("groups") or [[cid] for cid in state["completion_ids"]]  # one slot per entry
@@ -267,7 +246,8 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
         wrong = [cid for i, ids in enumerate(groups) if wrong_in[i] for cid in ids]
         return ranks, flagged, wrong
 
-    def act(request: gr.Request, status_name: str, state: dict | None, rationale: str, values: list):
+    def act(request: gr.Request, status_name: str, state: dict | None, rationale: str, values: list,
+            mode: str = "ranking"):
         try:
             uid = _user_id(store, request)
             if state is None:
@@ -281,22 +261,38 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
             gr.Warning(str(e))
             return [gr.skip()] * (len(page_outputs) - 1) + [gr.update(value=f"**Not saved:** {e}")]
         done = {"submitted": "Submitted", "skipped": "Skipped", "draft": "Draft saved"}[status_name]
-        return load_next(request, f"{done} (task `{state['task_id']}`, round {state['round']}).")
+        return load_next(request, mode, f"{done} (task `{state['task_id']}`, round {state['round']}).")
 
     # gradio passes the request only to positional parameters before *args, hence its place.
-    def submit_ui(request: gr.Request, state, rationale, *values):
-        return act(request, "submitted", state, rationale, list(values))
+    def submit_ui(request: gr.Request, state, rationale, mode, *values):
+        return act(request, "submitted", state, rationale, list(values), mode)
 
-    def draft_ui(request: gr.Request, state, rationale, *values):
-        return act(request, "draft", state, rationale, list(values))
+    def draft_ui(request: gr.Request, state, rationale, mode, *values):
+        return act(request, "draft", state, rationale, list(values), mode)
 
-    def skip_ui(request: gr.Request, state, rationale, *values):
-        return act(request, "skipped", state, rationale, list(values))
+    def skip_ui(request: gr.Request, state, rationale, mode, *values):
+        return act(request, "skipped", state, rationale, list(values), mode)
 
-    def poll(request: gr.Request, state):
+    def judge(outcome: str):
+        """The handler of one pairwise button (``a``, ``b`` or ``tie``)."""
+        def pair_ui(request: gr.Request, state, rationale, mode):
+            try:
+                uid = _user_id(store, request)
+                if state is None or not state.get("pair"):
+                    raise AnnotationError("No pair is loaded.")
+                revision = None if state["revision"] < 0 else state["revision"]
+                save_pairwise(store, uid, state["rollout_id"], state["task_id"], *state["pair"], outcome,
+                              rationale or "", revision, fb.annotators_per_item, fb.claim_seconds)
+            except AnnotationError as e:
+                gr.Warning(str(e))
+                return [gr.skip()] * (len(page_outputs) - 1) + [gr.update(value=f"**Not saved:** {e}")]
+            return load_next(request, mode, f"Submitted (task `{state['task_id']}`, round {state['round']}).")
+        return pair_ui
+
+    def poll(request: gr.Request, state, mode):
         if state is not None or not allowed(role_of(store, _username(request)), "annotate"):
             return [gr.skip()] * len(page_outputs)
-        return load_next(request, "")
+        return load_next(request, mode, "")
 
     # --- API for scripted clients ----------------------------------------------------------------
     def api_next_item(request: gr.Request) -> str:
@@ -385,41 +381,60 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
                 header = gr.Markdown(elem_id="item-header")
                 question = gr.Markdown(elem_id="item-question", latex_delimiters=LATEX)
                 state = gr.State(None)
-                gr.Markdown("Keys: **1–9** rank the next unranked trace (1 = best, ties allowed) · **Backspace** "
-                            "clears the last rank · **Enter** submits · **S** skips (not while typing in the "
-                            "rationale).", elem_id="keys-help")
-                slot_parts, rank_boxes, flag_boxes, wrong_boxes = [], [], [], []
-                for i in range(n_slots):
-                    with gr.Column(visible=False, variant="panel", elem_id=f"trace-{i + 1}",
-                                   elem_classes=["trace"]) as grp:
-                        text = gr.Markdown(latex_delimiters=LATEX, line_breaks=True, elem_id=f"trace-text-{i + 1}")
-                        with gr.Row():
-                            rank = gr.Number(label=f"Rank of Trace {i + 1} (1 = best)", precision=0,
-                                             elem_id=f"rank-{i + 1}", elem_classes=["rank-input"])
-                            flag = gr.Checkbox(label="flag unsafe / clinically wrong", elem_id=f"flag-{i + 1}")
-                            wrong = gr.Checkbox(label="verified answer is actually wrong", elem_id=f"wrong-{i + 1}")
-                    slot_parts += [grp, text, rank, flag, wrong]
-                    rank_boxes.append(rank)
-                    flag_boxes.append(flag)
-                    wrong_boxes.append(wrong)
+                mode = gr.Radio([("Full ranking", "ranking"), ("Pairwise: A, B or tie", "pairwise")],
+                                value="ranking", label="Mode", elem_id="mode")
+                with gr.Column(visible=False, elem_id="pair-view") as pair_col:
+                    gr.Markdown("Keys: **1** A is better · **2** B is better · **3** tie · **S** skips.",
+                                elem_id="pair-keys-help")
+                    with gr.Row():
+                        pair_a = gr.Markdown(latex_delimiters=LATEX, line_breaks=True, elem_id="pair-a-text")
+                        pair_b = gr.Markdown(latex_delimiters=LATEX, line_breaks=True, elem_id="pair-b-text")
+                    with gr.Row():
+                        pair_btns = [gr.Button("A is better (1)", elem_id="pair-a-btn"),
+                                     gr.Button("B is better (2)", elem_id="pair-b-btn"),
+                                     gr.Button("Tie (3)", elem_id="pair-tie-btn")]
+                with gr.Column(elem_id="ranking-view") as rank_col:
+                    gr.Markdown("Keys: **1–9** rank the next unranked trace (1 = best, ties allowed) · **Backspace** "
+                                "clears the last rank · **Enter** submits · **S** skips (not while typing in the "
+                                "rationale).", elem_id="keys-help")
+                    slot_parts, rank_boxes, flag_boxes, wrong_boxes = [], [], [], []
+                    for i in range(n_slots):
+                        with gr.Column(visible=False, variant="panel", elem_id=f"trace-{i + 1}",
+                                       elem_classes=["trace"]) as grp:
+                            text = gr.Markdown(latex_delimiters=LATEX, line_breaks=True, elem_id=f"trace-text-{i + 1}")
+                            with gr.Row():
+                                rank = gr.Number(label=f"Rank of Trace {i + 1} (1 = best)", precision=0,
+                                                 elem_id=f"rank-{i + 1}", elem_classes=["rank-input"])
+                                flag = gr.Checkbox(label="flag unsafe / clinically wrong", elem_id=f"flag-{i + 1}")
+                                wrong = gr.Checkbox(label="verified answer is actually wrong", elem_id=f"wrong-{i + 1}")
+                        slot_parts += [grp, text, rank, flag, wrong]
+                        rank_boxes.append(rank)
+                        flag_boxes.append(flag)
+                        wrong_boxes.append(wrong)
+                    with gr.Row():
+                        submit_btn = gr.Button("Submit (Enter)", variant="primary", elem_id="submit-btn")
+                        draft_btn = gr.Button("Save draft", elem_id="draft-btn")
                 with gr.Accordion("Rejected traces", open=False, elem_id="rejected") as rejected_acc:
                     rejected_md = gr.Markdown(latex_delimiters=LATEX, line_breaks=True)
                 rationale = gr.Textbox(label=f"Rationale (optional, at most {RATIONALE_MAX_CHARS} characters)", lines=2,
                                        max_length=RATIONALE_MAX_CHARS, elem_id="rationale")
                 with gr.Row():
-                    submit_btn = gr.Button("Submit (Enter)", variant="primary", elem_id="submit-btn")
-                    draft_btn = gr.Button("Save draft", elem_id="draft-btn")
                     skip_btn = gr.Button("Skip (S)", elem_id="skip-btn")
                     reload_btn = gr.Button("Reload item", elem_id="reload-btn")
                 status = gr.Markdown(elem_id="annotate-status")
-                page_outputs = [header, question, state, *slot_parts, rejected_acc, rejected_md, rationale, status]
-                inputs = [state, rationale, *rank_boxes, *flag_boxes, *wrong_boxes]
+                page_outputs = [header, question, state, *slot_parts, rejected_acc, rejected_md, rationale,
+                                rank_col, pair_col, pair_a, pair_b, status]
+                inputs = [state, rationale, mode, *rank_boxes, *flag_boxes, *wrong_boxes]
                 for btn, fn in ((submit_btn, submit_ui), (draft_btn, draft_ui), (skip_btn, skip_ui)):
                     btn.click(fn, inputs, page_outputs, api_visibility="private", concurrency_limit=None,
                               trigger_mode="once")
-                reload_btn.click(load_next, None, page_outputs, api_visibility="private", concurrency_limit=None)
-                demo.load(load_next, None, page_outputs, api_visibility="private", concurrency_limit=None)
-                gr.Timer(10).tick(poll, [state], page_outputs, api_visibility="private", concurrency_limit=None,
+                for btn, outcome in zip(pair_btns, ("a", "b", "tie")):
+                    btn.click(judge(outcome), [state, rationale, mode], page_outputs, api_visibility="private",
+                              concurrency_limit=None, trigger_mode="once")
+                reload_btn.click(load_next, [mode], page_outputs, api_visibility="private", concurrency_limit=None)
+                mode.change(load_next, [mode], page_outputs, api_visibility="private", concurrency_limit=None)
+                demo.load(load_next, [mode], page_outputs, api_visibility="private", concurrency_limit=None)
+                gr.Timer(10).tick(poll, [state, mode], page_outputs, api_visibility="private", concurrency_limit=None,
                                   show_progress="hidden")
 
             with gr.Tab("Dashboard", id="dashboard", elem_id="tab-dashboard") as dash_tab:
