@@ -40,6 +40,7 @@ class EvalResult:
     ambiguous: list[bool] = field(default_factory=list)
     kl: float | None = None  # mean per-token KL(π || π_ref), nats
     kl_seq: float | None = None  # mean per-completion KL (sum over tokens), nats
+    open: list[bool] = field(default_factory=list)  # the task has no answer key (accuracy not applicable)
 
     @property
     def n(self) -> int:
@@ -47,24 +48,37 @@ class EvalResult:
         return len(self.correct)
 
     @property
+    def n_keyed(self) -> int:
+        """Number of evaluated tasks with an answer key (the denominator of the accuracies)."""
+        return self.n - sum(self.open)
+
+    @property
+    def accuracy_applicable(self) -> bool:
+        """Whether any evaluated task has an answer key; with open tasks only, accuracy means nothing."""
+        return self.n_keyed > 0
+
+    @property
     def accuracy(self) -> float:
-        """Greedy pass@1 as a grader sees it: an explicit, unambiguous final answer equal to the key."""
-        return sum(self.correct) / max(1, self.n)
+        """Greedy pass@1 as a grader sees it: an explicit, unambiguous final answer equal to the key
+        (over the tasks with a key; 0.0 when there are none, see :attr:`accuracy_applicable`)."""
+        return sum(self.correct) / max(1, self.n_keyed)
 
     @property
     def lenient_accuracy(self) -> float:
         """Fraction whose lenient reading (last number / label, no ambiguity check) is correct."""
-        return sum(self.lenient_correct) / max(1, self.n)
+        return sum(self.lenient_correct) / max(1, self.n_keyed)
 
     def metrics(self, prefix: str = "eval/") -> dict[str, float]:
         """Flat metrics dict: accuracy (strict verifier) with its Wilson 95% CI, lenient accuracy,
         format rate (explicit answer marker), ambiguous rate, reward (mean verifier reward), mean
-        completion length, KL."""
-        lo, hi = wilson_interval(sum(self.correct), self.n)
+        completion length, KL. Accuracies count the tasks with a key only; ``accuracy_applicable``
+        is 0.0 when every task is open (no key), ``n_open`` counts those tasks."""
+        lo, hi = wilson_interval(sum(self.correct), self.n_keyed)
         m = {
             "accuracy": self.accuracy, "accuracy_ci_low": lo, "accuracy_ci_high": hi,
             "lenient_accuracy": self.lenient_accuracy, "format_rate": sum(self.format_ok) / max(1, self.n),
             "ambiguous_rate": sum(self.ambiguous) / max(1, self.n),
+            "accuracy_applicable": float(self.accuracy_applicable), "n_open": sum(self.open),
             "reward": self.accuracy, "completion_length": sum(self.lengths) / max(1, self.n), "n": self.n,
         }
         if self.kl is not None:
@@ -153,7 +167,7 @@ def evaluate(pair: PolicyPair, tasks: list[Task], max_new_tokens: int = 64, batc
     result = EvalResult(task_ids=[t.id for t in tasks], correct=[v.correct for v in vers],
                         format_ok=[v.format_ok for v in vers], lengths=[len(c.token_ids) for c in comps],
                         completions=comps, lenient_correct=[v.lenient_correct for v in vers],
-                        ambiguous=[v.ambiguous for v in vers])
+                        ambiguous=[v.ambiguous for v in vers], open=[t.is_open for t in tasks])
     if kl_samples > 0:
         result.kl, result.kl_seq = token_kl(pair, comps[:kl_samples], mixed_precision=mixed_precision)
     return result

@@ -72,11 +72,27 @@ class RuleRanker:
         ]
 
 
+def rankable(correct: bool, flagged: bool, open_task: bool) -> bool:
+    """Whether a trace takes part in ranking: not flagged by the safety filter, and verified
+    correct for a task with an answer key; every unflagged trace of an open task (no key).
+
+    Args:
+        correct: the verifier's verdict (always False for an open task: "no key").
+        flagged: the safety filter flagged the trace.
+        open_task: the task has no answer key (``answer_type="open"``).
+
+    Returns:
+        True when the trace is ranked (and can be chosen in a pair).
+    """
+    return not flagged and (open_task or bool(correct))
+
+
 def rank_group(eligible: Sequence[bool], scores: Sequence[float]) -> list[int | None]:
     """Dense ranks (0 = best, ties share a rank) of the eligible traces; the others get None.
 
     Args:
-        eligible: one per trace of a prompt: verified correct (and not flagged).
+        eligible: one per trace of a prompt: :func:`rankable` (verified correct, or any trace of
+            an open task; not flagged).
         scores: ranker scores, same length (higher is better).
 
     Returns:
@@ -95,10 +111,11 @@ def rank_rewards(ranks: Sequence[int | None]) -> list[float]:
 
 
 def completion_rewards(ranks: Sequence[int | None], ranking_weight: float) -> list[float]:
-    """GRPO reward per trace: ``1 + ranking_weight · rank_reward`` if correct, else 0.
+    """GRPO reward per trace: ``1 + ranking_weight · rank_reward`` if ranked, else 0.
 
     Correctness dominates; the ranking only orders correct traces among themselves, so a wrong
-    trace always scores below every correct one.
+    trace always scores below every correct one. For an open task every unflagged trace is ranked
+    (:func:`rankable`), so the ranking alone spreads the rewards and a flagged trace gets 0.
     """
     return [0.0 if r is None else 1.0 + ranking_weight * rr for r, rr in zip(ranks, rank_rewards(ranks))]
 

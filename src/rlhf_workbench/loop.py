@@ -30,11 +30,12 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
 from rich.console import Console
 from rich.progress import Progress
+from sqlalchemy import select
 
 from .annotation import consume_human_rankings, wait_for_human_rankings
 from .config import RunConfig
 from .evaluate import EvalResult, evaluate
-from .feedback import build_pairs, completion_rewards, make_ranker, rank_group
+from .feedback import build_pairs, completion_rewards, make_ranker, rank_group, rankable
 from .losses import group_advantages
 from .models import load_policy, save_policy
 from .ppo import load_critic, make_optimizer, ppo_update, save_critic
@@ -43,7 +44,7 @@ from .rollout import Completion, HFEngine
 from .runlock import RunInUseError, RunLock
 from .safety import make_safety_filter
 from .stats import mcnemar_exact
-from .store import CompletionRow, PreferencePair, RankingRow, Rollout, Store, VerificationRow
+from .store import CompletionRow, PreferencePair, RankingRow, Rollout, Store, TaskRow, VerificationRow
 from .tasks import load_tasks, split_tasks
 from .tracking import Tracking
 from .update import Sample, dpo_update, grpo_update, kto_update, rloo_update, sft_update
@@ -94,7 +95,9 @@ def _record_rankings(store: Store, rollout: Rollout, source: str, scores: dict[s
     """Turn per-task scores of the traces into rankings, rewards and DPO pairs (one transaction,
     or written into ``session``, the caller's transaction, when given).
 
-    Wrong and flagged traces are unranked: reward 0, never chosen.
+    Wrong and flagged traces are unranked: reward 0, never chosen. Every unflagged trace of an
+    open task (no answer key) is ranked (:func:`rlhf_workbench.feedback.rankable`); its pairs
+    are best against flagged traces, else best against the worst-ranked one (``best_vs_worst``).
     """
     by_task = _by_task(rollout)
     if session is None:
@@ -102,10 +105,12 @@ def _record_rankings(store: Store, rollout: Rollout, source: str, scores: dict[s
             _record_rankings(store, rollout, source, scores, flagged, cfg, session=s)
         return
     s = session
+    open_ids = set(s.scalars(select(TaskRow.id).where(TaskRow.id.in_(list(scores)), TaskRow.answer_type == "open")))
     for task_id, task_scores in scores.items():
         rows = by_task[task_id]
         vers = [c.verification for c in rows]
-        ok = [v.correct and c.id not in flagged for v, c in zip(vers, rows)]
+        is_open = task_id in open_ids
+        ok = [rankable(v.correct, c.id in flagged, is_open) for v, c in zip(vers, rows)]
         ranks = rank_group(ok, [task_scores.get(c.id, 0.0) for c in rows])
         rewards = completion_rewards(ranks, cfg.feedback.ranking_weight)
         ranking = RankingRow(rollout_id=rollout.id, task_id=task_id, source=source,
@@ -113,7 +118,8 @@ def _record_rankings(store: Store, rollout: Rollout, source: str, scores: dict[s
                              rewards={str(c.id): x for c, x in zip(rows, rewards)})
         s.add(ranking)
         s.flush()
-        for ci, ri in build_pairs(ranks, cfg.dpo.pairing, cfg.dpo.max_pairs_per_prompt):
+        pairing = "best_vs_worst" if is_open else cfg.dpo.pairing
+        for ci, ri in build_pairs(ranks, pairing, cfg.dpo.max_pairs_per_prompt):
             s.add(PreferencePair(ranking_id=ranking.id, chosen_id=rows[ci].id, rejected_id=rows[ri].id))
 
 
@@ -130,18 +136,21 @@ def _rule_scores(rollout: Rollout, cfg: RunConfig, tasks_by_id: dict | None = No
                  flagged: set[int] = frozenset()) -> tuple[dict[str, dict[int, float]], dict[str, float]]:
     """Scores of every trace from the configured automatic sources (a weighted mix of rule
     rewards, reward model and LLM judge), by task, and the sources' statistics (judge calls and
-    consistency). Flagged traces are shown to the ranker as wrong, so no judge call is spent on them.
+    consistency). Flagged traces are shown to the ranker as wrong, so no judge call is spent on them;
+    the unflagged traces of an open task (no answer key) are shown as correct, so every source scores them.
     """
     ranker = make_ranker(cfg.feedback, cfg.rollout.max_new_tokens, seed=cfg.seed)
     by_task = _by_task(rollout)
     out = {}
     for task_id, rows in by_task.items():
         comps = [Completion(c.task_id, c.index, c.prompt_ids, c.token_ids, c.logps, c.text, c.finished) for c in rows]
-        vers = [Verification(correct=c.verification.correct and c.id not in flagged, extracted=c.verification.extracted,
+        task = (tasks_by_id or {}).get(task_id)
+        is_open = task is not None and task.is_open
+        vers = [Verification(correct=rankable(c.verification.correct, c.id in flagged, is_open),
+                             extracted=c.verification.extracted,
                              format_ok=c.verification.format_ok, reason=c.verification.reason,
                              ambiguous=bool(c.verification.ambiguous),
                              lenient_correct=bool(c.verification.lenient_correct)) for c in rows]
-        task = (tasks_by_id or {}).get(task_id)
         out[task_id] = dict(zip((c.id for c in rows), ranker(comps, vers, task=task)))
     stats = ranker.stats() if hasattr(ranker, "stats") else {}
     return out, stats
@@ -459,7 +468,7 @@ def _save_eval(out: Path, version: int, result: EvalResult) -> None:
     d.mkdir(exist_ok=True)
     (d / f"v{version}.json").write_text(json.dumps({
         "version": version, "task_ids": result.task_ids, "correct": result.correct, "format_ok": result.format_ok,
-        "lenient_correct": result.lenient_correct, "ambiguous": result.ambiguous,
+        "lenient_correct": result.lenient_correct, "ambiguous": result.ambiguous, "open": result.open,
         "completions": [c.text for c in result.completions], "metrics": result.metrics(""),
     }, indent=1))
 
@@ -479,7 +488,8 @@ def _summary(out: Path, store: Store, cfg: RunConfig, wall: float) -> dict:
     def block(ev):
         m = ev["metrics"]
         return {k: m[k] for k in ("accuracy", "lenient_accuracy", "format_rate", "ambiguous_rate", "accuracy_ci_low",
-                                  "accuracy_ci_high", "completion_length", "kl") if k in m} | {"n": int(m["n"])}
+                                  "accuracy_ci_high", "completion_length", "kl") if k in m} | {"n": int(m["n"])} | (
+            {"accuracy_applicable": bool(m["accuracy_applicable"]), "n_open": int(m["n_open"])} if m.get("n_open") else {})
 
     summary = {
         "eval_before": block(ev0), "eval_after": block(ev1), "rounds": last.id, "algorithm": cfg.algorithm,

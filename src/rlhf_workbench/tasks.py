@@ -57,7 +57,8 @@ class Task:
         parts.append(self.question if not self.context else f"Question: {self.question}")
         if self.choices:
             parts.append("\n".join(f"{k}. {v}" for k, v in self.choices.items()))
-        instruction = self.instruction or ANSWER_INSTRUCTIONS[self.answer_type]
+        # an open task has no final answer to ask for: the run's final-answer instruction is not added
+        instruction = "" if self.answer_type == "open" else self.instruction or ANSWER_INSTRUCTIONS[self.answer_type]
         if instruction:
             parts.append(instruction)
         return "\n\n".join(parts)

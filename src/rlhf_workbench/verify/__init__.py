@@ -75,7 +75,9 @@ from .labels import choice_ambiguity, label_clause, last_choice, last_ynm, parse
 from .markers import markers, normalise_text
 from .numbers import Num, last_number, number_ambiguity, number_clause, numbers_equal, parse_number
 
-__all__ = ["VERIFIER_MODES", "Verification", "extract_answer", "verify"]
+__all__ = ["NO_KEY_REASON", "VERIFIER_MODES", "Verification", "extract_answer", "verify"]
+
+NO_KEY_REASON = "no key: open-ended task, ranked by feedback (never verified)"
 
 VERIFIER_MODES = ("strict", "lenient")
 
@@ -262,12 +264,16 @@ def verify(completion: str, task: Task, lenient: bool = False) -> Verification:
 
     Returns:
         A :class:`Verification`. Strict: ``correct`` only for an explicit, unambiguous final
-        answer equal to the key; ``extracted`` is ``None`` without one.
+        answer equal to the key; ``extracted`` is ``None`` without one. An open task
+        (``answer_type="open"``, no key) gets ``correct=False`` with reason
+        :data:`NO_KEY_REASON`: "no key", not wrong (the loop ranks such traces all the same).
 
     Raises:
         ValueError: ``task.answer_type`` is unknown (the message names it and the task id), or
             ``task.answer`` cannot be read as an answer of that type.
     """
+    if task.answer_type == "open":  # nothing to verify: neither correct nor wrong, ranked by feedback
+        return Verification(False, None, False, NO_KEY_REASON, False, False)
     _check_type(task.answer_type, task.id)
     gold_text, gold_num = _gold(task)
     t = task.answer_type
