@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from conftest import seed_rollout
-from test_app_browser import PASSWORD, USER, _free_port, browser, make_cfg, write_tasks  # noqa: F401
+from test_app_browser import PASSWORD, USER, _free_port, api_call, browser, make_cfg, write_tasks  # noqa: F401
 
 
 @pytest.fixture
@@ -84,6 +84,9 @@ def test_identical_traces_are_one_entry_in_the_page(served):
 
 @pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
 def test_pairwise_mode_key_1_stores_a_over_b(served):
+    import json
+
+    import httpx
     from playwright.sync_api import expect
 
     from rlhf_workbench.pairwise import choose_pair
@@ -100,10 +103,19 @@ def test_pairwise_mode_key_1_stores_a_over_b(served):
     dup = a if a.count == 2 else b if b.count == 2 else None
     if dup is not None:
         expect(page.locator("#pair-a-text" if dup is a else "#pair-b-text")).to_contain_text("×2 identical traces")
-    page.locator("#pair-keys-help").click()
-    page.keyboard.press("1")
-    expect(page.locator("#annotate-status")).to_contain_text("Submitted (task q0,")
-    with store.session() as s:
-        ranks = {int(k): v for k, v in s.scalars(select(Annotation)).one().ranks.items()}
-    assert ranks == {**{c: 0 for c in a.completion_ids}, **{c: 1 for c in b.completion_ids}}
-    expect(page.locator("#item-header")).to_contain_text("Nothing to rank")
+    # the HTTP API serves the same item and pair to this annotator
+    with httpx.Client(base_url=page.url.rstrip("/"), timeout=30, trust_env=False) as http:
+        http.post("/login", data={"username": USER, "password": PASSWORD}).raise_for_status()
+        served_pair = json.loads(api_call(http, "next_pair"))
+        assert served_pair["task_id"] == "q0" and served_pair["a"]["completion_ids"] == a.completion_ids
+        assert served_pair["b"]["completion_ids"] == b.completion_ids
+        page.locator("#pair-keys-help").click()
+        page.keyboard.press("1")
+        expect(page.locator("#annotate-status")).to_contain_text("Submitted (task q0,")
+        with store.session() as s:
+            ranks = {int(k): v for k, v in s.scalars(select(Annotation)).one().ranks.items()}
+        assert ranks == {**{c: 0 for c in a.completion_ids}, **{c: 1 for c in b.completion_ids}}
+        expect(page.locator("#item-header")).to_contain_text("Nothing to rank")
+        again = api_call(http, "submit_pair", rid, "q0", json.dumps(a.completion_ids), json.dumps(b.completion_ids),
+                         "tie", "", -1)
+        assert again == "error: you already submitted this item", again

@@ -25,6 +25,7 @@ ROLES = {"ann": "annotator", "boss": "admin", "viewer": "playground"}
 # Every event handler of the app and what it needs; a handler missing here fails the test.
 HANDLERS = {"submit_ui": "annotate", "draft_ui": "annotate", "skip_ui": "annotate", "load_next": "annotate",
             "poll": "annotate", "pair_ui": "annotate", "api_next_item": "annotate", "api_submit": "annotate",
+            "api_next_pair": "annotate", "api_submit_pair": "annotate",
             "status": "dashboard", "refresh": "dashboard", "ask": "playground", "fn": "playground",
             "tabs_for_role": None}
 

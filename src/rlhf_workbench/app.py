@@ -31,7 +31,9 @@ with ``groups``, the identical traces collapsed)
 and ``/submit`` (rollout_id, task_id, ranks_json, rationale, flagged_json, revision, wrong_json:
 the verified traces whose answer is actually wrong; returns ``"ok: ..."`` or
 ``"error: <reason>"``). ``gradio_client`` fills in wrong_json's default ``"[]"`` when it is left
-out; Gradio's plain HTTP API (``POST /gradio_api/call/submit``) needs all seven values. Only the
+out; Gradio's plain HTTP API (``POST /gradio_api/call/submit``) needs all seven values.
+Pairwise: ``/next_pair`` (the item with ``a`` and ``b``, the traces to judge) and ``/submit_pair``
+(rollout_id, task_id, a_json, b_json, outcome ``a`` / ``b`` / ``tie``, rationale, revision). Only the
 item ``/next_item`` served to the caller can be submitted (it is held for them for
 ``feedback.claim_seconds``), and only while its round is open.
 """
@@ -106,6 +108,11 @@ def _pair_md(label: str, entry) -> str:
     """One side (A or B) of a pairwise judgment."""
     copies = f" · {count_label(entry.count)}" if entry.count > 1 else ""
     return f"#### {label}{copies}\n\n{entry.trace.text}\n\nverifier: _{entry.trace.reason}_"
+
+
+def _entry_json(entry) -> dict:
+    """An entry (identical traces collapsed) as the HTTP API returns it."""
+    return {"completion_ids": entry.completion_ids, "text": entry.trace.text, "count": entry.count}
 
 
 def _answer_md(text: str) -> str:
@@ -306,12 +313,48 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
         except AnnotationError as e:
             return json.dumps({"error": str(e)})
         item = next_item(store, uid, fb.annotators_per_item, fb.min_verified, fb.claim_seconds)
+        return "null" if item is None else json.dumps(item_json(item))
+
+    def item_json(item: Item) -> dict:
+        groups = [_entry_json(e) for e in group_traces(item.verified)]
+        return {**item_state(item), "texts": [t.text for t in item.verified], "groups": groups,
+                "question": item.task.question, "answer": item.task.answer}
+
+    def api_next_pair(request: gr.Request) -> str:
+        """The logged-in annotator's next item for a pairwise judgment as JSON (null when there is
+        nothing to do): what /next_item returns, plus ``a`` and ``b``, the two traces to judge
+        (each ``{completion_ids, text, count}``; both null when the item has fewer than two
+        distinct verified traces: rank it with /submit)."""
+        try:
+            uid = _user_id(store, request)
+        except AnnotationError as e:
+            return json.dumps({"error": str(e)})
+        item = next_item(store, uid, fb.annotators_per_item, fb.min_verified, fb.claim_seconds)
         if item is None:
             return "null"
-        groups = [{"completion_ids": e.completion_ids, "text": e.trace.text, "count": e.count}
-                  for e in group_traces(item.verified)]
-        return json.dumps({**item_state(item), "texts": [t.text for t in item.verified], "groups": groups,
-                           "question": item.task.question, "answer": item.task.answer})
+        pair = choose_pair(store, uid, item.rollout_id, item.task.id)
+        return json.dumps({**item_json(item), "a": _entry_json(pair[0]) if pair else None,
+                           "b": _entry_json(pair[1]) if pair else None})
+
+    def api_submit_pair(rollout_id: int, task_id: str, a_json: str, b_json: str, outcome: str, rationale: str,
+                        revision: int, request: gr.Request) -> str:
+        """Submit a pairwise judgment as the logged-in annotator: a_json / b_json the JSON lists of
+        completion ids of A and B (``completion_ids`` from /next_pair), outcome ``a``, ``b`` or
+        ``tie``, revision the draft revision shown or -1. Returns "ok: ..." or "error: <reason>"."""
+        try:
+            uid = _user_id(store, request)
+            try:
+                a_ids, b_ids = json.loads(a_json or "[]"), json.loads(b_json or "[]")
+            except json.JSONDecodeError as e:
+                raise AnnotationError(f"a_json / b_json must be JSON lists: {e}") from e
+            if not isinstance(a_ids, list) or not isinstance(b_ids, list):
+                raise AnnotationError("a_json and b_json must be JSON lists of completion ids")
+            rev = None if revision is None or int(revision) < 0 else int(revision)
+            a = save_pairwise(store, uid, int(rollout_id), str(task_id), a_ids, b_ids, str(outcome),
+                              rationale or "", rev, fb.annotators_per_item, fb.claim_seconds)
+        except (AnnotationError, ValueError, TypeError) as e:
+            return f"error: {e}"
+        return f"ok: submitted rollout {a.rollout_id} task {a.task_id}"
 
     def api_submit(rollout_id: int, task_id: str, ranks_json: str, rationale: str, flagged_json: str,
                    revision: int, request: gr.Request, wrong_json: str = "[]") -> str:
@@ -482,6 +525,8 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
                   concurrency_limit=None)
         gr.api(api_next_item, api_name="next_item", concurrency_limit=None)
         gr.api(api_submit, api_name="submit", concurrency_limit=None)
+        gr.api(api_next_pair, api_name="next_pair", concurrency_limit=None)
+        gr.api(api_submit_pair, api_name="submit_pair", concurrency_limit=None)
     demo.queue(default_concurrency_limit=8)
     demo.workbench_store = store  # for launch()'s login check
     return demo
