@@ -16,8 +16,9 @@ from test_app_browser import PASSWORD, USER, _free_port, api_call, browser, make
 
 
 @pytest.fixture
-def served(browser, tiny_model_dir, tmp_path):  # noqa: F811
-    """The app on a loopback port over a hand-written round 1; yields (page, store, user_id, rollout_id)."""
+def served(request, browser, tiny_model_dir, tmp_path):  # noqa: F811
+    """The app on a loopback port over a hand-written round 1 (``feedback.mode`` the fixture's
+    parameter, ranking by default); yields (page, store, user_id, rollout_id)."""
     from rlhf_workbench.annotation import create_user
     from rlhf_workbench.app import launch
     from rlhf_workbench.config import ModelConfig
@@ -28,6 +29,7 @@ def served(browser, tiny_model_dir, tmp_path):  # noqa: F811
     out.mkdir()
     cfg = make_cfg(tiny_model_dir, write_tasks(tmp_path / "tasks.jsonl"), rounds=1)
     cfg.feedback.min_verified = 2
+    cfg.feedback.mode = getattr(request, "param", "ranking")
     store = Store(cfg.db_url, out)
     store.add_tasks(_tasks(cfg), "train")
     store.publish_version(0, None, "base", None, {}, 0)
@@ -83,6 +85,7 @@ def test_identical_traces_are_one_entry_in_the_page(served):
 
 
 @pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
+@pytest.mark.parametrize("served", ["pairwise"], indirect=True)
 def test_pairwise_mode_key_1_stores_a_over_b(served):
     import json
 
@@ -94,6 +97,9 @@ def test_pairwise_mode_key_1_stores_a_over_b(served):
 
     page, store, uid, rid = served
     expect(page.locator("#item-header")).to_contain_text("policy v0 · round 1")
+    expect(page.locator("#pair-a-btn")).to_be_visible()  # feedback.mode: pairwise opens the page in it
+    page.get_by_label("Full ranking").check()  # the switch goes both ways
+    expect(page.locator("#submit-btn")).to_be_visible()
     page.get_by_label("Pairwise: A, B or tie").check()
     expect(page.locator("#pair-a-btn")).to_be_visible()
     expect(page.locator("#submit-btn")).to_be_hidden()

@@ -425,7 +425,7 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
                 question = gr.Markdown(elem_id="item-question", latex_delimiters=LATEX)
                 state = gr.State(None)
                 mode = gr.Radio([("Full ranking", "ranking"), ("Pairwise: A, B or tie", "pairwise")],
-                                value="ranking", label="Mode", elem_id="mode")
+                                value=fb.mode, label="Mode", elem_id="mode")
                 with gr.Column(visible=False, elem_id="pair-view") as pair_col:
                     gr.Markdown("Keys: **1** A is better · **2** B is better · **3** tie · **S** skips.",
                                 elem_id="pair-keys-help")

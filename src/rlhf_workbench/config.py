@@ -153,6 +153,9 @@ class FeedbackConfig(_Strict):
     min_verified: int = Field(2, ge=0, description="human: verified traces an item needs to be shown for ranking")
     claim_seconds: float = Field(1800.0, gt=0, description="human: an item served to an annotator is held for them "
                                  "this long; unsubmitted after that, it returns to the pool")
+    mode: Literal["ranking", "pairwise"] = Field(
+        "ranking", description="human: the annotation page's starting mode (annotators can switch): a full ranking "
+        "of the verified traces, or pairwise A / B / tie judgments (rlhf_workbench.pairwise)")
     sources: list[FeedbackSource] = Field(
         default_factory=lambda: [FeedbackSource(name="format", weight=1.0), FeedbackSource(name="length", weight=0.1)],
         description="sources whose weighted sum ranks the verified traces of a prompt",
