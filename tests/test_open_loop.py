@@ -105,3 +105,24 @@ def test_dpo_pairs_from_open_rankings(tiny_model_dir, tmp_path):
         assert [rk.ranks[str(c)] for c in flagged] == [None]
         p = s.scalars(select(PreferencePair).join(RankingRow).where(RankingRow.task_id == "o1")).one()
         assert p.rejected_id in flagged
+
+
+def test_kto_and_sft_batches_on_open_tasks(tiny_model_dir, tmp_path):
+    tasks = load_tasks(_task_file(tmp_path))
+    store = Store(run_dir=tmp_path / "run")
+    store.add_tasks([t for t in tasks if t.metadata["split"] == "train"], "train")
+    store.publish_version(0, None, "base", None, {}, 0)
+    pair = load_policy(ModelConfig(name=str(tiny_model_dir), mixed_precision="no"))
+    seed_rollout(store, pair, {"o1": ["Short.", "A bit longer reply.", "The longest reply of the three here."]})
+    cfg = _cfg(tiny_model_dir, _task_file(tmp_path), algorithm="kto")
+    rollout = store.rollout_for_round(1)
+    scores, _ = loop_mod._rule_scores(rollout, cfg, {t.id: t for t in tasks}, set())
+    loop_mod._record_rankings(store, rollout, "rules", scores, set(), cfg)
+    rollout = store.rollout_for_round(1)
+    by_len = sorted(rollout.completions, key=lambda c: len(c.token_ids))
+    kto, stats = loop_mod._round_batch(store, rollout, cfg, "kto")
+    assert (stats["desirable"], stats["undesirable"]) == (1.0, 1.0)
+    labels = {tuple(s.token_ids): s.label for s in kto}
+    assert labels == {tuple(by_len[0].token_ids): True, tuple(by_len[-1].token_ids): False}
+    sft, stats = loop_mod._round_batch(store, rollout, cfg, "sft")
+    assert [tuple(s.token_ids) for s in sft] == [tuple(by_len[0].token_ids)]

@@ -48,7 +48,7 @@ from .store import CompletionRow, PreferencePair, RankingRow, Rollout, Store, Ta
 from .tasks import load_tasks, split_tasks
 from .tracking import Tracking
 from .update import Sample, dpo_update, grpo_update, kto_update, rloo_update, sft_update
-from .verify import Verification, verify
+from .verify import NO_KEY_REASON, Verification, verify
 
 
 def prompts_for_round(train: list, round: int, n: int, seed: int) -> list:
@@ -162,8 +162,10 @@ def _round_batch(store: Store, rollout: Rollout, cfg: RunConfig, algorithm: str 
     - ``grpo``: every trace with its group-relative advantage (reward from the ranking).
     - ``rloo`` / ``ppo``: every trace with its sequence reward (groups contiguous, K per prompt).
     - ``kto``: desirable = best-ranked verified traces, undesirable = wrong or flagged ones;
-      correct traces ranked below the best are left out.
-    - ``sft``: the verified-correct traces, one per distinct text (rejection-sampling fine-tuning).
+      correct traces ranked below the best are left out. Open tasks (no key): desirable = best
+      ranked, undesirable = flagged or worst ranked (when below the best).
+    - ``sft``: the verified-correct traces, one per distinct text (rejection-sampling fine-tuning);
+      for open tasks the best-ranked traces only.
     - ``dpo``: ``(chosen, rejected)`` pairs stored with the ranking.
 
     ``algorithm`` defaults to ``cfg.algorithm``.
@@ -172,13 +174,16 @@ def _round_batch(store: Store, rollout: Rollout, cfg: RunConfig, algorithm: str 
     comps = {c.id: c for c in rollout.completions}
     rankings = store.rankings_for_rollout(rollout.id)
     K = cfg.rollout.num_generations
-    samples, rewards, ranks = [], [], []
+    samples, rewards, ranks, open_worst = [], [], [], []
     for rk in rankings:
+        worst = max((x for x in rk.ranks.values() if x is not None), default=0)
         for cid, reward in rk.rewards.items():
             c = comps[int(cid)]
             samples.append(Sample(c.prompt_ids, c.token_ids, c.logps, reward=reward))
             rewards.append(reward)
             ranks.append((rk.task_id, c.text, rk.ranks.get(cid)))
+            # open task (no key): its worst rank, the undesirable end for KTO; None for keyed tasks
+            open_worst.append(worst if c.verification.reason == NO_KEY_REASON else None)
     r = torch.tensor(rewards, dtype=torch.float32)
     stats = {
         "reward": r.mean().item() if len(r) else 0.0,
@@ -199,8 +204,8 @@ def _round_batch(store: Store, rollout: Rollout, cfg: RunConfig, algorithm: str 
         return samples, stats
     if algorithm == "kto":
         batch = []
-        for s, (_, _, rank) in zip(samples, ranks):
-            if rank is None or rank == 0:
+        for s, (_, _, rank), worst in zip(samples, ranks, open_worst):
+            if rank is None or rank == 0 or (worst is not None and rank == worst):
                 s.label = rank == 0
                 batch.append(s)
         stats["desirable"] = float(sum(s.label for s in batch))
@@ -208,8 +213,8 @@ def _round_batch(store: Store, rollout: Rollout, cfg: RunConfig, algorithm: str 
         return batch, stats
     if algorithm == "sft":
         seen, batch = set(), []
-        for s, (task_id, text, rank) in zip(samples, ranks):
-            if rank is not None and (task_id, text) not in seen:
+        for s, (task_id, text, rank), worst in zip(samples, ranks, open_worst):
+            if rank is not None and (worst is None or rank == 0) and (task_id, text) not in seen:
                 seen.add((task_id, text))
                 batch.append(s)
         stats["sft_traces"] = float(len(batch))
