@@ -126,3 +126,27 @@ def test_kto_and_sft_batches_on_open_tasks(tiny_model_dir, tmp_path):
     assert labels == {tuple(by_len[0].token_ids): True, tuple(by_len[-1].token_ids): False}
     sft, stats = loop_mod._round_batch(store, rollout, cfg, "sft")
     assert [tuple(s.token_ids) for s in sft] == [tuple(by_len[0].token_ids)]
+
+
+def test_experts_rank_open_items(tiny_model_dir, tmp_path):
+    from rlhf_workbench.annotation import consume_human_rankings, create_user, next_item, open_item_count, save_annotation
+
+    tasks = load_tasks(_task_file(tmp_path))
+    store = Store(run_dir=tmp_path / "run")
+    store.add_tasks([t for t in tasks if t.metadata["split"] == "train"], "train")
+    store.publish_version(0, None, "base", None, {}, 0)
+    pair = load_policy(ModelConfig(name=str(tiny_model_dir), mixed_precision="no"))
+    rid = seed_rollout(store, pair, {"o1": ["Kind words.", "You matter."]})
+    alice = create_user(store, "alice", "correct horse")
+    rollout = store.rollout_for_round(1)
+    assert open_item_count(store, rollout) == 1
+    item = next_item(store, alice)  # an open item: every trace is shown for ranking
+    assert item.task.id == "o1" and len(item.verified) == 2 and not item.rejected
+    ranks = {t.completion_id: i for i, t in enumerate(item.verified)}
+    save_annotation(store, alice, rid, "o1", "submitted", ranks)
+    cfg = _cfg(tiny_model_dir, _task_file(tmp_path), algorithm="dpo")
+    consume_human_rankings(store, rollout, lambda s, scores, flagged: loop_mod._record_rankings(
+        store, rollout, "human", scores, flagged, cfg, session=s))
+    with store.session() as s:
+        p = s.scalars(select(PreferencePair)).one()
+        assert (ranks[p.chosen_id], ranks[p.rejected_id]) == (0, 1)

@@ -40,6 +40,7 @@ from .assignment import claim_of, claimed_items, holders, is_trained, lock_round
 from .config import RunConfig
 from .stats import wilson_interval
 from .store import Annotation, BinaryFeedback, CompletionRow, Rollout, Store, TaskRow, User, VerificationRow
+from .verify import NO_KEY_REASON
 from .tasks import Task
 
 ROLES = ("annotator", "admin", "playground")  # what each may do: rlhf_workbench.auth.PERMISSIONS
@@ -132,11 +133,16 @@ class Item:
     draft: Annotation | None = None
 
 
+def _rankable(v) -> bool:
+    """A trace experts rank: verified correct, or any trace of an open task (verdict "no key")."""
+    return v is not None and (bool(v.correct) or v.reason == NO_KEY_REASON)
+
+
 def _item_traces(s, rollout_id: int, task_id: str) -> tuple[list[CompletionRow], list[CompletionRow]]:
     rows = list(s.scalars(select(CompletionRow).where(CompletionRow.rollout_id == rollout_id,
                                                       CompletionRow.task_id == task_id).order_by(CompletionRow.index)))
-    verified = [c for c in rows if c.verification is not None and c.verification.correct]
-    rejected = [c for c in rows if c.verification is not None and not c.verification.correct]
+    verified = [c for c in rows if _rankable(c.verification)]
+    rejected = [c for c in rows if c.verification is not None and not _rankable(c.verification)]
     return verified, rejected
 
 
@@ -159,10 +165,10 @@ def item_traces(store: Store, rollout_id: int, task_id: str) -> tuple[list[Compl
 
 
 def _verified_counts(s, rollout_id: int) -> dict[str, int]:
-    """Task id -> number of verified traces, for every task of the rollout."""
+    """Task id -> number of verified traces (every trace of an open task), for every task of the rollout."""
     return dict(s.execute(select(CompletionRow.task_id, func.count(VerificationRow.completion_id))
                           .outerjoin(VerificationRow, (VerificationRow.completion_id == CompletionRow.id)
-                                     & VerificationRow.correct.is_(True))
+                                     & (VerificationRow.correct.is_(True) | (VerificationRow.reason == NO_KEY_REASON)))
                           .where(CompletionRow.rollout_id == rollout_id)
                           .group_by(CompletionRow.task_id)).all())
 
@@ -416,7 +422,7 @@ def _aggregate(rollout: Rollout, subs: list[Annotation]) -> tuple[dict[str, dict
             sums.setdefault(a.task_id, {}).setdefault(int(cid), []).append(rank)
     verified: dict[str, list[int]] = {}
     for c in rollout.completions:
-        if c.verification is not None and c.verification.correct:
+        if _rankable(c.verification):
             verified.setdefault(c.task_id, []).append(c.id)
     for task_id, per in sums.items():
         scores[task_id] = {cid: -sum(r) / len(r) for cid, r in per.items()}
@@ -517,10 +523,10 @@ def verifier_audit(store: Store, z: float = 1.96) -> dict:
 
 
 def open_item_count(store: Store, rollout: Rollout, min_verified: int = 2) -> int:
-    """Items of a rollout with at least ``min_verified`` verified traces."""
+    """Items of a rollout with at least ``min_verified`` verified traces (any traces for an open task)."""
     per_task: dict[str, int] = {}
     for c in rollout.completions:
-        per_task[c.task_id] = per_task.get(c.task_id, 0) + int(c.verification.correct)
+        per_task[c.task_id] = per_task.get(c.task_id, 0) + int(_rankable(c.verification))
     return sum(n >= min_verified for n in per_task.values())
 
 
