@@ -139,3 +139,10 @@ def test_hh_from_shared_data(shared_data):
         assert msgs[-1]["role"] == "user" and msgs[-1]["content"] == t.question
         assert t.metadata["chosen"] != t.metadata["rejected"] or t.metadata["chosen"]
         assert t.metadata["source"] == "hh-rlhf"
+
+
+def test_transcript_for_scorers(tmp_path):
+    multi = load_tasks(_jsonl(tmp_path / "hh.jsonl", [_hh()]))[0]
+    assert multi.transcript() == "User: hi there\n\nAssistant: Hello, how can I help?\n\nUser: give me a tip"
+    plain = load_tasks(_jsonl(tmp_path / "p.jsonl", [{"prompt": "Plain question?"}]))[0]
+    assert plain.transcript() == plain.prompt() == "Plain question?"

@@ -439,7 +439,7 @@ def load_scorer(path: str, batch_size: int = 8):
     """A reward model for scoring answers (:func:`rlhf_workbench.reward_model.load_reward_model`).
 
     Returns:
-        ``(score, note)``: ``score(tasks, texts) -> list[float]`` scores ``task.prompt() +
+        ``(score, note)``: ``score(tasks, texts) -> list[float]`` scores ``task.transcript() +
         "\\n\\n" + text`` (the format the reward model is trained on, see
         :class:`~rlhf_workbench.reward_model.RewardModelRanker`); ``note`` warns when the
         directory is not a trained sequence-classification model (its scalar head is then
@@ -465,7 +465,7 @@ def load_scorer(path: str, batch_size: int = 8):
                 "its score head is random, so rewards and win rates are meaningless")
 
     def score(tasks: Sequence[Task], texts: Sequence[str]) -> list[float]:
-        return score_texts(model, tokenizer, [t.prompt() + "\n\n" for t in tasks], list(texts), batch_size)
+        return score_texts(model, tokenizer, [t.transcript() + "\n\n" for t in tasks], list(texts), batch_size)
 
     return score, note
 

@@ -301,8 +301,9 @@ class PairwiseJudge:
 
 
 def task_question(task: Task) -> str:
-    """What the judge is shown as the question: the policy's own user message (:meth:`Task.prompt`)."""
-    return task.prompt()
+    """What the judge is shown as the question: the policy's own user message (:meth:`Task.prompt`),
+    or the whole conversation of a multi-turn open task (:meth:`Task.transcript`)."""
+    return task.transcript()
 
 
 def task_reference(task: Task) -> str:

@@ -367,7 +367,8 @@ def pairwise_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 class RewardModelRanker:
     """Scores one prompt's traces with a reward model (a :class:`rlhf_workbench.feedback.Ranker`).
 
-    The text scored is ``task.prompt() + "\\n\\n" + completion.text``, the format of
+    The text scored is ``task.transcript() + "\\n\\n" + completion.text`` (``transcript`` is
+    ``prompt()`` except for a multi-turn open task), the format of
     :func:`pairs_from_rankings`, when the call's ``task`` is given or ``tasks`` knows the
     completion's task; otherwise the decoded ``prompt_ids`` (chat template included) followed by
     the text. Verifications are ignored: the feedback code already keeps wrong traces below
@@ -387,7 +388,7 @@ class RewardModelRanker:
         prompts = []
         for c in completions:
             t = task if task is not None else (self.tasks or {}).get(c.task_id)
-            prompts.append(t.prompt() + "\n\n" if t is not None
+            prompts.append(t.transcript() + "\n\n" if t is not None
                            else self.tokenizer.decode(c.prompt_ids, skip_special_tokens=False))
         return score_texts(self.model, self.tokenizer, prompts, [c.text for c in completions],
                            self.batch_size, self.max_length)

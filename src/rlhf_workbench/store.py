@@ -370,7 +370,8 @@ class Store:
 
     def prompts(self, task_ids) -> dict[str, str]:
         """The user message each task was shown with in this run: :meth:`Task.prompt` with the run
-        config's ``tasks.instruction`` applied when it overrides the default.
+        config's ``tasks.instruction`` applied when it overrides the default (a multi-turn open
+        task: its whole conversation, :meth:`Task.transcript`).
 
         Raises:
             KeyError: a task id that is not stored.
@@ -384,7 +385,7 @@ class Store:
         missing = ids - set(rows)
         if missing:
             raise KeyError(f"tasks not stored: {sorted(missing)[:5]}")
-        return {i: replace(r.to_task(), instruction=instruction or None).prompt() for i, r in rows.items()}
+        return {i: replace(r.to_task(), instruction=instruction or None).transcript() for i, r in rows.items()}
 
     # --- policy versions and metrics ---------------------------------------------------------
     def checkpoint_dir(self, version: PolicyVersion) -> str | None:

@@ -76,6 +76,15 @@ class Task:
             return [dict(m) for m in messages]
         return [{"role": "user", "content": self.prompt()}]
 
+    def transcript(self) -> str:
+        """The prompt as plain text for scorers (reward model, LLM judge, exports): :meth:`prompt`
+        for a single user turn; a multi-turn conversation as ``"User: ...\n\nAssistant: ..."``
+        turns (``System:`` too), ending with the user's last turn."""
+        messages = self.metadata.get("messages")
+        if not messages:
+            return self.prompt()
+        return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+
 
 ANSWER_INSTRUCTIONS: dict[str, str] = {
     "number": "Think step by step, then end with a line 'Answer: <number>'.",
