@@ -92,11 +92,11 @@ def test_hh_records_are_multi_turn_prompts(tmp_path):
 
 
 def test_malformed_hh_records(tmp_path):
-    bad_prompt = dict(_hh(), rejected=_hh()["rejected"].replace("give me a tip", "other"))
+    bad_prompt = dict(_hh(), rejected=_hh()["rejected"].replace("hi there", "other"))
     for record, field, problem in [
         ({"chosen": _hh()["chosen"]}, "rejected", "missing required field"),
         (dict(_hh(), chosen="no turns here"), "chosen", "Human"),
-        (bad_prompt, "rejected", "differs"),
+        (bad_prompt, "rejected", "shares no Human turn"),
         (dict(_hh(), chosen=_hh()["chosen"] + "\n\nHuman: more?"), "chosen", "Assistant"),
     ]:
         path = _jsonl(tmp_path / "bad.jsonl", [_hh(), record])
@@ -132,6 +132,7 @@ def test_hh_from_shared_data(shared_data):
     if not path.is_file():
         pytest.skip(f"{path} not found")
     tasks = load_tasks(path, limit=20)
+    assert len(load_tasks(path)) > 2000  # every record of the file loads
     assert len(tasks) == 20 and len({t.id for t in tasks}) == 20
     for t in tasks:
         assert t.is_open and t.answer == ""
@@ -146,3 +147,12 @@ def test_transcript_for_scorers(tmp_path):
     assert multi.transcript() == "User: hi there\n\nAssistant: Hello, how can I help?\n\nUser: give me a tip"
     plain = load_tasks(_jsonl(tmp_path / "p.jsonl", [{"prompt": "Plain question?"}]))[0]
     assert plain.transcript() == plain.prompt() == "Plain question?"
+
+
+def test_hh_record_diverging_before_the_final_reply(tmp_path):
+    record = dict(_hh(), rejected=_hh()["rejected"].replace("give me a tip", "other"))
+    t = load_tasks(_jsonl(tmp_path / "hh.jsonl", [record]), format="hh")[0]
+    assert t.chat_messages() == [{"role": "user", "content": "hi there"}]
+    assert t.metadata["diverges_early"] is True
+    assert t.metadata["chosen"] == "Hello, how can I help?\n\nHuman: give me a tip\n\nAssistant: Sure, here you go."
+    assert t.metadata["rejected"].endswith("Human: other\n\nAssistant: No.")

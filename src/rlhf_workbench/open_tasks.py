@@ -167,6 +167,14 @@ def parse_hh_dialogue(text: str) -> list[dict[str, str]]:
             for speaker, content in zip(parts[1::2], parts[2::2])]
 
 
+def _hh_text(turns: list[dict[str, str]]) -> str:
+    """The reply after the shared prompt: one assistant turn's content, or several turns in HH form."""
+    if len(turns) == 1:
+        return turns[0]["content"]
+    return turns[0]["content"] + "".join(
+        f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in turns[1:])
+
+
 def looks_like_hh(record: Any) -> bool:
     """Whether a record is an HH-RLHF pair: string ``chosen`` and ``rejected`` starting with a Human turn."""
     return (isinstance(record, dict) and isinstance(record.get("chosen"), str) and isinstance(record.get("rejected"), str)
@@ -178,7 +186,10 @@ def hh_task_from_record(record: Any, path: Path, loc: str, line_no: int) -> Task
 
     The prompt is every turn before the final assistant turn (the shared part of both
     transcripts); ``metadata`` holds ``messages`` (that prompt), ``chosen`` and ``rejected``
-    (the two final replies) and ``source: "hh-rlhf"``. The id is the record's ``id`` or
+    (the two final replies) and ``source: "hh-rlhf"``. Where the transcripts diverge earlier
+    (a few HH records do), the prompt is their longest shared prefix ending with a Human turn,
+    each reply is the rest of its transcript (later turns in HH text form) and
+    ``metadata["diverges_early"]`` is True. The id is the record's ``id`` or
     ``hh-<line>-<first 8 hex of sha256(prompt)>``.
 
     Args:
@@ -196,23 +207,32 @@ def hh_task_from_record(record: Any, path: Path, loc: str, line_no: int) -> Task
     """
     if not isinstance(record, dict):
         raise TaskFormatError(f"{path}: {loc}: expected a JSON object, got {type(record).__name__}")
-    replies = {}
-    prompts = {}
+    turns = {}
     for name in ("chosen", "rejected"):
         value = record.get(name)
         if not isinstance(value, str):
             raise _err(path, loc, name, "missing required field" if value is None else f"must be a string, got {type(value).__name__}")
         try:
-            turns = parse_hh_dialogue(value)
+            turns[name] = parse_hh_dialogue(value)
         except ValueError as e:
             raise _err(path, loc, name, str(e)) from None
-        if turns[-1]["role"] != "assistant" or len(turns) < 2:
+        if turns[name][-1]["role"] != "assistant" or len(turns[name]) < 2:
             raise _err(path, loc, name, "transcript must end with an 'Assistant:' turn")
-        if not turns[-2]["content"]:
-            raise _err(path, loc, name, "the last Human turn is empty")
-        prompts[name], replies[name] = turns[:-1], turns[-1]["content"]
-    if prompts["chosen"] != prompts["rejected"]:
-        raise _err(path, loc, "rejected", "its dialogue before the final reply differs from 'chosen'")
+    # the prompt: the turns both transcripts share, up to and including a user turn (usually all
+    # but the final reply; a few HH records diverge earlier, e.g. a "Human:" inside a reply)
+    shared = 0
+    for x, y in zip(turns["chosen"][:-1], turns["rejected"][:-1]):
+        if x != y:
+            break
+        shared += 1
+    while shared and turns["chosen"][shared - 1]["role"] != "user":
+        shared -= 1
+    if not shared:
+        raise _err(path, loc, "rejected", "shares no Human turn with 'chosen' (no common prompt)")
+    prompts = {"chosen": turns["chosen"][:shared]}
+    if not prompts["chosen"][-1]["content"]:
+        raise _err(path, loc, "chosen", "the last Human turn is empty")
+    replies = {name: _hh_text(t[shared:]) for name, t in turns.items()}
     messages = [m for m in prompts["chosen"] if m["content"]] or prompts["chosen"]
     if any(not m["content"] for m in messages):
         raise _err(path, loc, "chosen", "empty dialogue turns")
@@ -220,4 +240,6 @@ def hh_task_from_record(record: Any, path: Path, loc: str, line_no: int) -> Task
     task_id = _record_id(record, path, loc, line_no, f"hh-{line_no}-{digest}") if record.get("id") is not None \
         else f"hh-{line_no}-{digest}"
     metadata = {"source": "hh-rlhf", "messages": messages, "chosen": replies["chosen"], "rejected": replies["rejected"]}
+    if any(len(t) != shared + 1 for t in turns.values()):
+        metadata["diverges_early"] = True  # the replies hold several turns, in HH text form
     return Task(task_id, messages[-1]["content"], "", "open", None, None, metadata)
