@@ -21,8 +21,8 @@ another micro-batch size (:func:`other_micro_batch_size`), mathematically the sa
 matmuls of other shapes, so float sums added in another order; per metric ``|m - m'|``, per
 module ``max |Δ - Δ'|`` (``delta_max``) and ``|Σ|Δ| - Σ|Δ'||`` (``delta_abs_sum``). Process
 counts change the shapes the same way, so this is the scale of the differences to expect
-between them on this machine (on a 2-core AMD EPYC the RLOO loss moves by 1.7e-5 relative: it is
-the mean of terms of both signs, ~15 times larger than it).
+between them on this machine (on a 2-core AMD EPYC the one-step RLOO loss against the rollout
+log-probs moved by 1.7e-5 relative: it is the mean of terms of both signs, ~15 times larger than it).
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ def _ids(g: torch.Generator, n: int) -> list[int]:
 
 def _with_old_logps(model, samples: list[Sample], g: torch.Generator) -> list[Sample]:
     """Rollout-like old log-probs: the model's own at the sampling temperature, perturbed a little
-    so that ratios differ from 1 (and some clip)."""
+    so that ratios differ from 1 (and some clip) where they are the old log-probs; in the cases
+    with ``optim.old_logps: recompute`` they only feed ``rollout_logp_diff``."""
     with torch.no_grad():
         for s in samples:
             ids = torch.tensor([s.prompt_ids + s.token_ids])
@@ -116,14 +117,19 @@ def _ppo(pair, critic, optimizer, accelerator, batch, cfg):
 
 # name: (update, batch key, config overrides)
 CASES = {
-    "grpo": (grpo_update, "grpo", {"grpo": {"beta": 0.04, "loss_type": "grpo"}, "optim": {"steps_per_round": 2}}),
+    "grpo": (grpo_update, "grpo", {"grpo": {"beta": 0.04, "loss_type": "grpo"},
+                                   "optim": {"steps_per_round": 2, "old_logps": "recompute"}}),
     "grpo_dapo": (grpo_update, "grpo", {"grpo": {"beta": 0.0, "loss_type": "dapo", "epsilon_high": 0.28}}),
-    "grpo_dr": (grpo_update, "grpo", {"grpo": {"beta": 0.0, "loss_type": "dr_grpo"}, "optim": {"steps_per_round": 3}}),
+    # old log-probs (optim.old_logps; "auto" means rollout in fp32): recomputed in "grpo", "rloo", "ppo",
+    # "ppo_lora"; recorded at rollout here, in "rloo_norm" and "ppo_entropy" (ratios off 1 from the first step)
+    "grpo_dr": (grpo_update, "grpo", {"grpo": {"beta": 0.0, "loss_type": "dr_grpo"},
+                                      "optim": {"steps_per_round": 3, "old_logps": "rollout"}}),
     "dpo": (dpo_update, "dpo", {"optim": {"steps_per_round": 3}}),  # steps of 2, 2, 1 pairs: an empty shard
     "dpo_accum": (dpo_update, "dpo", {"optim": {"micro_batch_size": 4}, "dpo": {"loss_type": "ipo"}}),
-    "rloo": (rloo_update, "rloo", {}),
+    # two steps: with one, the recomputed ratio is 1 and the loss -mean(A) is 0 up to float noise
+    "rloo": (rloo_update, "rloo", {"optim": {"steps_per_round": 2, "old_logps": "recompute"}}),
     "rloo_norm": (rloo_update, "rloo", {"rloo": {"beta": 0.0, "normalize_advantages": True},
-                                        "optim": {"steps_per_round": 2}}),
+                                        "optim": {"steps_per_round": 2, "old_logps": "rollout"}}),
     "kto": (kto_update, "kto", {"optim": {"steps_per_round": 2}}),
     "sft": (sft_update, "sft", {"sft": {"epochs": 2}}),
     # LoRA: the reference is the wrapped policy with adapters disabled (padding forwards keep DDP in step).
@@ -132,18 +138,19 @@ CASES = {
     # micro-batch: accumulation under no_sync, and the process with the shorter shard of the
     # 3-sample minibatch runs a padding micro-batch of policy and critic.
     "ppo": (_ppo, "ppo", {"ppo": {"ppo_epochs": 2, "num_mini_batches": 2, "kl_coef": 0.1, "critic_lr": 0.05},
-                          "optim": {"micro_batch_size": 1}}),
+                          "optim": {"micro_batch_size": 1, "old_logps": "recompute"}}),
     # 3 minibatches of 2, 2, 1 samples (the last: an empty shard), entropy bonus, whitened
     # rewards, missing-EOS penalty, a tight value clip that binds (val/clipfrac_avg ≈ 0.36).
     "ppo_entropy": (_ppo, "ppo", {"ppo": {"ppo_epochs": 1, "num_mini_batches": 3, "entropy_coef": 0.01,
                                           "whiten_rewards": True, "missing_eos_penalty": 0.5,
-                                          "cliprange_value": 0.05, "critic_lr": 1.0}}),
+                                          "cliprange_value": 0.05, "critic_lr": 1.0},
+                                  "optim": {"old_logps": "rollout"}}),
     # LoRA policy (reference = the wrapped policy with adapters disabled) and a full-weight
     # critic; shards of 3 + 2 samples in micro-batches of 2: padding forwards in the reference,
     # rollout-value and training passes. (vf_coef 0.5: the default's loss nearly cancels to 0.)
     "ppo_lora": (_ppo, "ppo", {"ppo": {"ppo_epochs": 2, "num_mini_batches": 1, "critic_lr": 0.05,
                                        "vf_coef": 0.5},
-                               "optim": {"lr": 1.0}, "lora": True}),
+                               "optim": {"lr": 1.0, "old_logps": "recompute"}, "lora": True}),
 }
 
 

@@ -21,9 +21,11 @@ one-process run moves when only its micro-batch size changes (measured in the sa
 measurement is itself checked to be float noise (at most ``NOISE_MAX·|v| + ATOL``), so it cannot
 hide a real difference: a wrong normaliser or a lost shard moves these numbers by percents.
 (Metrics that count threshold tests, such as reward accuracies, may flip at the threshold.)
-Example: on a 2-core AMD EPYC the RLOO loss (-0.0421, the mean of terms of both signs whose
-sizes average ~0.6) differs by 1.8e-5 relative between process counts, and by 1.7e-5 between
-micro-batch sizes.
+Example: on a 2-core AMD EPYC the one-step RLOO loss against the rollout log-probs (-0.0421, the
+mean of terms of both signs whose sizes average ~0.6) differed by 1.8e-5 relative between process
+counts, and by 1.7e-5 between micro-batch sizes. (With the old log-probs recomputed, a one-step
+RLOO loss is ``-mean(A) = 0`` up to float noise, which no relative tolerance fits; the RLOO cases
+take two steps.)
 
 Note: in accelerate 1.15 ``accelerate launch --cpu --num_processes 2`` starts a single process
 unless MPI is used (``--mpirun_hostfile``); ``--multi_gpu`` on a machine without a visible GPU

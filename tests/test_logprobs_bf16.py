@@ -25,7 +25,9 @@ first, which rounds the quotient to bf16 again (8 significant bits), so a ratio
      error below the old one's. On the real model most of the gap is the bf16 forward passes
      themselves (the same packed pass in bf16 vs fp32: mean 0.026, max 0.21), not the order of
      cast and division.
-3. First update step on a fresh bf16 rollout of the tiny model (the policy has not changed): PPO's
+3. First update step on a fresh bf16 rollout of the tiny model (the policy has not changed), with
+   the recorded log-probs as old ones (``optim.old_logps: rollout``; the default recomputes them,
+   which makes the ratio exactly 1 whatever the recorded ones are: ``tests/test_old_logps.py``): PPO's
    logged mean ratio ``val/ratio`` within 1e-3 of 1, ``policy/clipfrac_avg`` 0; RLOO's and GRPO's
    ``clip_ratio`` 0 (tightened clip ranges) and their ratios' mean within 1e-3 of 1. The per-token
    maximum of ``|ratio - 1|`` is not held to 1e-3, for the shape-dependent rounding of (2): it
@@ -242,7 +244,7 @@ def _run_setup(tiny_model_dir, **sections):
     4 prompts x 4 samples as samples with their recorded log-probs and random rewards."""
     raw = {"model": {"name": str(tiny_model_dir), "mixed_precision": "bf16"},
            "rollout": {"num_generations": 4, "temperature": T, "max_new_tokens": 32},
-           "optim": {"lr": 1e-5, "micro_batch_size": 4}}
+           "optim": {"lr": 1e-5, "micro_batch_size": 4, "old_logps": "rollout"}}
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value}
     cfg = RunConfig.model_validate(raw)
@@ -295,10 +297,10 @@ def test_rloo_first_step_ratio_is_one_in_bf16(tiny_model_dir):
 
 
 def test_grpo_several_steps_ratio_is_one_in_bf16(tiny_model_dir):
-    """With two steps per round GRPO's old log-probs are the recorded ones. The learning rate is so
-    small (1e-12: AdamW's first steps move a weight by about the learning rate, far below a float32
-    ulp of all but near-zero weights) that the policy does not move between the steps, so both see
-    the ratio of an unchanged policy."""
+    """With two steps per round and ``old_logps: rollout`` GRPO's old log-probs are the recorded
+    ones. The learning rate is so small (1e-12: AdamW's first steps move a weight by about the
+    learning rate, far below a float32 ulp of all but near-zero weights) that the policy does not
+    move between the steps, so both see the ratio of an unchanged policy."""
     cfg, pair, samples = _run_setup(tiny_model_dir, optim={"lr": 1e-12, "steps_per_round": 2},
                                     grpo={"beta": 0.0, "epsilon": 0.02})
     for i in range(0, len(samples), 4):

@@ -99,13 +99,19 @@ def _rloo_batch(pair, rewards, texts=TEXTS):
     return samples
 
 
-def test_rloo_loss_matches_hand_computation_and_steps(tiny_model_dir):
-    pair, cfg, accelerator, optimizer = _setup(tiny_model_dir, perturb=0.02, rloo={"beta": 0.05})
+@pytest.mark.parametrize("old_logps", ["rollout", "recompute"])
+def test_rloo_loss_matches_hand_computation_and_steps(tiny_model_dir, old_logps):
+    """``rollout``: KL and ratio against the recorded (here perturbed) log-probs; ``recompute``:
+    against the policy's own, so the ratio is 1 and the perturbation shows only in
+    ``rollout_logp_diff``."""
+    pair, cfg, accelerator, optimizer = _setup(tiny_model_dir, perturb=0.02, rloo={"beta": 0.05},
+                                               optim={"old_logps": old_logps})
     samples = _rloo_batch(pair, [1.0, 0.0, 0.5, 0.2, 1.0, 0.0])
     pol = _logps(pair.policy, samples, TEMPERATURE)
     with pair.reference_context():
         ref = _logps(pair.ref_model, samples, TEMPERATURE)
-    old = [torch.tensor(s.old_logps) for s in samples]
+    recorded = [torch.tensor(s.old_logps) for s in samples]
+    old = recorded if old_logps == "rollout" else pol
     kl = torch.stack([(o - r).sum() for o, r in zip(old, ref)])
     adv = rloo_advantages(torch.tensor([s.reward for s in samples]), 3, kl, beta=0.05)
     expected, stats = rloo_loss(torch.stack([p.sum() for p in pol]), torch.stack([o.sum() for o in old]), adv)
@@ -114,6 +120,10 @@ def test_rloo_loss_matches_hand_computation_and_steps(tiny_model_dir):
     assert out["loss"] == pytest.approx(expected.item(), abs=TOL)
     assert out["kl"] == pytest.approx(kl.sum().item() / sum(len(s.token_ids) for s in samples), abs=TOL)
     assert out["clip_ratio"] == pytest.approx(stats["clip_ratio"].item(), abs=TOL)
+    if old_logps == "recompute":
+        assert out["clip_ratio"] == 0.0
+    drift = torch.cat([(p - r).abs() for p, r in zip(pol, recorded)]).mean().item()  # ~0.03 · |sin|
+    assert out["rollout_logp_diff"] == pytest.approx(drift, abs=1e-5) and drift > 0.01
     assert out["steps"] == 1.0 and out["grad_norm"] > 0
     assert not torch.equal(before, _params(pair))
 

@@ -240,6 +240,11 @@ class OptimConfig(_Strict):
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     micro_batch_size: int = Field(16, ge=1, description="sequences per forward/backward")
     steps_per_round: int = Field(1, ge=1, description="optimizer steps per round (the batch is split evenly)")
+    old_logps: Literal["auto", "recompute", "rollout"] = Field(
+        "auto", description="GRPO/RLOO/PPO old log-probs: recompute (the policy's own before the first step, no "
+        "gradient, in the training micro-batches: first-step ratio exactly 1, bf16 decode/training rounding is not "
+        "mistaken for a policy change; one extra forward per round), rollout (those recorded while sampling, no "
+        "cost), or auto: recompute under bf16 autocast, rollout in fp32 (where both agree to ~1e-5 nats)")
 
 
 class EvalConfig(_Strict):

@@ -6,7 +6,7 @@ prompt ``x`` (tokens ``y_0 … y_{n-1}``, state ``s_t = x y_{<t}``), in order:
 1. rollout quantities, no gradient (π_old = the policy that sampled, all log-probs at the
    rollout temperature τ, i.e. of ``softmax(logits / τ)``)::
 
-       logp_old_t = log π_old(y_t | s_t)          recorded at rollout
+       logp_old_t = log π_old(y_t | s_t)          recomputed, or recorded at rollout (below)
        logp_ref_t = log π_ref(y_t | s_t)          frozen reference
        V_old_t    = V_φ(s_t)                      critic, value of the state *before* y_t
        score      = r(x, y)  [- missing_eos_penalty if y was cut by max_new_tokens]
@@ -36,6 +36,16 @@ prompt ``x`` (tokens ``y_0 … y_{n-1}``, state ``s_t = x y_{<t}``), in order:
        loss   = L^π + vf_coef L^V - entropy_coef mean_t H_t
 
    then one clipped-gradient AdamW step on the policy and the critic together.
+
+Old log-probs (``optim.old_logps``): with ``recompute``, or ``auto`` (the default) under bf16
+autocast (:func:`rlhf_workbench.update.recompute_old_logps`), ``logp_old`` is the
+policy's own, computed without gradient before step 1's other passes in exactly the forward,
+autocast and micro-batches of the first epoch's minibatches (the epoch permutations are drawn
+first), so the first optimizer step's ratio is exactly 1, also under bf16 autocast where the
+log-probs recorded while decoding differ from a training forward's by ~0.03 nats/token on
+SmolLM2-135M (:func:`rlhf_workbench.update.old_logps_pass` gives the reasons and the cost: one
+no-grad policy forward per round). They also enter the KL penalty and ``objective/entropy``, as in
+TRL, which recomputes them too. Otherwise the recorded log-probs are used as they are.
 
 The maths is in :mod:`rlhf_workbench.losses` (:func:`~rlhf_workbench.losses.kl_penalty_rewards`,
 :func:`~rlhf_workbench.losses.gae_advantages`, :func:`~rlhf_workbench.losses.masked_whiten`,
@@ -95,6 +105,8 @@ from .update import (
     _split,
     _sync_context,
     _Tally,
+    _tally_drift,
+    recompute_old_logps,
 )
 
 CRITIC_DIR = "critic"  # suggested sub-directory of a round checkpoint for save_critic
@@ -313,6 +325,28 @@ def _sharded_values(critic: torch.nn.Module, accelerator, samples: list[Sample],
     return out
 
 
+@torch.no_grad()
+def _old_logps(policy, accelerator, samples: list[Sample], steps, pad_id: int, temperature: float,
+               mixed_precision: str, with_entropy: bool, batch_size: int) -> dict[int, torch.Tensor]:
+    """The policy's per-token log-probs (``optim.old_logps: recompute``) of this process's items of
+    the first epoch's minibatches ``steps``, without gradient, by the very call and micro-batches
+    (:func:`_policy_forward`, :func:`~rlhf_workbench.update._micro_batches`, padding forwards
+    included) of the training loop, so its first step recomputes them bit for bit (ratio 1).
+
+    Returns:
+        ``{index: [T_i] float32 tensor (nats) on accelerator.device}`` for this process's items.
+    """
+    out: dict[int, torch.Tensor] = {}
+    for step in steps:
+        for micro in _micro_batches(step.shards, accelerator.process_index, batch_size):
+            idx = step.items[:1] if micro is None else micro
+            logps, _, _ = _policy_forward(policy, [samples[i] for i in idx], pad_id, temperature, mixed_precision,
+                                          with_entropy, accelerator.device)
+            for j, i in enumerate(micro or []):
+                out[i] = logps[j, : len(samples[i].token_ids)].float()
+    return out
+
+
 def _shuffle_generator(samples: list[Sample], seed: int) -> torch.Generator:
     """A CPU generator seeded with ``seed`` and a digest of the batch's token ids: every process
     draws the same minibatch permutations without communicating, and each batch its own."""
@@ -336,7 +370,8 @@ def ppo_update(pair: PolicyPair, critic: torch.nn.Module, optimizer, accelerator
             ``reduce``; built with ``gradient_accumulation_steps=1``).
         samples: the global batch, identical on every process: one per completion, with
             ``prompt_ids``, ``token_ids``, ``old_logps`` (per token, recorded at rollout at
-            ``cfg.rollout.temperature``) and ``reward`` (the sequence score). Completions without
+            ``cfg.rollout.temperature``; optional when they are recomputed, where they
+            only feed ``rollout_logp_diff``) and ``reward`` (the sequence score). Completions without
             tokens are skipped. Whitening (advantages, and rewards when ``whiten_rewards``) is
             over all completion tokens of this batch, whatever the number of processes, and is
             skipped when the batch has fewer than two completion tokens.
@@ -357,17 +392,20 @@ def ppo_update(pair: PolicyPair, critic: torch.nn.Module, optimizer, accelerator
         ``val/clipfrac_avg``, ``val/ratio``, ``policy/entropy_avg`` (only when
         ``entropy_coef > 0``), ``loss`` (total), ``grad_norm`` (global, before clipping); and
         ``steps`` (optimizer steps, ``ppo_epochs × min(num_mini_batches, B)``; 0 when there is
-        nothing to train on).
+        nothing to train on); when the completions carry rollout log-probs, ``rollout_logp_diff``
+        (mean ``|current - recorded|`` before any step, nats per token: over all completions with
+        recomputed ones, else over the first minibatch's from its own forward).
 
     Raises:
-        ValueError: a sample without ``old_logps`` of the completion's length, or ``finished``
-            of the wrong length.
+        ValueError: a sample with ``old_logps`` not of the completion's length (or without any,
+            when they are not recomputed), or ``finished`` of the wrong length.
     """
     p = cfg.ppo
     if finished is not None and len(finished) != len(samples):
         raise ValueError(f"ppo_update: {len(finished)} finished flags for {len(samples)} samples")
     keep = [i for i, s in enumerate(samples) if s.token_ids]
-    _require_old_logps(samples, keep, "ppo_update")
+    recompute = recompute_old_logps(cfg)
+    _require_old_logps(samples, keep, "ppo_update", optional=recompute)
     if finished is None and p.missing_eos_penalty is not None:
         finished = [not t for t in truncated(samples, pair, cfg.rollout.stop)]
     samples = [samples[i] for i in keep]
@@ -385,18 +423,35 @@ def ppo_update(pair: PolicyPair, critic: torch.nn.Module, optimizer, accelerator
     old_logps = torch.zeros(B, T, device=device)
     for i, s in enumerate(samples):
         mask[i, : len(s.token_ids)] = 1
-        old_logps[i, : len(s.token_ids)] = torch.tensor(s.old_logps, dtype=torch.float32)
+        if not recompute:
+            old_logps[i, : len(s.token_ids)] = torch.tensor(s.old_logps, dtype=torch.float32)
+    with_entropy = p.entropy_coef > 0
+    policy = pair.train_module
+    policy.train()
+    critic.train()
+    shuffle = _shuffle_generator(samples, cfg.seed)
+    perms = [torch.randperm(B, generator=shuffle).tolist() for _ in range(p.ppo_epochs)]
+    drift = _Tally("drift", "drift_tokens")
 
-    # 1. rollout quantities (no gradient): each process its shard, then one all-reduce of [2, B, T]
+    # 1. rollout quantities (no gradient): each process its shard (the old log-probs: its items of
+    # the first epoch's minibatches), then one all-reduce of [3, B, T]
     shards = _split(list(range(B)), world)
     ref_rows = _sharded_reference(pair, accelerator, samples, shards, cfg, temperature)
     value_rows = _sharded_values(critic, accelerator, samples, shards, pad_id, mp, mb_size)
-    local = torch.zeros(2, B, T, device=device)
+    local = torch.zeros(3, B, T, device=device)
     for i in shards[rank]:
         n = len(samples[i].token_ids)
         local[0, i, :n] = ref_rows[i]
         local[1, i, :n] = value_rows[i]
-    ref, old_values = _all_sum(accelerator, local)
+    if recompute:
+        fresh = _old_logps(policy, accelerator, samples, _plan(perms[0], p.num_mini_batches, world), pad_id,
+                           temperature, mp, with_entropy, mb_size)
+        _tally_drift(drift, samples, fresh)
+        for i, row in fresh.items():
+            local[2, i, : row.numel()] = row
+    ref, old_values, recomputed = _all_sum(accelerator, local)
+    if recompute:
+        old_logps = recomputed
     scores = torch.tensor([float(s.reward) for s in samples], device=device)
     if p.missing_eos_penalty is not None:
         scores = scores - p.missing_eos_penalty * torch.tensor([not f for f in finished], dtype=torch.float32, device=device)
@@ -420,18 +475,12 @@ def ppo_update(pair: PolicyPair, critic: torch.nn.Module, optimizer, accelerator
     }
 
     # 5. epochs x minibatches (one optimizer step each, W shards) x micro-batches
-    with_entropy = p.entropy_coef > 0
-    policy = pair.train_module
-    policy.train()
-    critic.train()
     params = [q for q in policy.parameters() if q.requires_grad] + [q for q in critic.parameters() if q.requires_grad]
     names = ("policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg",
              "val/ratio") + (("policy/entropy_avg",) if with_entropy else ())
     tally = _Tally("loss", *names)  # sums over steps of each step's minibatch token mean
     grad_norms = []
-    shuffle = _shuffle_generator(samples, cfg.seed)
-    for _ in range(p.ppo_epochs):
-        perm = torch.randperm(B, generator=shuffle).tolist()
+    for perm in perms:
         for step in _plan(perm, p.num_mini_batches, world):
             mb_tokens = float(mask[step.items].sum())  # global normaliser: the minibatch's tokens
             micros = _micro_batches(step.shards, rank, mb_size)
@@ -447,6 +496,8 @@ def ppo_update(pair: PolicyPair, critic: torch.nn.Module, optimizer, accelerator
                         _backward(accelerator, logps.sum() + values.sum(), padding=True)
                         continue
                     t = cmask.shape[1]
+                    if not recompute and not grad_norms:  # the policy has not moved yet: drift for free
+                        _tally_drift(drift, batch, logps)
                     loss, stats = ppo_loss(
                         logps, old_logps[idx, :t], values, old_values[idx, :t], advantages[idx, :t], returns[idx, :t],
                         cmask, p.cliprange, p.cliprange_value, p.vf_coef, entropy, p.entropy_coef,
@@ -464,4 +515,7 @@ def ppo_update(pair: PolicyPair, critic: torch.nn.Module, optimizer, accelerator
     metrics.update({k: v / len(grad_norms) for k, v in sums.items()})
     metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
     metrics["steps"] = float(len(grad_norms))
+    drift_sums = drift.reduce(accelerator)
+    if drift_sums["drift_tokens"]:
+        metrics["rollout_logp_diff"] = drift_sums["drift"] / drift_sums["drift_tokens"]
     return metrics

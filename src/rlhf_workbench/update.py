@@ -1,5 +1,6 @@
 """Policy updates with real gradients: one DPO, GRPO, RLOO, KTO or rejection-sampling SFT
-optimisation phase per round.
+optimisation phase per round (RLOO in :mod:`rlhf_workbench.rloo`, KTO in :mod:`rlhf_workbench.kto`,
+PPO in :mod:`rlhf_workbench.ppo`, all on this module's helpers).
 
 The maths lives in :mod:`rlhf_workbench.losses`; this module batches sequences, runs the
 forward/backward passes through ``accelerate`` (autocast; DDP, FSDP or DeepSpeed when started
@@ -56,7 +57,7 @@ from accelerate.utils import DistributedType
 
 from .config import RunConfig
 from .logprobs import packed_logps
-from .losses import dpo_loss, grpo_loss, kto_loss, rloo_advantages, rloo_loss
+from .losses import dpo_loss, grpo_loss
 from .models import PolicyPair
 from .rollout import autocast
 
@@ -66,7 +67,8 @@ class Sample:
     """A prompt and one completion as token ids, with what the losses need.
 
     ``old_logps`` are the sampling policy's per-token log-probs recorded at rollout
-    (temperature-scaled); ``advantage`` is used by GRPO; ``reward`` is the sequence-level
+    (temperature-scaled; the ratio's denominator only when they are not recomputed, see
+    :func:`recompute_old_logps`); ``advantage`` is used by GRPO; ``reward`` is the sequence-level
     score (PPO's score, RLOO's reward); ``label`` is KTO's desirable (True) / undesirable
     (False) tag.
     """
@@ -236,9 +238,13 @@ class _Tally:
         return dict(zip(self.sums, _all_sum(accelerator, t).tolist()))
 
 
-def _require_old_logps(samples: list[Sample], indices, who: str) -> None:
+def _require_old_logps(samples: list[Sample], indices, who: str, optional: bool = False) -> None:
+    """Raise ValueError unless every ``samples[i]`` (``i`` in ``indices``) has one recorded
+    log-prob per completion token; with ``optional``, samples without any pass."""
     for i in indices:
         s = samples[i]
+        if optional and s.old_logps is None:
+            continue
         if s.old_logps is None or len(s.old_logps) != len(s.token_ids):
             got = None if s.old_logps is None else len(s.old_logps)
             raise ValueError(f"{who}: sample {i} needs old_logps recorded at rollout, one per completion token "
@@ -302,6 +308,103 @@ def _sharded_reference(pair: PolicyPair, accelerator, samples: list[Sample], per
             for j, i in enumerate(chunk):
                 out[i] = logps[j, : len(samples[i].token_ids)].float().to(accelerator.device)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Old log-probs: recomputed in the training layout, or the rollout's
+# --------------------------------------------------------------------------------------------
+
+
+def recompute_old_logps(cfg: RunConfig) -> bool:
+    """Whether GRPO (several steps), RLOO and PPO recompute their old log-probs
+    (:func:`old_logps_pass`): ``optim.old_logps`` ``recompute``, or ``auto`` (the default) with
+    ``model.mixed_precision`` bf16. In fp32 the recorded log-probs equal a training forward's to
+    float noise (~1e-5 nats/token, ``tests/test_logprobs_bf16.py``), so ``auto`` saves the pass."""
+    mode = cfg.optim.old_logps
+    return mode == "recompute" or (mode == "auto" and cfg.model.mixed_precision == "bf16")
+
+
+@torch.no_grad()
+def old_logps_pass(pair: PolicyPair, accelerator, samples: list[Sample], steps: list[_Step], cfg: RunConfig,
+                   temperature: float) -> dict[int, torch.Tensor]:
+    """The current policy's per-token log-probs of this process's items of ``steps``, without
+    gradient, through exactly the forward the training loop runs next: the same model
+    (``pair.train_module``, in its current mode), function (:func:`_forward_logps`), autocast and
+    micro-batches (:func:`_micro_batches` of each step's shards, padding forwards included, so
+    every process runs as many forwards as the training loop will). The first optimizer step's
+    forward therefore recomputes them bit for bit and its ratio is exactly 1.
+
+    Why (``optim.old_logps: recompute``, or ``auto`` under bf16, :func:`recompute_old_logps`):
+    under bf16 autocast the log-probs the rollout records while decoding (KV cache, one token at
+    a time) and a training-shaped forward of the same weights are rounded differently; on
+    SmolLM2-135M they differ by 0.03 nats/token on average (max 0.4), which puts 22-31 % of
+    20-token sequence ratios outside [0.8, 1.2] before any update, and PPO's first step (configs/
+    ppo.yaml) saw token ratios up to 1 ± 0.38 and clipped 0.8 % of its tokens with the recorded
+    log-probs, none with recomputed ones (``benchmarks/results/bf16_ratio.json``): clipping
+    would see a policy change that did not happen. TRL recomputes the old log-probs the same way
+    whenever the policy takes several steps per generation.
+
+    Cost: one no-grad forward over the trained completions per round (GRPO and RLOO with one
+    optimizer step per round need none: the detached training log-probs are the recomputed
+    ones). Measured at the demo's 16 × 8 completions (≤ 48 tokens) on a 2-core AMD EPYC shared
+    with other work (load ~6.7, so upper bounds): 50 s wall (32 s CPU) for this packed pass, 98 s
+    (61 s CPU) for PPO's padded one, against 196 s to generate the round's completions in the
+    same run — a quarter to a half of the round's generation time, which is why ``auto`` skips
+    it in fp32, where the recorded log-probs already match. ``rollout`` keeps the recorded
+    log-probs, those of the distribution that actually sampled the tokens (an importance weight
+    that includes the decode/training mismatch), at no cost.
+
+    Args:
+        samples: the global batch.
+        steps: the phase's plan (:func:`_plan`), as the training loop will run it.
+        temperature: the rollout temperature.
+
+    Returns:
+        ``{index: [T_i] float32 tensor (nats) on accelerator.device}`` for this process's items.
+    """
+    rank, mb = accelerator.process_index, cfg.optim.micro_batch_size
+    pad_id, mp, model = pair.tokenizer.pad_token_id, cfg.model.mixed_precision, pair.train_module
+    out: dict[int, torch.Tensor] = {}
+    for step in steps:
+        for micro in _micro_batches(step.shards, rank, mb):
+            idx = step.items[:1] if micro is None else micro
+            logps, _ = _forward_logps(model, [samples[i] for i in idx], pad_id, temperature, mp, accelerator.device)
+            for j, i in enumerate(micro or []):
+                out[i] = logps[j, : len(samples[i].token_ids)].float()
+    return out
+
+
+def rollout_drift(samples: list[Sample], recomputed: dict[int, torch.Tensor]) -> tuple[float, float]:
+    """``(Σ |recomputed - recorded|, token count)`` over the samples in ``recomputed`` that carry
+    rollout log-probs (``Sample.old_logps``, one per token; others are skipped): how far the log-probs recorded while sampling are
+    from the training forward's, in nats, summed over tokens. The updates report the ratio as
+    ``rollout_logp_diff`` (nats per token; the loop logs ``train/rollout_logp_diff``).
+
+    Args:
+        recomputed: ``{index: [T_i] tensor}``, e.g. from :func:`old_logps_pass`.
+    """
+    total, count = 0.0, 0
+    for i, lp in recomputed.items():
+        rec = samples[i].old_logps
+        if rec is not None and len(rec) and len(rec) == lp.numel():
+            total += (lp.detach().double().cpu() - torch.tensor(rec, dtype=torch.float64)).abs().sum().item()
+            count += len(rec)
+    return total, float(count)
+
+
+def _tally_drift(tally: _Tally, samples: list[Sample], logps) -> None:
+    """Add :func:`rollout_drift` to ``tally``'s ``drift``/``drift_tokens``; ``logps`` is a
+    ``{index: [T_i]}`` dict into ``samples`` or a ``[B, T]`` tensor whose row ``j`` is ``samples[j]``."""
+    if isinstance(logps, torch.Tensor):
+        logps = {j: logps[j, : len(s.token_ids)] for j, s in enumerate(samples)}
+    total, count = rollout_drift(samples, logps)
+    tally.add("drift", total)
+    tally.add("drift_tokens", count)
+
+
+def _drift_metric(sums: dict[str, float]) -> dict[str, float]:
+    """``{"rollout_logp_diff": nats per token}`` from a tally's ``drift``/``drift_tokens``, or {}."""
+    return {"rollout_logp_diff": sums["drift"] / sums["drift_tokens"]} if sums["drift_tokens"] else {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,7 +491,10 @@ def grpo_update(pair: PolicyPair, optimizer, accelerator, samples: list[Sample],
     Log-probs are at the rollout temperature. Old log-probs: with one optimizer step per batch
     (``steps_per_round`` 1, or fewer active completions than steps) the policy cannot move during
     the phase, so the old log-probs are the detached current ones (ratio exactly 1; TRL does the
-    same when ``num_iterations = 1``); with several steps they are the ones recorded at rollout.
+    same when ``num_iterations = 1``); with several steps they are recomputed before the first
+    step by :func:`old_logps_pass` (``optim.old_logps: recompute``, or ``auto``, the default,
+    under bf16: first-step ratio exactly 1) or the ones recorded at rollout (``rollout``, or
+    ``auto`` in fp32).
     Completions with zero advantage contribute no policy gradient; when
     ``β = 0`` they are skipped entirely, the normalisers still counting them, so the objective
     is exactly the one over the full batch. The remaining ("active") completions are split into
@@ -406,11 +512,15 @@ def grpo_update(pair: PolicyPair, optimizer, accelerator, samples: list[Sample],
     Returns:
         ``loss`` (mean over steps of the step objective), token means over the trained completions
         of ``kl`` (k3 to the reference; 0 when β = 0), ``clip_ratio``, ``clip_ratio/low_mean``,
-        ``clip_ratio/high_mean``; ``grad_norm`` (mean over steps), ``steps``. When every advantage
+        ``clip_ratio/high_mean``; ``grad_norm`` (mean over steps), ``steps``; and, when the
+        trained completions carry rollout log-probs, ``rollout_logp_diff`` (mean
+        ``|current - recorded|`` before any step, nats per token, :func:`rollout_drift`: over the
+        recomputed completions, else over the first step's from its own forward). When every advantage
         is 0 and β = 0 the objective is exactly 0, no step is taken and all metrics are 0.
 
     Raises:
-        ValueError: an active sample without ``old_logps`` of the right length (several steps).
+        ValueError: several steps and an active sample with ``old_logps`` of the wrong length,
+            or without any (``optim.old_logps: rollout``).
     """
     g = cfg.grpo
     names = ("kl", "clip_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean")
@@ -422,16 +532,20 @@ def grpo_update(pair: PolicyPair, optimizer, accelerator, samples: list[Sample],
     loss_type = "dapo" if g.loss_type in ("bnpo", "dapo") else g.loss_type
     steps = _plan(active, cfg.optim.steps_per_round, world)
     on_policy = len(steps) == 1
+    recompute = not on_policy and recompute_old_logps(cfg)
     if not on_policy:
-        _require_old_logps(samples, active, "grpo_update")
+        _require_old_logps(samples, active, "grpo_update", optional=recompute)
     ref = _sharded_reference(pair, accelerator, samples, _rank_items(steps, world), cfg, temperature) if g.beta > 0 else None
     lengths = [len(s.token_ids) for s in samples]
     active_tokens = sum(lengths[i] for i in active)
-    tally = _Tally("loss", *names, "tokens")
+    tally = _Tally("loss", *names, "tokens", "drift", "drift_tokens")
     model = pair.train_module
     model.train()
+    fresh = old_logps_pass(pair, accelerator, samples, steps, cfg, temperature) if recompute else None
+    if fresh is not None:
+        _tally_drift(tally, samples, fresh)
     grad_norms = []
-    for step in steps:
+    for first, step in zip([True] + [False] * len(steps), steps):
         if loss_type == "dapo":
             norm = max(1.0, sum(lengths) * sum(lengths[i] for i in step.items) / max(1, active_tokens))
         else:
@@ -445,7 +559,12 @@ def grpo_update(pair: PolicyPair, optimizer, accelerator, samples: list[Sample],
                 if micro is None:
                     _backward(accelerator, logps.sum(), padding=True)
                     continue
-                old = logps.detach() if on_policy else _pad_rows([s.old_logps for s in batch], logps)
+                if first and fresh is None:  # the policy has not moved yet: drift for free
+                    _tally_drift(tally, batch, logps)
+                if on_policy:
+                    old = logps.detach()
+                else:
+                    old = _pad_rows([fresh[i] if fresh is not None else s.old_logps for i, s in zip(idx, batch)], logps)
                 ref_t = None if ref is None else _pad_rows([ref[i] for i in idx], logps)
                 adv = torch.tensor([s.advantage for s in batch], dtype=logps.dtype, device=logps.device)
                 loss, stats = grpo_loss(
@@ -464,220 +583,7 @@ def grpo_update(pair: PolicyPair, optimizer, accelerator, samples: list[Sample],
     sums = tally.reduce(accelerator)
     tokens = max(1.0, sums["tokens"])
     return {"loss": sums["loss"] / len(steps), **{k: sums[k] / tokens for k in names},
-            "grad_norm": sum(grad_norms) / len(grad_norms), "steps": float(len(steps))}
-
-
-# --------------------------------------------------------------------------------------------
-# RLOO
-# --------------------------------------------------------------------------------------------
-
-
-def rloo_update(pair: PolicyPair, optimizer, accelerator, samples: list[Sample], cfg: RunConfig) -> dict[str, float]:
-    """REINFORCE leave-one-out (Ahmadian et al. 2024) as TRL 1.16's ``RLOOTrainer``, on one rollout
-    batch of contiguous groups of ``K = cfg.rollout.num_generations`` completions per prompt.
-
-    1. With ``β = cfg.rloo.beta != 0``, reference log-probs at the rollout temperature (sharded
-       over processes) give each completion's summed k1 log-ratio
-       ``kl_i = Σ_t (old_logps - ref_logps)``, all-reduced so every process holds all of them.
-    2. Advantages over the global batch: :func:`~rlhf_workbench.losses.rloo_advantages` of the
-       ``Sample.reward`` values (clamped to ``reward_clip_range``, minus ``β kl_i``, leave-one-out
-       baseline within each group, optional batch-wide normalisation), before any sharding.
-    3. ``cfg.optim.steps_per_round`` steps of :func:`~rlhf_workbench.losses.rloo_loss` (clipped
-       sequence-level ratio against the rollout ``old_logps``, ``ε = epsilon``/``epsilon_high``),
-       mean over sequences. Completions with an advantage of exactly 0 have no loss and no
-       gradient and are skipped; the normaliser still counts them (``n_batch · n_step / n_active``
-       sequences per step), so the objective is the mean over the whole batch. When every
-       advantage is 0 no step is taken.
-
-    Args:
-        samples: the global batch, identical on every process, with ``reward`` and ``old_logps``
-            (per completion token, at the rollout temperature) set.
-
-    Returns:
-        ``loss`` (mean over steps of the step objective), ``clip_ratio``, ``clip_ratio/low_mean``,
-        ``clip_ratio/high_mean`` (fractions of the trained sequences), ``grad_norm`` (mean over
-        steps), ``steps``; with β != 0 also ``kl`` (TRL: ``Σ_i kl_i`` / completion tokens of the
-        batch, nats per token). Only ``{"steps": 0.0}`` for an empty batch.
-
-    Raises:
-        ValueError: the batch is not a multiple of K, or a sample lacks ``old_logps`` of the right length.
-    """
-    rc, K = cfg.rloo, cfg.rollout.num_generations
-    if not samples:
-        return {"steps": 0.0}
-    if len(samples) % K:
-        raise ValueError(f"rloo_update: {len(samples)} samples is not a multiple of num_generations K={K}")
-    _require_old_logps(samples, range(len(samples)), "rloo_update")
-    rank, world = accelerator.process_index, accelerator.num_processes
-    pad_id, mp, temperature = pair.tokenizer.pad_token_id, cfg.model.mixed_precision, cfg.rollout.temperature
-    n = len(samples)
-    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
-    kl, extra = None, {}
-    if rc.beta != 0.0:
-        ref = _sharded_reference(pair, accelerator, samples, _split(list(range(n)), world), cfg, temperature)
-        local = torch.zeros(n, dtype=torch.float64, device=accelerator.device)
-        for i, r in ref.items():
-            local[i] = (torch.tensor(samples[i].old_logps, dtype=torch.float64, device=r.device) - r.double()).sum()
-        kl = _all_sum(accelerator, local).float().cpu()
-        extra["kl"] = kl.sum().item() / max(1, sum(len(s.token_ids) for s in samples))
-    advantages = rloo_advantages(rewards, K, kl, rc.beta, rc.normalize_advantages, rc.reward_clip_range).tolist()
-    names = ("clip_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean")
-    active = [i for i in range(n) if advantages[i] != 0.0]
-    if not active:
-        return {"loss": 0.0, **dict.fromkeys(names, 0.0), "grad_norm": 0.0, "steps": 0.0, **extra}
-    steps = _plan(active, cfg.optim.steps_per_round, world)
-    tally = _Tally("loss", *names, "sequences")
-    model = pair.train_module
-    model.train()
-    grad_norms = []
-    for step in steps:
-        norm = n * len(step.items) / len(active)
-        micros = _micro_batches(step.shards, rank, cfg.optim.micro_batch_size)
-        for j, micro in enumerate(micros):
-            idx = step.items[:1] if micro is None else micro
-            batch = [samples[i] for i in idx]
-            with _sync_context(accelerator, model, sync=j == len(micros) - 1):
-                logps, cmask = _forward_logps(model, batch, pad_id, temperature, mp, accelerator.device)
-                if micro is None:
-                    _backward(accelerator, logps.sum(), padding=True)
-                    continue
-                old = _pad_rows([s.old_logps for s in batch], logps)
-                adv = torch.tensor([advantages[i] for i in idx], dtype=logps.dtype, device=logps.device)
-                loss, stats = rloo_loss(logps, old, adv, cmask, epsilon=rc.epsilon, epsilon_high=rc.epsilon_high)
-                part = loss * len(batch) / norm
-                _backward(accelerator, part)
-            tally.add("loss", part.item())
-            for k in names:
-                tally.add(k, stats[k].item() * len(batch))
-            tally.add("sequences", len(batch))
-        grad_norms.append(_step(pair, optimizer, accelerator, cfg))
-    sums = tally.reduce(accelerator)
-    return {"loss": sums["loss"] / len(steps), **{k: sums[k] / sums["sequences"] for k in names},
-            "grad_norm": sum(grad_norms) / len(grad_norms), "steps": float(len(steps)), **extra}
-
-
-# --------------------------------------------------------------------------------------------
-# KTO
-# --------------------------------------------------------------------------------------------
-
-
-def kto_kl_partners(samples: list[Sample]) -> list[int]:
-    """For each sample ``i``, the index ``j`` of the completion scored under prompt ``x_i`` for
-    KTO's reference point ``z0`` (the mismatched pair ``(x_i, y_j)``).
-
-    TRL pairs ``x_i`` with ``y_{i-1}`` of the same (shuffled) batch. The loop's batches are
-    grouped by prompt, where ``y_{i-1}`` is mostly a completion *of* ``x_i`` and the pair would
-    not be mismatched, so the rotation is by the smallest shift ``s ≥ 1`` for which every
-    ``x_i`` differs from ``x_{(i-s) mod n}`` (for groups of K completions per prompt, ``s = K``:
-    the same position in the previous group, as diverse as TRL's rotation); when no single
-    shift works, each ``i`` takes the nearest earlier sample (cyclically) with another prompt,
-    and when all prompts are equal, ``i - 1`` (TRL's rotation; ``i`` itself for one sample).
-    Depends on the batch only, not on the number of processes.
-
-    Args:
-        samples: the global batch.
-
-    Returns:
-        ``n`` indices into ``samples``.
-    """
-    n = len(samples)
-    ids: dict[tuple, int] = {}
-    prompts = [ids.setdefault(tuple(s.prompt_ids), len(ids)) for s in samples]
-    for shift in range(1, n):
-        if all(prompts[i] != prompts[(i - shift) % n] for i in range(n)):
-            return [(i - shift) % n for i in range(n)]
-    return [next(((i - s) % n for s in range(1, n) if prompts[(i - s) % n] != prompts[i]), (i - 1) % n)
-            for i in range(n)]
-
-
-def kto_update(pair: PolicyPair, optimizer, accelerator, samples: list[Sample], cfg: RunConfig) -> dict[str, float]:
-    """KTO (:func:`~rlhf_workbench.losses.kto_loss`, Ethayarajh et al. 2024 eq. 8) on unpaired
-    traces labelled desirable (``Sample.label`` True: verified-correct and top-ranked) or
-    undesirable (False: wrong or flagged). Playground thumbs are stored
-    (:class:`~rlhf_workbench.store.BinaryFeedback`) but not trained on yet.
-
-    Reference log-probs of the traces and of their mismatched KL pairs
-    (:func:`kto_kl_partners`) are computed once; then ``cfg.optim.steps_per_round`` steps over
-    near-equal contiguous slices. Each step first estimates the reference point as TRL does,
-    ``z0 = max(0, mean_i [log π(y_j|x_i) - log π_ref(y_j|x_i)])`` under the current policy
-    without gradient, the mean over the step's global items (a reduced sum), then takes the
-    mean KTO loss over the step's items with ``β``, ``λ_D``, ``λ_U`` from ``cfg.kto``. Summed
-    completion log-probs at temperature 1.
-
-    Args:
-        samples: the global batch, identical on every process, every ``label`` set.
-
-    Returns:
-        TRL's names: ``loss`` (mean over all items of the phase), ``kl`` (mean over steps of
-        ``z0``, nats), ``rewards/chosen`` and ``logps/chosen`` (means over the desirable items,
-        only when there are some), ``rewards/rejected`` and ``logps/rejected`` (likewise),
-        ``rewards/margins`` (mean chosen minus mean rejected reward, only with both kinds),
-        ``grad_norm`` (mean over steps), ``steps``. Only ``{"steps": 0.0}`` for an empty batch.
-
-    Raises:
-        ValueError: a sample without ``label``.
-    """
-    k = cfg.kto
-    if not samples:
-        return {"steps": 0.0}
-    missing = [i for i, s in enumerate(samples) if s.label is None]
-    if missing:
-        raise ValueError(f"kto_update: samples {missing[:5]} have no label (True desirable / False undesirable)")
-    rank, world = accelerator.process_index, accelerator.num_processes
-    pad_id, mp, mb = pair.tokenizer.pad_token_id, cfg.model.mixed_precision, cfg.optim.micro_batch_size
-    partners = kto_kl_partners(samples)
-    kl_samples = [Sample(s.prompt_ids, samples[j].token_ids) for s, j in zip(samples, partners)]
-    steps = _plan(range(len(samples)), cfg.optim.steps_per_round, world)
-    mine = _rank_items(steps, world)
-    ref = _sharded_reference(pair, accelerator, samples, mine, cfg, 1.0)
-    ref_kl = _sharded_reference(pair, accelerator, kl_samples, mine, cfg, 1.0)
-    tally = _Tally("loss", "rewards/chosen", "logps/chosen", "n_chosen", "rewards/rejected", "logps/rejected", "n_rejected")
-    model = pair.train_module
-    model.train()
-    grad_norms, z0s = [], []
-    for step in steps:
-        micros = _micro_batches(step.shards, rank, mb)
-        local = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-        with torch.no_grad():
-            for micro in micros:
-                idx = step.items[:1] if micro is None else micro
-                logps, cmask = _forward_logps(model, [kl_samples[i] for i in idx], pad_id, 1.0, mp, accelerator.device)
-                if micro is None:
-                    continue
-                ratios = (logps * cmask).sum(-1) - torch.stack([ref_kl[i].sum() for i in idx])
-                local += torch.stack([ratios.double().sum(), torch.tensor(float(len(idx)), dtype=torch.float64,
-                                                                          device=local.device)])
-        total = _all_sum(accelerator, local)
-        z0 = (total[0] / total[1]).clamp(min=0).float()
-        z0s.append(z0.item())
-        for j, micro in enumerate(micros):
-            idx = step.items[:1] if micro is None else micro
-            batch = [samples[i] for i in idx]
-            with _sync_context(accelerator, model, sync=j == len(micros) - 1):
-                logps, cmask = _forward_logps(model, batch, pad_id, 1.0, mp, accelerator.device)
-                if micro is None:
-                    _backward(accelerator, logps.sum(), padding=True)
-                    continue
-                seq = (logps * cmask).sum(-1)
-                labels = torch.tensor([bool(s.label) for s in batch], device=seq.device)
-                loss, stats = kto_loss(seq, torch.stack([ref[i].sum() for i in idx]), labels, z0, beta=k.beta,
-                                       desirable_weight=k.desirable_weight, undesirable_weight=k.undesirable_weight)
-                _backward(accelerator, loss * len(batch) / len(step.items))
-            tally.add("loss", loss.item() * len(batch))
-            for name in ("rewards/chosen", "logps/chosen", "rewards/rejected", "logps/rejected"):
-                tally.add(name, stats[name].sum().item())
-            tally.add("n_chosen", stats["rewards/chosen"].numel())
-            tally.add("n_rejected", stats["rewards/rejected"].numel())
-        grad_norms.append(_step(pair, optimizer, accelerator, cfg))
-    sums = tally.reduce(accelerator)
-    out = {"loss": sums["loss"] / len(samples), "kl": sum(z0s) / len(z0s)}
-    for kind in ("chosen", "rejected"):
-        if sums[f"n_{kind}"]:
-            out[f"rewards/{kind}"] = sums[f"rewards/{kind}"] / sums[f"n_{kind}"]
-            out[f"logps/{kind}"] = sums[f"logps/{kind}"] / sums[f"n_{kind}"]
-    if sums["n_chosen"] and sums["n_rejected"]:
-        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
-    return {**out, "grad_norm": sum(grad_norms) / len(grad_norms), "steps": float(len(steps))}
+            "grad_norm": sum(grad_norms) / len(grad_norms), "steps": float(len(steps)), **_drift_metric(sums)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -747,3 +653,20 @@ def sft_update(pair: PolicyPair, optimizer, accelerator, samples: list[Sample], 
     return {"loss": sums["nll"] / sums["tokens"], "mean_token_accuracy": sums["correct"] / sums["tokens"],
             "num_tokens": sums["tokens"], "grad_norm": sum(grad_norms) / len(grad_norms),
             "steps": float(len(grad_norms))}
+
+
+# --------------------------------------------------------------------------------------------
+# RLOO and KTO live in their own modules; importable from here as before
+# --------------------------------------------------------------------------------------------
+
+_MOVED = {"rloo_update": "rloo", "kto_update": "kto", "kto_kl_partners": "kto"}
+
+
+def __getattr__(name: str):
+    """``rloo_update`` (:mod:`rlhf_workbench.rloo`), ``kto_update`` and ``kto_kl_partners``
+    (:mod:`rlhf_workbench.kto`), imported on first use (those modules import this one)."""
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

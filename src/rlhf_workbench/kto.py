@@ -1,0 +1,148 @@
+"""KTO: Kahneman-Tversky optimisation (Ethayarajh et al. 2024) on unpaired desirable / undesirable
+traces, one optimisation phase per round.
+
+The maths is :func:`~rlhf_workbench.losses.kto_loss`; batching, data parallelism and gradient
+accumulation follow :mod:`rlhf_workbench.update` (read its module docstring), whose helpers this
+module uses. ``rlhf_workbench.update.kto_update`` and ``kto_kl_partners`` still name the same
+functions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import RunConfig
+from .losses import kto_loss
+from .models import PolicyPair
+from .update import (
+    Sample,
+    _all_sum,
+    _backward,
+    _forward_logps,
+    _micro_batches,
+    _plan,
+    _rank_items,
+    _sharded_reference,
+    _step,
+    _sync_context,
+    _Tally,
+)
+
+
+def kto_kl_partners(samples: list[Sample]) -> list[int]:
+    """For each sample ``i``, the index ``j`` of the completion scored under prompt ``x_i`` for
+    KTO's reference point ``z0`` (the mismatched pair ``(x_i, y_j)``).
+
+    TRL pairs ``x_i`` with ``y_{i-1}`` of the same (shuffled) batch. The loop's batches are
+    grouped by prompt, where ``y_{i-1}`` is mostly a completion *of* ``x_i`` and the pair would
+    not be mismatched, so the rotation is by the smallest shift ``s ≥ 1`` for which every
+    ``x_i`` differs from ``x_{(i-s) mod n}`` (for groups of K completions per prompt, ``s = K``:
+    the same position in the previous group, as diverse as TRL's rotation); when no single
+    shift works, each ``i`` takes the nearest earlier sample (cyclically) with another prompt,
+    and when all prompts are equal, ``i - 1`` (TRL's rotation; ``i`` itself for one sample).
+    Depends on the batch only, not on the number of processes.
+
+    Args:
+        samples: the global batch.
+
+    Returns:
+        ``n`` indices into ``samples``.
+    """
+    n = len(samples)
+    ids: dict[tuple, int] = {}
+    prompts = [ids.setdefault(tuple(s.prompt_ids), len(ids)) for s in samples]
+    for shift in range(1, n):
+        if all(prompts[i] != prompts[(i - shift) % n] for i in range(n)):
+            return [(i - shift) % n for i in range(n)]
+    return [next(((i - s) % n for s in range(1, n) if prompts[(i - s) % n] != prompts[i]), (i - 1) % n)
+            for i in range(n)]
+
+
+def kto_update(pair: PolicyPair, optimizer, accelerator, samples: list[Sample], cfg: RunConfig) -> dict[str, float]:
+    """KTO (:func:`~rlhf_workbench.losses.kto_loss`, Ethayarajh et al. 2024 eq. 8) on unpaired
+    traces labelled desirable (``Sample.label`` True: verified-correct and top-ranked) or
+    undesirable (False: wrong or flagged). Playground thumbs are stored
+    (:class:`~rlhf_workbench.store.BinaryFeedback`) but not trained on yet.
+
+    Reference log-probs of the traces and of their mismatched KL pairs
+    (:func:`kto_kl_partners`) are computed once; then ``cfg.optim.steps_per_round`` steps over
+    near-equal contiguous slices. Each step first estimates the reference point as TRL does,
+    ``z0 = max(0, mean_i [log π(y_j|x_i) - log π_ref(y_j|x_i)])`` under the current policy
+    without gradient, the mean over the step's global items (a reduced sum), then takes the
+    mean KTO loss over the step's items with ``β``, ``λ_D``, ``λ_U`` from ``cfg.kto``. Summed
+    completion log-probs at temperature 1.
+
+    Args:
+        samples: the global batch, identical on every process, every ``label`` set.
+
+    Returns:
+        TRL's names: ``loss`` (mean over all items of the phase), ``kl`` (mean over steps of
+        ``z0``, nats), ``rewards/chosen`` and ``logps/chosen`` (means over the desirable items,
+        only when there are some), ``rewards/rejected`` and ``logps/rejected`` (likewise),
+        ``rewards/margins`` (mean chosen minus mean rejected reward, only with both kinds),
+        ``grad_norm`` (mean over steps), ``steps``. Only ``{"steps": 0.0}`` for an empty batch.
+
+    Raises:
+        ValueError: a sample without ``label``.
+    """
+    k = cfg.kto
+    if not samples:
+        return {"steps": 0.0}
+    missing = [i for i, s in enumerate(samples) if s.label is None]
+    if missing:
+        raise ValueError(f"kto_update: samples {missing[:5]} have no label (True desirable / False undesirable)")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    pad_id, mp, mb = pair.tokenizer.pad_token_id, cfg.model.mixed_precision, cfg.optim.micro_batch_size
+    partners = kto_kl_partners(samples)
+    kl_samples = [Sample(s.prompt_ids, samples[j].token_ids) for s, j in zip(samples, partners)]
+    steps = _plan(range(len(samples)), cfg.optim.steps_per_round, world)
+    mine = _rank_items(steps, world)
+    ref = _sharded_reference(pair, accelerator, samples, mine, cfg, 1.0)
+    ref_kl = _sharded_reference(pair, accelerator, kl_samples, mine, cfg, 1.0)
+    tally = _Tally("loss", "rewards/chosen", "logps/chosen", "n_chosen", "rewards/rejected", "logps/rejected", "n_rejected")
+    model = pair.train_module
+    model.train()
+    grad_norms, z0s = [], []
+    for step in steps:
+        micros = _micro_batches(step.shards, rank, mb)
+        local = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+        with torch.no_grad():
+            for micro in micros:
+                idx = step.items[:1] if micro is None else micro
+                logps, cmask = _forward_logps(model, [kl_samples[i] for i in idx], pad_id, 1.0, mp, accelerator.device)
+                if micro is None:
+                    continue
+                ratios = (logps * cmask).sum(-1) - torch.stack([ref_kl[i].sum() for i in idx])
+                local += torch.stack([ratios.double().sum(), torch.tensor(float(len(idx)), dtype=torch.float64,
+                                                                          device=local.device)])
+        total = _all_sum(accelerator, local)
+        z0 = (total[0] / total[1]).clamp(min=0).float()
+        z0s.append(z0.item())
+        for j, micro in enumerate(micros):
+            idx = step.items[:1] if micro is None else micro
+            batch = [samples[i] for i in idx]
+            with _sync_context(accelerator, model, sync=j == len(micros) - 1):
+                logps, cmask = _forward_logps(model, batch, pad_id, 1.0, mp, accelerator.device)
+                if micro is None:
+                    _backward(accelerator, logps.sum(), padding=True)
+                    continue
+                seq = (logps * cmask).sum(-1)
+                labels = torch.tensor([bool(s.label) for s in batch], device=seq.device)
+                loss, stats = kto_loss(seq, torch.stack([ref[i].sum() for i in idx]), labels, z0, beta=k.beta,
+                                       desirable_weight=k.desirable_weight, undesirable_weight=k.undesirable_weight)
+                _backward(accelerator, loss * len(batch) / len(step.items))
+            tally.add("loss", loss.item() * len(batch))
+            for name in ("rewards/chosen", "logps/chosen", "rewards/rejected", "logps/rejected"):
+                tally.add(name, stats[name].sum().item())
+            tally.add("n_chosen", stats["rewards/chosen"].numel())
+            tally.add("n_rejected", stats["rewards/rejected"].numel())
+        grad_norms.append(_step(pair, optimizer, accelerator, cfg))
+    sums = tally.reduce(accelerator)
+    out = {"loss": sums["loss"] / len(samples), "kl": sum(z0s) / len(z0s)}
+    for kind in ("chosen", "rejected"):
+        if sums[f"n_{kind}"]:
+            out[f"rewards/{kind}"] = sums[f"rewards/{kind}"] / sums[f"n_{kind}"]
+            out[f"logps/{kind}"] = sums[f"logps/{kind}"] / sums[f"n_{kind}"]
+    if sums["n_chosen"] and sums["n_rejected"]:
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    return {**out, "grad_norm": sum(grad_norms) / len(grad_norms), "steps": float(len(steps))}
