@@ -25,8 +25,23 @@ what is left, and what the old order cost, on a real rollout:
      ideal is a ratio of exactly 1. For scale, ``bf16_vs_fp32_forward`` compares the bf16 packed
      pass with the same pass in fp32: the bf16 forward's own error.
 
+  5. the remedy (``optim.old_logps: recompute``, :func:`rlhf_workbench.update.old_logps_pass`) on a
+     second rollout at the demo's size (``--ppo-prompts`` 16 × ``--ppo-samples`` 8, same token
+     cap), with ``configs/ppo.yaml``'s settings (2 minibatches of 64 in micro-batches of 16, clip
+     0.2, the strict verifier's correctness as the score): PPO's *first* optimizer step, once with
+     the old log-probs recomputed and once with the recorded ones (``rollout``), its ratio
+     statistics over the step's tokens taken from every ``ppo_loss`` call before the first
+     ``optimizer.step()``, where the update is stopped (the weights never move): mean ratio, max
+     ``|ratio - 1|``, fraction outside the clip range, ``policy/clipfrac_avg``,
+     ``policy/approxkl_avg``. And the cost of the extra no-grad forward per round: seconds of
+     PPO's recompute pass (padded layout) and of ``old_logps_pass`` over the batch as GRPO / RLOO
+     with two steps run it (packed layout), next to the round's generation time and the first
+     step's time. The machine's load average is recorded: timings on a shared machine are upper
+     bounds.
+
     python benchmarks/bf16_ratio.py                    # SmolLM2-135M, 8 prompts x 4 samples, <= 48 tokens
-    python benchmarks/bf16_ratio.py --model PATH --prompts 2 --samples 2 --max-new-tokens 8
+    python benchmarks/bf16_ratio.py --model PATH --prompts 2 --samples 2 --max-new-tokens 8 \
+        --ppo-prompts 2 --ppo-samples 2
 
 Writes ``benchmarks/results/bf16_ratio.json`` (no absolute paths: the model is named by its
 preset or directory name). What remains with the new order is the forward passes' own bf16
@@ -109,6 +124,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ppo-prompts", type=int, default=16, help="prompts of the PPO first-step rollout (0: skip)")
+    ap.add_argument("--ppo-samples", type=int, default=8, help="completions per prompt of that rollout")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--out", default=str(_common.RESULTS / "bf16_ratio.json"))
     args = ap.parse_args(argv)
@@ -150,6 +167,8 @@ def main(argv=None) -> dict:
     # the bf16 forward's own error: the same packed pass under autocast against it in fp32
     noise = _stats(bf16_packed, fp32_packed, cmask)
 
+    old_logps = old_logps_remedy(pair, train, args) if args.ppo_prompts > 0 else None
+
     name = args.model if not Path(args.model).exists() else Path(args.model).resolve().name
     info = _common.device_info(args.threads)
     result = {
@@ -165,20 +184,166 @@ def main(argv=None) -> dict:
                    if k in info},
         "results": results,
         "bf16_vs_fp32_forward": noise,
+        **({"old_logps": old_logps} if old_logps is not None else {}),
         "notes": (
             "new: token_logps (cast to float32, then divide by T); old: divide the bf16 logits by T, then cast "
             "(the training passes before issue 12). packed: logprobs.packed_logps as GRPO/RLOO/DPO/KTO; padded: "
             "logprobs.completion_logps on the padded batch as PPO. Reference: the log-probs the rollout recorded "
             "while decoding under the same autocast. bf16_vs_fp32_forward: the packed training pass under bf16 "
             "autocast against the same pass in fp32 (new order both): the bf16 forward's own error, the floor that "
-            "no order of cast and division removes."),
+            "no order of cast and division removes. old_logps: PPO's first optimizer step (configs/ppo.yaml) "
+            "with optim.old_logps recompute vs rollout at the demo's rollout size, and the recompute pass's cost "
+            "(seconds per round; on a machine shared with other work, see load_average)."),
     }
     _common.write_result(result, args.out)
     cols = ["path/order", "tok |d| mean", "tok |d| max", "tok ratio out", "seq |r-1| mean", "seq r out"]
     _common.print_table(f"bf16 rollout vs training log-probs ({result['processor']})", cols, [
         [k, v["token_abs_diff_mean"], v["token_abs_diff_max"], v["token_ratio_outside_clip"],
          v["seq_ratio_abs_dev_mean"], v["seq_ratio_outside_clip"]] for k, v in results.items()])
+    if old_logps is not None:
+        _common.print_table("PPO first step, bf16 (configs/ppo.yaml)", ["old log-probs", "ratio mean", "max |r-1|",
+                                                                       "outside clip", "clipfrac", "approxkl"], [
+            [k, v["ratio_mean"], v["ratio_max_abs_dev"], v["ratio_outside_clip"], v["clipfrac"], v["approxkl"]]
+            for k, v in old_logps["ppo_first_step"].items()])
+        print("recompute cost (s/round):", old_logps["cost_s"])
     return result
+
+
+class _FirstStepDone(Exception):
+    """Raised by :class:`_StopAtFirstStep` to end an update at its first optimizer step."""
+
+
+class _StopAtFirstStep:
+    """An optimizer stand-in whose ``step`` ends the update before any weight moves: every loss
+    call before it belongs to the first optimizer step."""
+
+    def step(self):
+        raise _FirstStepDone
+
+    def zero_grad(self, set_to_none: bool = True):
+        pass
+
+
+def old_logps_remedy(pair, train, args) -> dict:
+    """Item 5 of the module docstring: PPO's first-step ratio statistics with ``optim.old_logps``
+    ``recompute`` and ``rollout`` on a fresh bf16 rollout of ``args.ppo_prompts`` ×
+    ``args.ppo_samples``, and the seconds per round of the recompute pass (PPO's padded layout
+    and the packed layout of GRPO/RLOO with two steps).
+
+    Returns:
+        ``{"rollout": {...}, "ppo_first_step": {mode: stats}, "cost_s": {...}, "load_average": ...}``.
+    """
+    import time
+
+    import torch
+    from accelerate import Accelerator
+
+    import rlhf_workbench.ppo as ppo
+    from rlhf_workbench.config import load_config
+    from rlhf_workbench.rollout import HFEngine
+    from rlhf_workbench.update import Sample, _plan, old_logps_pass, rollout_drift
+    from rlhf_workbench.verify import verify
+
+    load = [os.getloadavg()]
+    cfg = load_config(_common.ROOT / "configs" / "ppo.yaml")
+    cfg.model.name, cfg.rollout.max_new_tokens = args.model, args.max_new_tokens
+    T = cfg.rollout.temperature
+    tasks = [replace(t, instruction=DEMO_INSTRUCTION) for t in train[args.prompts : args.prompts + args.ppo_prompts]]
+    torch.manual_seed(args.seed + 1)
+    engine = HFEngine(pair.policy, pair.tokenizer, batch_size=len(tasks) * args.ppo_samples, mixed_precision="bf16")
+    t0 = time.perf_counter()
+    comps = engine.generate(tasks, args.ppo_samples, T, 1.0, args.max_new_tokens, [])
+    generate_s = time.perf_counter() - t0
+    by_id = {t.id: t for t in tasks}
+    keep = [c for c in comps if c.token_ids]
+    samples = [Sample(c.prompt_ids, c.token_ids, old_logps=c.logps, reward=float(verify(c.text, by_id[c.task_id]).correct))
+               for c in keep]
+    finished = [c.finished for c in keep]
+
+    pair.train_module = pair.policy
+    pair.policy.train()
+    torch.manual_seed(0)
+    critic = ppo.load_critic(cfg)
+    real_loss, real_pass = ppo.ppo_loss, ppo._old_logps
+    stats, cost = {}, {}
+    try:
+        for mode in ("rollout", "recompute"):  # the first run also pays the warm-up of new shapes
+            cfg.optim.old_logps = mode
+            calls, pass_s = [], []
+
+            def loss(logps, old, *rest, **kw):
+                out, st = real_loss(logps, old, *rest, **kw)
+                cmask = rest[4]
+                calls.append(((logps - old).detach().double()[cmask.bool()], float(st["policy/clipfrac_avg"])))
+                return out, st
+
+            def timed_pass(*a, **kw):
+                t = time.perf_counter()
+                out = real_pass(*a, **kw)
+                pass_s.append(time.perf_counter() - t)
+                return out
+
+            ppo.ppo_loss, ppo._old_logps = loss, timed_pass
+            pair.policy.zero_grad(set_to_none=True)
+            critic.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            try:
+                ppo.ppo_update(pair, critic, _StopAtFirstStep(), Accelerator(cpu=True), samples, cfg, finished=finished)
+                raise RuntimeError("ppo_update returned without an optimizer step")
+            except _FirstStepDone:
+                first_step_s = time.perf_counter() - t0
+            log_ratio = torch.cat([lr for lr, _ in calls])
+            ratio = log_ratio.exp()
+            weights = torch.tensor([float(lr.numel()) for lr, _ in calls], dtype=torch.float64)
+            stats[mode] = {
+                "tokens": int(log_ratio.numel()), "micro_batches": len(calls),
+                "ratio_mean": float(ratio.mean()), "ratio_max_abs_dev": float((ratio - 1).abs().max()),
+                "ratio_outside_clip": float(((ratio < 1 - cfg.ppo.cliprange) | (ratio > 1 + cfg.ppo.cliprange))
+                                            .double().mean()),
+                "clipfrac": float((torch.tensor([c for _, c in calls], dtype=torch.float64) * weights).sum()
+                                  / weights.sum()),
+                "approxkl": float(0.5 * (log_ratio ** 2).mean()),
+                "first_step_s": first_step_s,
+            }
+            if pass_s:
+                cost["ppo_recompute_pass_in_update_s"] = pass_s[0]
+    finally:
+        ppo.ppo_loss, ppo._old_logps = real_loss, real_pass
+    # the passes alone, warm, interleaved, repeated (wall and process CPU seconds): PPO's (padded, the
+    # first epoch's minibatches) and the packed one of GRPO / RLOO with steps_per_round 2
+    cfg.optim.old_logps = "recompute"
+    perm = torch.randperm(len(samples), generator=ppo._shuffle_generator(samples, cfg.seed)).tolist()
+    acc, pad = Accelerator(cpu=True), pair.tokenizer.pad_token_id
+    passes = {
+        "ppo_padded": lambda: real_pass(pair.policy, acc, samples, _plan(perm, cfg.ppo.num_mini_batches, 1), pad, T,
+                                        "bf16", cfg.ppo.entropy_coef > 0, cfg.optim.micro_batch_size),
+        "packed_2_steps": lambda: old_logps_pass(pair, acc, samples, _plan(range(len(samples)), 2, 1), cfg, T),
+    }
+    runs = {k: {"wall_s": [], "cpu_s": []} for k in passes}
+    for _ in range(3):
+        for k, fn in passes.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fresh = fn()
+            runs[k]["wall_s"].append(time.perf_counter() - t0)
+            runs[k]["cpu_s"].append(time.process_time() - c0)
+    total, count = rollout_drift(samples, fresh)
+    cost.update({f"{k}_pass_s": min(v["wall_s"]) for k, v in runs.items()})
+    cost.update({f"{k}_pass_cpu_s": min(v["cpu_s"]) for k, v in runs.items()})
+    cost["runs"] = runs
+    cost["rollout_generate_s"] = generate_s
+    cost["ppo_first_step_without_pass_s"] = stats["rollout"]["first_step_s"]
+    load.append(os.getloadavg())
+    return {
+        "settings": {"config": "configs/ppo.yaml", "prompts": len(tasks), "samples": args.ppo_samples,
+                     "max_new_tokens": args.max_new_tokens, "micro_batch_size": cfg.optim.micro_batch_size,
+                     "num_mini_batches": cfg.ppo.num_mini_batches, "cliprange": cfg.ppo.cliprange,
+                     "score": "strict verifier correctness"},
+        "completions": len(samples), "tokens": int(sum(len(s.token_ids) for s in samples)),
+        "train_rollout_logp_diff": total / count,
+        "ppo_first_step": stats,
+        "cost_s": cost,
+        "load_average": {"start": list(load[0]), "end": list(load[1])},
+    }
 
 
 if __name__ == "__main__":
