@@ -75,11 +75,9 @@ from .labels import choice_ambiguity, label_clause, last_choice, last_ynm, parse
 from .markers import markers, normalise_text
 from .numbers import Num, last_number, number_ambiguity, number_clause, numbers_equal, parse_number
 
-__all__ = ["NO_KEY_REASON", "VERIFIER_MODES", "Verification", "extract_answer", "verify"]
+__all__ = ["NO_KEY_REASON", "Verification", "extract_answer", "verify"]
 
 NO_KEY_REASON = "no key: open-ended task, ranked by feedback (never verified)"
-
-VERIFIER_MODES = ("strict", "lenient")
 
 
 @dataclass(frozen=True)

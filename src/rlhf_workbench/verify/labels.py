@@ -124,7 +124,7 @@ _UNSURE = (r"either|perhaps|probably|possibly|(?<!most )likely|unlikely|unsure|u
            r"i believe|not sure|not certain|not clear|cannot be determined|cannot say|cant say|cant tell|could be|"
            r"might be|may be")
 _NEGATION_OR_ALTERNATIVE = r"not|never|neither|nor|except|or|and|cannot|cant|isnt|doesnt|dont"
-_CHOICE_HEDGE_RE = re.compile(rf"\b(?:{_UNSURE}|{_NEGATION_OR_ALTERNATIVE}|maybe)\b")
+_WORD_HEDGE_RE = re.compile(rf"\b(?:{_UNSURE}|{_NEGATION_OR_ALTERNATIVE}|maybe)\b")
 # yes/no explanations negate naturally ("no, it does not reduce mortality"): only a negated label
 # or an unsure word makes a yes/no/maybe answer ambiguous.
 _YNM_HEDGE_RE = re.compile(rf"\b(?:{_UNSURE}|not (?:a )?(?:yes|no|maybe))\b")
@@ -165,7 +165,7 @@ def choice_ambiguity(content: str, choices: dict[str, str] | None) -> str | None
         return f"{len(set(letters))} options on the answer line ({', '.join(letters)})"
     for v in sorted(options.values(), key=len, reverse=True):
         norm = norm.replace(f" {v} ", " ")
-    hedge = _CHOICE_HEDGE_RE.search(norm)
+    hedge = _WORD_HEDGE_RE.search(norm)
     if hedge:
         return f"hedged or negated answer line ({hedge.group(0)!r})"
     return None
@@ -185,11 +185,8 @@ def ynm_ambiguity(content: str) -> str | None:
     return None
 
 
-_TEXT_HEDGE_RE = _CHOICE_HEDGE_RE
-
-
 def text_ambiguity(content: str) -> str | None:
     """Why a free-text answer is ambiguous, or None: alternatives, hedges or negations
     (``or``, ``either``, ``not``, ``probably``, ``maybe``) on the answer line."""
-    hedge = _TEXT_HEDGE_RE.search(normalise_text(content))
+    hedge = _WORD_HEDGE_RE.search(normalise_text(content))
     return f"hedged, negated or several answers ({hedge.group(0)!r})" if hedge else None
