@@ -293,28 +293,36 @@ def annotator(url: str, user: str, deadline: float, rec: Recorder, seed: int, ki
             if "error" in item:
                 rec.error("next_item", item["error"])
                 continue
-            ids = list(item["completion_ids"])
-            rng.shuffle(ids)
-            ranks = {str(cid): (k if rng.random() > 0.2 else max(0, k - 1)) for k, cid in enumerate(ids)}
-            key = (user, int(item["rollout_id"]), str(item["task_id"]))
-            with rec.lock:
-                rec.sent += 1
-            t = time.perf_counter()
-            try:
-                status = session.call("submit", item["rollout_id"], item["task_id"], json.dumps(ranks),
-                                      f"load test {user}", "[]", item.get("revision", -1), "[]")
-                rec.lat("submit", time.perf_counter() - t)
-            except Exception as e:  # noqa: BLE001
-                rec.error("submit", e)
-                continue
-            with rec.lock:
-                if str(status).startswith("ok"):
-                    rec.acked.add(key)
-                else:
-                    rec.refused.append(f"{user}: {status}"[:300])
+            submit_random_ranking(session, item, user, rng, rec)
     finally:
         page.close()
         session.close()
+
+
+def submit_random_ranking(session, item: dict, user: str, rng: random.Random, rec) -> bool:
+    """Rank a served item's traces in a random order (ties 20 % of the time) and submit it,
+    recording sent / acknowledged / refused / latency in ``rec``. Returns False when the call
+    itself failed (recorded as an error), True otherwise."""
+    ids = list(item["completion_ids"])
+    rng.shuffle(ids)
+    ranks = {str(cid): (k if rng.random() > 0.2 else max(0, k - 1)) for k, cid in enumerate(ids)}
+    key = (user, int(item["rollout_id"]), str(item["task_id"]))
+    with rec.lock:
+        rec.sent += 1
+    t = time.perf_counter()
+    try:
+        status = session.call("submit", item["rollout_id"], item["task_id"], json.dumps(ranks),
+                              f"load test {user}", "[]", item.get("revision", -1), "[]")
+        rec.lat("submit", time.perf_counter() - t)
+    except Exception as e:  # noqa: BLE001
+        rec.error("submit", e)
+        return False
+    with rec.lock:
+        if str(status).startswith("ok"):
+            rec.acked.add(key)
+        else:
+            rec.refused.append(f"{user}: {status}"[:300])
+    return True
 
 
 def process_cpu_s(pid: int) -> float | None:

@@ -41,7 +41,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -222,26 +221,8 @@ def annotate(url: str, user: str, deadline: float, rec: "la.Recorder", seed: int
                 rec.empty += 1
             time.sleep(min(0.5, max(0.0, deadline - time.perf_counter())))
             continue
-        ids = list(item["completion_ids"])
-        rng.shuffle(ids)
-        ranks = {str(cid): (k if rng.random() > 0.2 else max(0, k - 1)) for k, cid in enumerate(ids)}
-        key = (user, int(item["rollout_id"]), str(item["task_id"]))
-        with rec.lock:
-            rec.sent += 1
-        t = time.perf_counter()
-        try:
-            status = session.call("submit", item["rollout_id"], item["task_id"], json.dumps(ranks),
-                                  f"load test {user}", "[]", item.get("revision", -1), "[]")
-            rec.lat("submit", time.perf_counter() - t)
-        except Exception as e:  # noqa: BLE001
-            rec.error("submit", e)
-            session = None
-            continue
-        with rec.lock:
-            if str(status).startswith("ok"):
-                rec.acked.add(key)
-            else:
-                rec.refused.append(f"{user}: {status}"[:300])
+        if not la.submit_random_ranking(session, item, user, rng, rec):
+            session = None  # log in again
     if session is not None:
         session.close()
 
