@@ -185,3 +185,21 @@ def db_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'workbench.db'}"
     return request.getfixturevalue("postgres_url")
+
+
+def gradio_api_call(http, api_name: str, data: list) -> tuple[str, object]:
+    """One call of a named endpoint through Gradio's HTTP API (``POST /gradio_api/call/<name>``,
+    then its event stream) with an ``httpx`` client: ``(event, data)``, event ``complete`` or
+    ``error``; AssertionError if the stream ends without either."""
+    import json
+
+    r = http.post(f"/gradio_api/call/{api_name}", json={"data": data})
+    r.raise_for_status()
+    event = None
+    with http.stream("GET", f"/gradio_api/call/{api_name}/{r.json()['event_id']}") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:") and event in ("complete", "error"):
+                return event, json.loads(line[5:])
+    raise AssertionError(f"{api_name}: no result")

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import gradio_api_call
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
@@ -77,17 +78,9 @@ def hand_written_traces(a: int, b: int) -> list[str]:
 
 def api_call(http, api_name: str, *args):
     """One call of a named endpoint through Gradio's HTTP API (POST, then the event stream)."""
-    r = http.post(f"/gradio_api/call/{api_name}", json={"data": list(args)})
-    r.raise_for_status()
-    event = None
-    with http.stream("GET", f"/gradio_api/call/{api_name}/{r.json()['event_id']}") as stream:
-        for line in stream.iter_lines():
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:") and event in ("complete", "error"):
-                assert event == "complete", line
-                return json.loads(line[5:])[0]
-    raise AssertionError(f"{api_name}: no result")
+    event, data = gradio_api_call(http, api_name, list(args))
+    assert event == "complete", data
+    return data[0]
 
 
 def seed_first_rollout(cfg, out: Path) -> int:

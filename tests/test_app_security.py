@@ -20,6 +20,8 @@ import pytest
 pytest.importorskip("gradio")
 httpx = pytest.importorskip("httpx")
 
+from conftest import gradio_api_call  # noqa: E402
+
 PASSWORD = "password-123"
 ROLES = {"ann": "annotator", "boss": "admin", "viewer": "playground"}
 # Every event handler of the app and what it needs; a handler missing here fails the test.
@@ -84,18 +86,6 @@ def queue_call(http, fn_index: int, data: list) -> dict:
     raise AssertionError("no process_completed")
 
 
-def call_api(http, api_name: str, data: list) -> tuple[str, object]:
-    """One call through ``/gradio_api/call/<api_name>``: (event, data)."""
-    r = http.post(f"/gradio_api/call/{api_name}", json={"data": data})
-    r.raise_for_status()
-    event = None
-    with http.stream("GET", f"/gradio_api/call/{api_name}/{r.json()['event_id']}") as stream:
-        for line in stream.iter_lines():
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:") and event in ("complete", "error"):
-                return event, json.loads(line[5:])
-    raise AssertionError("no result")
 
 
 def _refused(msg: dict) -> bool:
@@ -161,7 +151,7 @@ def test_an_annotator_gets_no_dashboard_data(app):
     with client(url, "ann") as http:
         msg = queue_call(http, refresh, [])
         assert not msg["success"] and "not allowed: the dashboard needs the role admin" in msg["output"]["error"]
-        event, data = call_api(http, "refresh", [])
+        event, data = gradio_api_call(http, "refresh", [])
         assert event == "error" and "not allowed" in json.dumps(data)
         tabs = next(i for i, f in demo.fns.items() if f.fn.__name__ == "tabs_for_role")
         shown = [d.get("visible") for d in queue_call(http, tabs, [])["output"]["data"][1:]]
@@ -174,22 +164,22 @@ def test_an_annotator_gets_no_dashboard_data(app):
 def test_the_annotation_api_still_works_for_annotators(app):
     _, url, store = app
     with client(url, "ann") as http:
-        event, data = call_api(http, "next_item", [])
+        event, data = gradio_api_call(http, "next_item", [])
         item = json.loads(data[0])
         ranks = json.dumps({str(c): 0 for c in item["completion_ids"]})
-        event, data = call_api(http, "submit", [item["rollout_id"], item["task_id"], ranks, "", "[]", -1, "[]"])
+        event, data = gradio_api_call(http, "submit", [item["rollout_id"], item["task_id"], ranks, "", "[]", -1, "[]"])
         assert data[0].startswith("ok: submitted")
-        event, data = call_api(http, "submit", [item["rollout_id"], "t02", ranks, "", "[]", -1, "[]"])
+        event, data = gradio_api_call(http, "submit", [item["rollout_id"], "t02", ranks, "", "[]", -1, "[]"])
         assert "not served to you" in data[0]  # only the item next_item served
     with client(url, "viewer") as http:
-        event, data = call_api(http, "next_item", [])
+        event, data = gradio_api_call(http, "next_item", [])
         assert "not allowed" in json.loads(data[0])["error"]
 
 
 def test_an_expired_session_is_refused(app):
     demo, url, _ = app
     with client(url, "ann") as http, client(url, "boss") as other:
-        assert call_api(http, "next_item", [])[0] == "complete"
+        assert gradio_api_call(http, "next_item", [])[0] == "complete"
         tokens = demo.server_app.tokens
         token = next(t for t, u in dict.items(tokens) if u == "ann" and t in http.cookies.values())
         tokens.issued[token] -= 601  # logged in longer ago than app.session_max_age_s
