@@ -143,6 +143,22 @@ class SafetyConfig(_Strict):
         return self
 
 
+class ConstitutionConfig(_Strict):
+    """Constitutional self-critique and revision (:mod:`rlhf_workbench.constitution`; Bai et al. 2022):
+    after a round's feedback, a critic critiques selected traces against a principle drawn from the
+    constitution and revises them; a (revision > original) pair is kept only if the revision verifies
+    (tasks with a key) or the judge prefers it in both orders (open tasks). Only DPO trains on the pairs."""
+
+    path: str = Field("bundled:medical", description="constitution file (markdown: '## name', 'Critique:', "
+                      "'Revision:' lines), or bundled:<name> (bundled:medical is illustrative, not clinical guidance)")
+    critic: Literal["policy", "judge"] = Field(
+        "policy", description="who critiques and revises: the policy itself, or the judge source of feedback.sources")
+    max_revisions_per_round: int = Field(8, ge=1, description="traces revised per round (one per task at most)")
+    temperature: float = Field(0.7, ge=0, le=2, description="policy critic's sampling temperature (0: greedy); "
+                               "a judge critic always decodes greedily")
+    max_new_tokens: int = Field(128, ge=1, description="cap of each critique and each revision")
+
+
 class FeedbackConfig(_Strict):
     source: Literal["rules", "human"] = Field(
         "rules", description="who ranks the verified traces: rule rewards now, or annotators in the web app"
@@ -162,6 +178,15 @@ class FeedbackConfig(_Strict):
     )
     ranking_weight: float = Field(0.2, ge=0, description="GRPO reward = correct + ranking_weight * rank_reward (correct only)")
     safety: SafetyConfig | None = Field(None, description="flag unsafe traces so they are never preferred (None: no filter)")
+    constitution: ConstitutionConfig | None = Field(
+        None, description="constitutional critique -> revision pairs after each round's feedback (None: off)")
+
+    @model_validator(mode="after")
+    def _check_constitution_critic(self) -> "FeedbackConfig":
+        if self.constitution is not None and self.constitution.critic == "judge" and not any(
+                s.name == "judge" for s in self.sources):
+            raise ValueError("constitution.critic: 'judge' needs a judge source in feedback.sources")
+        return self
 
 
 class DPOConfig(_Strict):

@@ -34,6 +34,7 @@ from sqlalchemy import select
 
 from .annotation import consume_human_rankings, wait_for_human_rankings
 from .config import RunConfig
+from .constitution import constitution_round
 from .evaluate import EvalResult, evaluate
 from .feedback import build_pairs, completion_rewards, make_ranker, rank_group, rankable
 from .losses import group_advantages
@@ -172,6 +173,7 @@ def _round_batch(store: Store, rollout: Rollout, cfg: RunConfig, algorithm: str 
     """
     algorithm = algorithm or cfg.algorithm
     comps = {c.id: c for c in rollout.completions}
+    sampled = [c for c in comps.values() if c.origin != "revision"]  # statistics: the K samples, not revisions
     rankings = store.rankings_for_rollout(rollout.id)
     K = cfg.rollout.num_generations
     samples, rewards, ranks, open_worst = [], [], [], []
@@ -188,12 +190,12 @@ def _round_batch(store: Store, rollout: Rollout, cfg: RunConfig, algorithm: str 
     stats = {
         "reward": r.mean().item() if len(r) else 0.0,
         "reward_std": r.view(-1, K).std(dim=1).mean().item() if len(r) >= K and len(r) % K == 0 else 0.0,
-        "acceptance_rate": sum(c.verification.correct for c in comps.values()) / max(1, len(comps)),
-        "format_rate": sum(c.verification.format_ok for c in comps.values()) / max(1, len(comps)),
-        "lenient_acceptance_rate": sum(bool(c.verification.lenient_correct) for c in comps.values()) / max(1, len(comps)),
-        "ambiguous_rate": sum(bool(c.verification.ambiguous) for c in comps.values()) / max(1, len(comps)),
-        "completions/mean_length": sum(len(c.token_ids) for c in comps.values()) / max(1, len(comps)),
-        "completions/clipped_ratio": sum(not c.finished for c in comps.values()) / max(1, len(comps)),
+        "acceptance_rate": sum(c.verification.correct for c in sampled) / max(1, len(sampled)),
+        "format_rate": sum(c.verification.format_ok for c in sampled) / max(1, len(sampled)),
+        "lenient_acceptance_rate": sum(bool(c.verification.lenient_correct) for c in sampled) / max(1, len(sampled)),
+        "ambiguous_rate": sum(bool(c.verification.ambiguous) for c in sampled) / max(1, len(sampled)),
+        "completions/mean_length": sum(len(c.token_ids) for c in sampled) / max(1, len(sampled)),
+        "completions/clipped_ratio": sum(not c.finished for c in sampled) / max(1, len(sampled)),
     }
     if algorithm == "grpo":
         adv = group_advantages(r, K, cfg.grpo.scale_rewards)
@@ -411,6 +413,9 @@ def _run(cfg: RunConfig, out_dir: str | Path, console: Console | None, cleanup: 
                     consume_human_rankings(store, rollout, lambda s, scores, flagged: _record_rankings(
                         store, rollout, "human", scores, flagged | set(unsafe), cfg, session=s))
                 feedback_stats["safety_flagged"] = float(len(unsafe))
+                if cfg.feedback.constitution is not None:  # critique -> revision pairs (constitution.py)
+                    feedback_stats.update(constitution_round(store, rollout, cfg, pair, tasks_by_id, algorithm))
+                    rollout = store.rollout_for_round(round)
                 for cid, why in list(unsafe.items())[:5]:
                     console.print(f"[yellow]safety filter[/]: completion {cid} flagged: {why}")
             batch, stats = _round_batch(store, rollout, cfg, algorithm)

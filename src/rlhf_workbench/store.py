@@ -96,6 +96,9 @@ class Rollout(Base):
     completions: Mapped[list["CompletionRow"]] = relationship(back_populates="rollout", order_by="CompletionRow.id")
 
 
+_SAMPLE = text("'sample'")  # CompletionRow.origin's server default, quoted as ALTER TABLE needs it
+
+
 class CompletionRow(Base):
     """One sampled trace with its token ids and per-token log-probs under the sampling policy."""
 
@@ -109,6 +112,9 @@ class CompletionRow(Base):
     token_ids: Mapped[list] = mapped_column(JSON)
     logps: Mapped[list] = mapped_column(JSON)
     finished: Mapped[bool] = mapped_column(Boolean)
+    # "sample": sampled by the policy in the rollout; "revision": a constitutional revision of one
+    # (rlhf_workbench.constitution), stored with its pair but never part of the K samples
+    origin: Mapped[str] = mapped_column(String(20), default="sample", server_default=_SAMPLE)
     rollout: Mapped[Rollout] = relationship(back_populates="completions")
     verification: Mapped["VerificationRow"] = relationship(back_populates="completion", uselist=False)
 
