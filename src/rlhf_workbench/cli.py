@@ -232,7 +232,8 @@ def _lenient(verifier: str | None, cfg: dict | None) -> bool:
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Option(None, "--model", "--checkpoint", "-m",
-                              help="checkpoint or run dir, preset (smollm2-135m) or hub id; default with --run: its newest policy"),
+                              help="checkpoint or run dir, preset (smollm2-135m) or hub id; default with --run: its newest policy; "
+                              "an `rlhf train` out dir is evaluated on its held-out prompts against its base model"),
     reference: str = typer.Option(None, "--reference", help="model for KL and win rate; default: the run's base model; 'none' skips"),
     tasks: str = typer.Option(None, "--tasks", help=_TASKS_HELP),
     run_dir: Path = typer.Option(None, "--run", help=_RUN_HELP),
@@ -266,6 +267,7 @@ def eval_cmd(
     from rich.progress import Progress
 
     from .evaluate import default_reference, eval_report, print_eval_report, run_checkpoint, write_report
+    from .offline import offline_run_info
     from .tasks import TaskFormatError
 
     try:
@@ -274,6 +276,11 @@ def eval_cmd(
                 raise ValueError("give --model PATH_OR_PRESET (or --run RUN_DIR to evaluate its newest policy)")
             if tasks is None:
                 model = str(run_checkpoint(run_dir))
+        offline = offline_run_info(model) if model else None  # `rlhf train` output: held-out prompts, base model
+        if offline is not None and tasks is None and run_dir is None:
+            if not offline.get("heldout_file"):
+                raise ValueError(f"{model} was trained with --heldout-fraction 0 (no held-out prompts): pass --tasks")
+            tasks = str(Path(model) / offline["heldout_file"])
         sel, cfg = _eval_selection(tasks, run_dir, [model], format=format_, split=split, seed=seed,
                                    read_limit=read_limit, limit=limit, heldout_size=heldout_size,
                                    heldout_fraction=heldout_fraction, instruction=instruction)
@@ -281,7 +288,9 @@ def eval_cmd(
         if bootstrap < 1:
             raise ValueError(f"--bootstrap must be at least 1, got {bootstrap}")
         why = "given"
-        if reference is None:
+        if reference is None and offline is not None:
+            reference, why = offline["settings"]["model"], f"base model of the `rlhf train` run {model}"
+        elif reference is None:
             reference, why = default_reference(model)
         elif reference.lower() == "none":
             reference, why = None, "--reference none"
@@ -453,6 +462,47 @@ def serve_model_cmd(
                   f"n <= {max_n}, max_tokens <= {max_tokens}, prompt <= {max_prompt_tokens} tokens, "
                   f"{max_queue} requests at once)")
     serve(loaded, tokenizer, name or model, host, port, limits)
+
+
+@app.command("train")
+def train_cmd(
+    algorithm: str = typer.Option(..., "--algorithm", help="dpo, kto, sft or rm (reward model)"),
+    data: Path = typer.Option(..., "--data", help="TRL-format file: prompt/chosen/rejected (or HH-RLHF), "
+                              "prompt/completion/label, prompt/completion or messages; jsonl(.gz), json, csv, parquet"),
+    out_dir: Path = typer.Option(..., "--out-dir", help="final model, checkpoints/, metrics.json, heldout.jsonl"),
+    model: str = typer.Option("smollm2-135m", "--model", help="base model: preset, hub id or local path"),
+    epochs: int = typer.Option(1, "--epochs", help="passes over the training examples (more on a rerun: resume)"),
+    lr: float = typer.Option(None, "--lr", help="learning rate (default TRL's: dpo/kto 1e-6, sft 2e-5, rm 1e-5)"),
+    batch_size: int = typer.Option(8, "--batch-size", help="examples (dpo/rm: pairs) per optimizer step"),
+    micro_batch_size: int = typer.Option(None, "--micro-batch-size", help="sequences per forward pass (default 16)"),
+    beta: float = typer.Option(None, "--beta", help="DPO / KTO beta (default 0.1)"),
+    max_length: int = typer.Option(512, "--max-length", help="tokens per prompt + completion"),
+    limit: int = typer.Option(None, "--limit", help="read only the first N records"),
+    heldout_fraction: float = typer.Option(0.1, "--heldout-fraction", help="fraction of the prompts held out"),
+    seed: int = typer.Option(0, "--seed", help="seed of the split, the shuffling and the initialisation"),
+    lora: bool = typer.Option(False, "--lora/--no-lora", help="train LoRA adapters (merged into the final model)"),
+    set_: list[str] = typer.Option([], "--set", help="run-config field, e.g. --set dpo.loss_type=ipo (applied last)"),
+) -> None:
+    """Train offline on a preference / KTO / SFT file with the loop's own updates (see rlhf_workbench.offline).
+
+    Rerunning the same command resumes after the newest epoch checkpoint; `rlhf eval --model
+    OUT_DIR --reward-model RM` then evaluates the held-out prompts against the base model.
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from rich.markup import escape
+
+    from .config import ConfigError
+    from .offline import OfflineArgs, train_offline
+
+    try:
+        args = OfflineArgs(algorithm, str(data), str(out_dir), model, epochs, lr, batch_size, micro_batch_size, beta,
+                           max_length, limit, heldout_fraction, seed, lora, _parse_overrides(set_))
+        metrics = train_offline(args, log=lambda line: console.print(escape(line)))
+    except (ConfigError, ValueError, FileNotFoundError) as e:  # TaskFormatError is a ValueError
+        console.print(f"[bold red]error[/]: {escape(str(e))}")
+        raise typer.Exit(2)
+    console.print(f"trained {algorithm} on {metrics['train_examples']} examples ({len(metrics['steps'])} steps), "
+                  f"{metrics['heldout_examples']} held out; saved to {escape(str(out_dir))}")
 
 
 @app.command("train-rm")

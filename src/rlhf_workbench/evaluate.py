@@ -550,6 +550,19 @@ def _greedy(model, tokenizer, tasks: list[Task], max_new_tokens: int, batch_size
     return res, [verify(c.text, t, lenient) for c, t in zip(res.completions, tasks)]
 
 
+NOT_APPLICABLE = Estimate(math.nan, math.nan, math.nan, "not applicable", 0)
+"""An accuracy-type metric on questions without an answer key (open tasks): no value, no interval."""
+
+
+def _keyed_proportion(flags: Sequence[bool], keyed: Sequence[bool], confidence: float) -> Estimate:
+    """Wilson proportion of ``flags`` over the questions with an answer key (``keyed``), or
+    :data:`NOT_APPLICABLE` when none has one (an open task is neither right nor wrong)."""
+    n = sum(keyed)
+    if not n:
+        return NOT_APPLICABLE
+    return proportion_estimate(sum(f for f, k in zip(flags, keyed) if k), n, confidence)
+
+
 def _mcnemar_dict(before: list[bool], after: list[bool]) -> dict[str, Any]:
     """:func:`mcnemar_exact` with named counts: ``improved`` (wrong before, right after) and
     ``regressed`` (right before, wrong after)."""
@@ -590,6 +603,11 @@ def eval_report(model: str, selection: TaskSelection, reference: str | None = No
       ``reference_pass@1`` (Wilson) and ``win_rate`` (mean of :func:`win_value`: 1 if the model's
       answer scores higher, 0.5 for a tie, bootstrap), with the paired McNemar test of the two
       greedy accuracies in ``report["vs_reference"]``.
+    * Open tasks (no answer key, e.g. the held-out prompts of a preference file): the
+      accuracy-type metrics (``pass@1``, ``lenient_pass@1``, ``format_rate``, the sampled ones,
+      ``reference_pass@1``, McNemar) count the questions with a key only, and without any are
+      "not applicable" (method ``"not applicable"``, value and interval null; McNemar None), not 0;
+      ``report["accuracy_applicable"]`` and ``report["n_open"]`` say so.
     * With ``judge`` and a reference: ``win_rate_judge``, the same win rate judged by an LLM
       (:func:`judge_wins`, position-swapped; bootstrap), counts under
       ``report["vs_reference"]["llm_judge"]``.
@@ -642,10 +660,16 @@ def eval_report(model: str, selection: TaskSelection, reference: str | None = No
                            lenient)
     comps = greedy.completions
     N = len(tasks)
+    keyed = [not t.is_open for t in tasks]
+
+    def keyed_rate(flags: Sequence[bool]) -> Estimate:
+        """A proportion over the questions with an answer key; not applicable without any."""
+        return _keyed_proportion(flags, keyed, confidence)
+
     metrics: dict[str, Estimate] = {
-        "pass@1": proportion_estimate(sum(greedy.correct), N, confidence),
-        "lenient_pass@1": proportion_estimate(sum(greedy.lenient_correct), N, confidence),
-        "format_rate": proportion_estimate(sum(greedy.format_ok), N, confidence),
+        "pass@1": keyed_rate(greedy.correct),
+        "lenient_pass@1": keyed_rate(greedy.lenient_correct),
+        "format_rate": keyed_rate(greedy.format_ok),
         "clipped_rate": proportion_estimate(sum(not c.finished for c in comps), N, confidence),
         "length": mean_estimate(greedy.lengths, **est),
     }
@@ -657,22 +681,26 @@ def eval_report(model: str, selection: TaskSelection, reference: str | None = No
         torch.manual_seed(seed)
         sampled = generate(policy, tok, tasks, num_generations=n, do_sample=True, temperature=temperature, top_p=top_p,
                            max_new_tokens=max_new_tokens, batch_size=batch_size, mixed_precision=mixed_precision, progress=bar(f"sampling n={n}", N * n))
-        pk, p1, mk = [], [], []
+        pk, p1, mk = [], [], []  # over the questions with an answer key
         for i, t in enumerate(tasks):
             group = sampled[i * n : (i + 1) * n]
             sv = [verify(c.text, t, lenient) for c in group]
             answers, correct = [v.extracted for v in sv], [v.correct for v in sv]
             c = sum(correct)
             winner, votes = majority_vote(answers)
-            pk.append(pass_at_k(n, c, k))
-            p1.append(c / n)
-            mk.append(maj_at_k(answers, correct, k, seed=seed))
-            questions[i]["samples"] = {"n": n, "correct": c, "pass@k": pk[-1], "maj@k": mk[-1], "vote": winner,
+            scores = (pass_at_k(n, c, k), c / n, maj_at_k(answers, correct, k, seed=seed))
+            if keyed[i]:
+                pk.append(scores[0]), p1.append(scores[1]), mk.append(scores[2])
+            questions[i]["samples"] = {"n": n, "correct": c, "pass@k": scores[0], "maj@k": scores[2], "vote": winner,
                                        "votes": votes, "extracted": answers, "verdicts": correct,
                                        "texts": [x.text for x in group], "tokens": [len(x.token_ids) for x in group]}
-        metrics["pass@1_sampled"] = mean_estimate(p1, **est)
-        metrics["pass@k"] = mean_estimate(pk, **est)
-        metrics["maj@k"] = (proportion_estimate(int(sum(mk)), N, confidence) if n == k else mean_estimate(mk, **est))
+        if not p1:
+            metrics.update(dict.fromkeys(("pass@1_sampled", "pass@k", "maj@k"), NOT_APPLICABLE))
+        else:
+            metrics["pass@1_sampled"] = mean_estimate(p1, **est)
+            metrics["pass@k"] = mean_estimate(pk, **est)
+            metrics["maj@k"] = (proportion_estimate(int(sum(mk)), len(mk), confidence) if n == k
+                                else mean_estimate(mk, **est))
 
     ref_name, vs_reference = None, None
     ref_model = ref_tok = None
@@ -708,8 +736,9 @@ def eval_report(model: str, selection: TaskSelection, reference: str | None = No
         ref_res, ref_vers = _greedy(ref_model, ref_tok, tasks, max_new_tokens, batch_size, mixed_precision,
                                     bar("reference greedy", N), lenient)
         ref_comps = ref_res.completions
-        metrics["reference_pass@1"] = proportion_estimate(sum(ref_res.correct), N, confidence)
-        vs_reference = {"mcnemar": _mcnemar_dict(ref_res.correct, greedy.correct)}
+        metrics["reference_pass@1"] = keyed_rate(ref_res.correct)
+        vs_reference = {"mcnemar": _mcnemar_dict([c for c, x in zip(ref_res.correct, keyed) if x],
+                                                 [c for c, x in zip(greedy.correct, keyed) if x]) if any(keyed) else None}
         for q, c, v in zip(questions, ref_comps, ref_vers):
             q["reference"] = _answer_record(c, v)
         if score is not None:
@@ -735,9 +764,13 @@ def eval_report(model: str, selection: TaskSelection, reference: str | None = No
     elif judge is not None:
         notes.append("no reference: the LLM judge has nothing to compare with")
 
+    if not any(keyed):
+        notes.append("open tasks (no answer key): pass@1, format rate and the other accuracies are not applicable; "
+                     "judge the answers with --reward-model or an LLM judge (win rate vs the reference)")
     return {
         "schema": "rlhf-eval/1",
         "model": str(model), "model_path": path, "reference": ref_name, "reward_model": reward_model,
+        "accuracy_applicable": any(keyed), "n_open": N - sum(keyed),
         "tasks": selection.to_dict(),
         "settings": {"k": k, "n_samples": n if sampling else 0, "temperature": temperature if sampling else None,
                      "top_p": top_p if sampling else None, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
@@ -797,7 +830,7 @@ def print_eval_report(report: dict, console) -> None:
         bits.append(f"{s['n_samples']} samples/question at T={s['temperature']}")
     vs = report.get("vs_reference")
     if vs:
-        mc = vs["mcnemar"]
+        mc = vs["mcnemar"]  # None when no question has an answer key
         if "reward_model" in vs:
             w = vs["reward_model"]
             bits.append(f"reward model: {w['wins']} wins / {w['ties']} ties / {w['losses']} losses")
@@ -805,8 +838,9 @@ def print_eval_report(report: dict, console) -> None:
             j = vs["llm_judge"]
             bits.append(f"LLM judge: {j['wins']} wins / {j['ties']} ties / {j['losses']} losses "
                         f"({j['consistent']} consistent pairs, {j['unparsed']} unparsed replies)")
-        bits.append(f"McNemar vs reference: {mc['improved']} improved, {mc['regressed']} regressed, "
-                    f"p={mc['p_value']:.3g}")
+        if mc is not None:
+            bits.append(f"McNemar vs reference: {mc['improved']} improved, {mc['regressed']} regressed, "
+                        f"p={mc['p_value']:.3g}")
     console.print("; ".join(bits))
     for note in report["notes"]:
         console.print(f"[yellow]note[/]: {escape(note)}")
