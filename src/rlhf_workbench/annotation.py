@@ -400,7 +400,8 @@ def record_binary_feedback(store: Store, user_id: int | None, policy_version: in
                            completion: str, label: bool) -> int:
     """Store a playground thumbs up (True) / down (False) with the policy version; returns its id.
 
-    Stored only: no update trains on these yet (KTO on them is planned, not built)."""
+    With ``algorithm: kto`` (and ``feedback.thumbs``) the next round trains on it as a desirable /
+    undesirable example (:mod:`rlhf_workbench.thumbs`); other algorithms leave it stored."""
     with store.session() as s, s.begin():
         row = BinaryFeedback(user_id=user_id, policy_version_id=policy_version, prompt=prompt,
                              completion=completion, label=bool(label))

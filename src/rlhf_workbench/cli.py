@@ -417,8 +417,14 @@ def serve(
 
 @app.command("serve-model")
 def serve_model_cmd(
-    model: str = typer.Option("smollm2-135m", "--model", "-m",
-                              help="preset name, HF hub id, local model dir, run checkpoint or run dir"),
+    model: str = typer.Option(None, "--model", "-m",
+                              help="preset name, HF hub id, local model dir, run checkpoint or run dir (default: "
+                              "with --run the run's latest version, else smollm2-135m)"),
+    run_dir: Path = typer.Option(None, "--run", help="store every served completion and take thumbs on them "
+                                 "(POST /v1/feedback) in this run's database, tagged with the served policy version; "
+                                 "an algorithm: kto run trains on them in its next round"),
+    db: str = typer.Option(None, "--db", help="SQLAlchemy URL of the database for --run (default: the run's "
+                           "workbench.db), or alone: a database without a run (versions untagged)"),
     host: str = typer.Option("127.0.0.1", "--host", help="interface to listen on (0.0.0.0 for a network)"),
     port: int = typer.Option(8001, "--port", help="TCP port"),
     name: str = typer.Option(None, "--name", help="model id reported by the API (default: --model as given)"),
@@ -431,7 +437,8 @@ def serve_model_cmd(
     max_tokens: int = typer.Option(512, "--max-tokens", help="largest max_tokens per request"),
     max_prompt_tokens: int = typer.Option(2048, "--max-prompt-tokens", help="longest prompt, in tokens"),
 ) -> None:
-    """Serve a model behind an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models).
+    """Serve a model behind an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models;
+    with --run or --db also POST /v1/feedback for thumbs up / down on served answers).
 
     Without --api-key-env the server has no authentication and listens on loopback only.
     """
@@ -451,6 +458,7 @@ def serve_model_cmd(
                              "variable and pass its name with --api-key-env")
         limits = ServeLimits(api_key=key, max_queue=max_queue, max_n=max_n, max_tokens=max_tokens,
                              max_prompt_tokens=max_prompt_tokens)
+        feedback, model = _serve_feedback(run_dir, db, model)
         loaded, tokenizer = load_served_model(model, dtype)
     except (ValueError, OSError) as e:  # OSError covers FileNotFoundError and unknown hub ids
         console.print(f"[bold red]error[/]: {e}")
@@ -458,10 +466,38 @@ def serve_model_cmd(
     if key is None:
         console.print(f"[yellow]warning[/]: no authentication (--api-key-env not given): any process on this "
                       f"machine can use the model; serving on loopback ({host}) only")
-    console.print(f"serving {name or model} on http://{host}:{port}/v1 (chat/completions, models; "
-                  f"n <= {max_n}, max_tokens <= {max_tokens}, prompt <= {max_prompt_tokens} tokens, "
+    console.print(f"serving {name or model} on http://{host}:{port}/v1 (chat/completions, models"
+                  + (f", feedback; policy version {feedback.policy_version}" if feedback else "")
+                  + f"; n <= {max_n}, max_tokens <= {max_tokens}, prompt <= {max_prompt_tokens} tokens, "
                   f"{max_queue} requests at once)")
-    serve(loaded, tokenizer, name or model, host, port, limits)
+    serve(loaded, tokenizer, name or model, host, port, limits, **({"feedback": feedback} if feedback else {}))
+
+
+def _serve_feedback(run_dir: Path | None, db: str | None, model: str | None):
+    """``(FeedbackStore or None, model to serve)`` for ``serve-model``'s --run / --db / --model
+    (see :mod:`rlhf_workbench.thumbs`: the policy version is the run's latest when serving its
+    default, else read from the served path).
+
+    Raises:
+        ValueError: --run names no run (no workbench.db and no --db) or a run with no version.
+        FileNotFoundError: --model is a run directory without a model.
+    """
+    from .serve_model import served_path
+    from .store import Store
+    from .thumbs import FeedbackStore, run_model, served_version
+
+    if run_dir is None and db is None:
+        return None, model or "smollm2-135m"
+    if run_dir is not None and db is None and not (run_dir / "workbench.db").is_file():
+        raise ValueError(f"--run {run_dir}: no run database here (workbench.db); give --db URL for a run stored "
+                         "elsewhere")
+    store = Store(db, run_dir)
+    if model is None and run_dir is not None:
+        model, version = run_model(store, run_dir)
+    else:
+        model = model or "smollm2-135m"
+        version = served_version(store, run_dir, served_path(model))
+    return FeedbackStore(store, version), model
 
 
 @app.command("train")

@@ -178,6 +178,9 @@ class FeedbackConfig(_Strict):
     )
     ranking_weight: float = Field(0.2, ge=0, description="GRPO reward = correct + ranking_weight * rank_reward (correct only)")
     safety: SafetyConfig | None = Field(None, description="flag unsafe traces so they are never preferred (None: no filter)")
+    thumbs: bool = Field(True, description="algorithm kto: each round also trains on the thumbs up / down not yet used "
+                         "(web app playground, `rlhf serve-model --run` POST /v1/feedback) as desirable / undesirable "
+                         "examples (rlhf_workbench.thumbs); other algorithms leave them stored")
     constitution: ConstitutionConfig | None = Field(
         None, description="constitutional critique -> revision pairs after each round's feedback (None: off)")
 

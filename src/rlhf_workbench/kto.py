@@ -61,8 +61,8 @@ def kto_kl_partners(samples: list[Sample]) -> list[int]:
 def kto_update(pair: PolicyPair, optimizer, accelerator, samples: list[Sample], cfg: RunConfig) -> dict[str, float]:
     """KTO (:func:`~rlhf_workbench.losses.kto_loss`, Ethayarajh et al. 2024 eq. 8) on unpaired
     traces labelled desirable (``Sample.label`` True: verified-correct and top-ranked) or
-    undesirable (False: wrong or flagged). Playground thumbs are stored
-    (:class:`~rlhf_workbench.store.BinaryFeedback`) but not trained on yet.
+    undesirable (False: wrong or flagged), plus the thumbs up / down from the playground and
+    ``rlhf serve-model --run`` not yet used (:mod:`rlhf_workbench.thumbs`, with ``feedback.thumbs``).
 
     Reference log-probs of the traces and of their mismatched KL pairs
     (:func:`kto_kl_partners`) are computed once; then ``cfg.optim.steps_per_round`` steps over

@@ -47,6 +47,7 @@ from .safety import make_safety_filter
 from .stats import mcnemar_exact
 from .store import CompletionRow, PreferencePair, RankingRow, Rollout, Store, TaskRow, VerificationRow
 from .tasks import load_tasks, split_tasks
+from .thumbs import thumbs_batch
 from .tracking import Tracking
 from .update import Sample, dpo_update, grpo_update, kto_update, rloo_update, sft_update
 from .verify import NO_KEY_REASON, Verification, verify
@@ -157,14 +158,16 @@ def _rule_scores(rollout: Rollout, cfg: RunConfig, tasks_by_id: dict | None = No
     return out, stats
 
 
-def _round_batch(store: Store, rollout: Rollout, cfg: RunConfig, algorithm: str | None = None):
+def _round_batch(store: Store, rollout: Rollout, cfg: RunConfig, algorithm: str | None = None, tokenizer=None):
     """Training inputs of a stored rollout for ``algorithm``, plus rollout statistics.
 
     - ``grpo``: every trace with its group-relative advantage (reward from the ranking).
     - ``rloo`` / ``ppo``: every trace with its sequence reward (groups contiguous, K per prompt).
     - ``kto``: desirable = best-ranked verified traces, undesirable = wrong or flagged ones;
       correct traces ranked below the best are left out. Open tasks (no key): desirable = best
-      ranked, undesirable = flagged or worst ranked (when below the best).
+      ranked, undesirable = flagged or worst ranked (when below the best). With ``tokenizer`` and
+      ``feedback.thumbs``, plus the thumbs up / down not yet used (marked consumed by this round,
+      :func:`rlhf_workbench.thumbs.thumbs_batch`); without a tokenizer they are left untouched.
     - ``sft``: the verified-correct traces, one per distinct text (rejection-sampling fine-tuning);
       for open tasks the best-ranked traces only.
     - ``dpo``: ``(chosen, rejected)`` pairs stored with the ranking.
@@ -212,6 +215,10 @@ def _round_batch(store: Store, rollout: Rollout, cfg: RunConfig, algorithm: str 
                 batch.append(s)
         stats["desirable"] = float(sum(s.label for s in batch))
         stats["undesirable"] = float(sum(not s.label for s in batch))
+        if cfg.feedback.thumbs and tokenizer is not None:  # deployment thumbs (playground, serve-model)
+            thumbs, thumb_stats = thumbs_batch(store, tokenizer, rollout.round, cfg.eval.max_new_tokens)
+            batch += thumbs
+            stats.update(thumb_stats)
         return batch, stats
     if algorithm == "sft":
         seen, batch = set(), []
@@ -418,7 +425,7 @@ def _run(cfg: RunConfig, out_dir: str | Path, console: Console | None, cleanup: 
                     rollout = store.rollout_for_round(round)
                 for cid, why in list(unsafe.items())[:5]:
                     console.print(f"[yellow]safety filter[/]: completion {cid} flagged: {why}")
-            batch, stats = _round_batch(store, rollout, cfg, algorithm)
+            batch, stats = _round_batch(store, rollout, cfg, algorithm, pair.tokenizer)
             stats.update(feedback_stats)
             store.set_meta("status", {"state": "training", "round": round})
         batch, stats = _share(accelerator, (batch, stats))

@@ -16,6 +16,15 @@ harness needs; https://platform.openai.com/docs/api-reference/chat):
   emitted EOS or a stop string, ``"length"`` when it hit ``max_tokens``) and ``usage``
   (``prompt_tokens``, ``completion_tokens`` summed over the choices, ``total_tokens``).
 - ``GET /v1/models``: the one served model.
+- ``POST /v1/feedback`` (only with a feedback store: ``rlhf serve-model --run RUNDIR`` or
+  ``--db URL``): ``{"id": "<response id>", "label": true|false}`` (or ``"thumbs": "up"|"down"``;
+  ``"index"`` picks a choice of an ``n > 1`` response, default 0) stores a thumbs up / down on a
+  served answer, tagged with the policy version served; with ``algorithm: kto`` the run's next
+  round trains on it (:mod:`rlhf_workbench.thumbs`). With a store every served completion is
+  recorded (response id, messages, rendered prompt, text, ``finish_reason``, policy version)
+  before it is returned. Errors: 404 for an unknown ``id`` or ``index``, 400 for a bad or
+  missing label or when this server has no feedback store, 409 for a vote a round already
+  trained on.
 
 The prompt is the tokenizer's chat template applied to ``messages`` with the generation
 prompt appended, exactly as :func:`rlhf_workbench.rollout.render_prompt` renders a task, so
@@ -49,7 +58,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 DEFAULT_MAX_TOKENS = 256
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -120,6 +129,28 @@ class ChatRequest(BaseModel):
         return v
 
 
+class FeedbackRequest(BaseModel):
+    """Body of ``POST /v1/feedback``: the served response's ``id``, its choice ``index`` and the
+    vote, as ``label`` (JSON true = thumbs up) or ``thumbs`` (``"up"`` / ``"down"``), exactly one."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: str = Field(..., min_length=1, max_length=100)
+    index: int = Field(0, ge=0)
+    label: StrictBool | None = None
+    thumbs: Literal["up", "down"] | None = None
+
+    @model_validator(mode="after")
+    def _one_vote(self):
+        if (self.label is None) == (self.thumbs is None):
+            raise ValueError("give exactly one of label (true / false) and thumbs ('up' / 'down')")
+        return self
+
+    @property
+    def vote(self) -> bool:
+        """True for thumbs up."""
+        return self.label if self.label is not None else self.thumbs == "up"
+
+
 class APIError(Exception):
     """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with ``status``."""
 
@@ -158,6 +189,10 @@ class ChatModel:
         if hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return list(ids)
+
+    def prompt_text(self, messages: list[dict[str, str]]) -> str:
+        """The chat-templated prompt as text (what :meth:`prompt_ids` tokenizes)."""
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     @torch.no_grad()
     def complete(self, req: ChatRequest) -> dict:
@@ -250,7 +285,7 @@ def _check_limits(req: ChatRequest, chat: ChatModel, limits: ServeLimits) -> Non
                             f"{limits.max_prompt_tokens}", "messages")
 
 
-def make_app(model, tokenizer, model_name: str, limits: ServeLimits | None = None):
+def make_app(model, tokenizer, model_name: str, limits: ServeLimits | None = None, feedback=None):
     """The FastAPI app serving ``model`` as ``model_name`` (see the module docstring).
 
     Args:
@@ -260,6 +295,9 @@ def make_app(model, tokenizer, model_name: str, limits: ServeLimits | None = Non
             model gets 404.
         limits: authentication, queue and per-request limits (default :class:`ServeLimits`():
             no key, 8 requests in the server, n <= 4, max_tokens <= 512, prompt <= 2048 tokens).
+        feedback: a :class:`rlhf_workbench.thumbs.FeedbackStore` (database and served policy
+            version): every completion is stored and ``POST /v1/feedback`` takes thumbs on it;
+            None: nothing is stored and the feedback route answers 400.
 
     Raises:
         ValueError: the tokenizer has no chat template.
@@ -271,7 +309,7 @@ def make_app(model, tokenizer, model_name: str, limits: ServeLimits | None = Non
     limits = limits or ServeLimits()
     chat = ChatModel(model, tokenizer, model_name)
     app = FastAPI(title=f"rlhf serve-model: {model_name}")
-    app.state.chat, app.state.limits = chat, limits
+    app.state.chat, app.state.limits, app.state.feedback = chat, limits, feedback
     app.state.admission = admission = _Admission(limits.max_queue)
     expected = f"Bearer {limits.api_key}".encode() if limits.api_key else None
 
@@ -318,11 +356,52 @@ def make_app(model, tokenizer, model_name: str, limits: ServeLimits | None = Non
         try:
             if req.max_tokens is None and req.max_completion_tokens is None:
                 req = req.model_copy(update={"max_tokens": min(DEFAULT_MAX_TOKENS, limits.max_tokens)})
-            return chat.complete(req)
+            response = chat.complete(req)
+            if feedback is not None:  # stored before it is returned, so a thumbs on its id finds it
+                from .thumbs import record_served
+
+                messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+                record_served(feedback, response, messages, chat.prompt_text(messages))
+            return response
         finally:
             admission.leave()
 
+    @app.post("/v1/feedback")
+    def post_feedback(req: FeedbackRequest) -> dict:
+        from .thumbs import ThumbsError, record_served_feedback
+
+        if feedback is None:
+            raise APIError(400, "feedback is not collected by this server: start it with --run RUNDIR or --db URL "
+                                "to store completions and thumbs", None)
+        try:
+            fid = record_served_feedback(feedback.store, req.id, req.index, req.vote)
+        except ThumbsError as e:
+            raise APIError(e.status, e.message, e.param, "not_found_error" if e.status == 404 else
+                           "invalid_request_error") from e
+        return {"object": "feedback", "id": req.id, "index": req.index, "label": req.vote, "feedback_id": fid,
+                "policy_version": feedback.policy_version}
+
     return app
+
+
+def served_path(name: str) -> Path:
+    """The directory :func:`load_served_model` loads for ``name``: a run directory's final
+    ``policy/``, else its newest checkpoint; any other name as a path (which may not exist: a
+    preset or hub id).
+
+    Raises:
+        FileNotFoundError: a run directory without ``policy/`` or checkpoints.
+    """
+    path = Path(name)
+    if path.is_dir() and not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+        ckpts = sorted((p for p in (path / "checkpoints").glob("v*") if p.name[1:].isdigit()),
+                       key=lambda p: int(p.name[1:])) if (path / "checkpoints").is_dir() else []
+        if (path / "policy").is_dir():
+            return path / "policy"
+        if ckpts:
+            return ckpts[-1]
+        raise FileNotFoundError(f"{name}: no model here (config.json, adapter_config.json, policy/ or checkpoints/v*)")
+    return path
 
 
 def load_served_model(name: str, dtype: str = "fp32", cache_dir: str | None = None):
@@ -343,16 +422,7 @@ def load_served_model(name: str, dtype: str = "fp32", cache_dir: str | None = No
 
     from .models import DTYPES, load_tokenizer, resolve_model_path
 
-    path = Path(name)
-    if path.is_dir() and not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
-        ckpts = sorted((p for p in (path / "checkpoints").glob("v*") if p.name[1:].isdigit()),
-                       key=lambda p: int(p.name[1:])) if (path / "checkpoints").is_dir() else []
-        if (path / "policy").is_dir():
-            path = path / "policy"
-        elif ckpts:
-            path = ckpts[-1]
-        else:
-            raise FileNotFoundError(f"{name}: no model here (config.json, adapter_config.json, policy/ or checkpoints/v*)")
+    path = served_path(name)
     if path.is_dir() and (path / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
 
@@ -418,8 +488,9 @@ class ServerThread:
 
 
 def serve(model, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 8001,
-          limits: ServeLimits | None = None) -> None:
-    """Serve ``model`` on ``host:port`` until interrupted (blocking; ``rlhf serve-model``).
+          limits: ServeLimits | None = None, feedback=None) -> None:
+    """Serve ``model`` on ``host:port`` until interrupted (blocking; ``rlhf serve-model``);
+    ``feedback`` as in :func:`make_app`.
 
     Raises:
         ValueError: ``host`` is not a loopback address and ``limits`` has no API key.
@@ -429,4 +500,4 @@ def serve(model, tokenizer, model_name: str, host: str = "127.0.0.1", port: int 
     limits = limits or ServeLimits()
     if limits.api_key is None and host not in LOOPBACK_HOSTS:
         raise ValueError(f"--host {host}: serving beyond loopback needs an API key (--api-key-env VAR)")
-    uvicorn.run(make_app(model, tokenizer, model_name, limits), host=host, port=port, log_level="info")
+    uvicorn.run(make_app(model, tokenizer, model_name, limits, feedback), host=host, port=port, log_level="info")

@@ -244,9 +244,35 @@ class LoginAttempt(Base):
     at: Mapped[float] = mapped_column(Float, index=True)
 
 
+class ServedCompletion(Base):
+    """One choice of a chat completion answered by ``rlhf serve-model --run/--db``
+    (:mod:`rlhf_workbench.thumbs`): the OpenAI response id and choice index, the request's
+    ``messages`` (a list of ``{"role", "content"}``), the prompt as the chat template rendered it,
+    the answer text, OpenAI's ``finish_reason`` (``"stop"``: EOS or a stop string, ``"length"``:
+    cut by ``max_tokens``) and the policy version served (None when the served model is not one
+    of the run's versions)."""
+
+    __tablename__ = "served_completions"
+    __table_args__ = (UniqueConstraint("response_id", "index"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    response_id: Mapped[str] = mapped_column(String(100), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(300))
+    messages: Mapped[list] = mapped_column(JSON)
+    rendered_prompt: Mapped[str] = mapped_column(Text)
+    completion: Mapped[str] = mapped_column(Text)
+    finish_reason: Mapped[str] = mapped_column(String(20))
+    policy_version_id: Mapped[int | None] = mapped_column(ForeignKey("policy_versions.id"), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
 class BinaryFeedback(Base):
-    """A thumbs up/down on a playground answer, tied to the policy version that wrote it (stored
-    for analysis and export; no update trains on it yet)."""
+    """A thumbs up (``label`` True) / down on an answer, tied to the policy version that wrote it:
+    from the app's playground (``prompt`` the user message, ``served_id`` None) or on a
+    :class:`ServedCompletion` of ``rlhf serve-model`` (``served_id`` set; ``prompt`` its
+    conversation as text). With ``algorithm: kto`` the next round trains on the rows not yet
+    consumed and sets ``consumed_round`` (:mod:`rlhf_workbench.thumbs`); other algorithms leave
+    them stored (None) for analysis and export."""
 
     __tablename__ = "binary_feedback"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -255,6 +281,8 @@ class BinaryFeedback(Base):
     prompt: Mapped[str] = mapped_column(Text)
     completion: Mapped[str] = mapped_column(Text)
     label: Mapped[bool] = mapped_column(Boolean)
+    served_id: Mapped[int | None] = mapped_column(ForeignKey("served_completions.id"), nullable=True, index=True)
+    consumed_round: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
