@@ -282,7 +282,7 @@ def test_train_rm_command(tiny_model_dir, tmp_path):
     out = tmp_path / "rm"
     res = CliRunner().invoke(app, ["train-rm", "--preferences", str(prefs), "--out-dir", str(out),
                                    "--model", str(tiny_model_dir), "--heldout-fraction", "0.3", "--batch-size", "2",
-                                   "--max-length", "64"])
+                                   "--max-length", "64", "--full"])
     assert res.exit_code == 0, res.output
     info = json.loads((out / "metrics.json").read_text())
     assert info["train_pairs"] == 7 and info["heldout_pairs"] == 3 and len(info["steps"]) == 4
@@ -294,3 +294,133 @@ def test_train_rm_command(tiny_model_dir, tmp_path):
     assert pairwise_accuracy(model, tok, pairs[:3], 2, 64) == info["heldout_accuracy"]
     bad = CliRunner().invoke(app, ["train-rm", "--out-dir", str(out)])
     assert bad.exit_code == 2 and "exactly one of --run" in bad.output
+
+
+# --------------------------------------------------------------------------------------------
+# frozen backbone + cached pooled features (rlhf_workbench.rm_features)
+# --------------------------------------------------------------------------------------------
+
+
+def make_pooled(pooling="mean_last", layer=-1, max_tokens=16, hidden=64, seed=0):
+    """Tiny random Llama backbone (frozen) with a zero pooled head, word-level tokenizer."""
+    from rlhf_workbench.rm_features import PooledRewardModel
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=128, pad_token_id=PAD, bos_token_id=1, eos_token_id=1)
+    model = PooledRewardModel(transformers.LlamaModel(cfg).float(), pooling, layer, max_tokens, "no")
+    model.config.pad_token_id = PAD
+    return model
+
+
+def test_left_truncate_keeps_final_tokens():
+    from rlhf_workbench.rm_features import left_truncate
+
+    ids = torch.tensor([[5, 6, 7, 8, 9], [3, 4, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    new_ids, new_mask = left_truncate(ids, mask, 3)
+    assert new_ids.tolist() == [[7, 8, 9], [3, 4, 0]] and new_mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+    # the model's feature of a long row is that of its final max_tokens tokens alone
+    tok = make_tokenizer()
+    model = make_pooled(max_tokens=4)
+    long = encode_texts(tok, ["w3 w4 w5 w6"], [" w7 w8 w9"])[0]
+    assert len(long) > 4
+    short = [long[-4:]]
+    from rlhf_workbench.reward_model import _right_pad
+
+    f_long = model.features(*_right_pad([long, long[:2]], PAD, "cpu"))[0]
+    f_short = model.features(*_right_pad(short, PAD, "cpu"))[0]
+    assert torch.allclose(f_long, f_short, atol=1e-5)
+    f_other = model.features(*_right_pad([long[:4]], PAD, "cpu"))[0]
+    assert not torch.allclose(f_long, f_other, atol=1e-3)
+
+
+def test_pooled_head_learns_marker_preference_features_cached_once():
+    """One backbone pass per batch of distinct texts; many head epochs on the cached features
+    lower the Bradley–Terry loss and separate held-out pairs whose chosen side has ``w7``."""
+    from rlhf_workbench.rm_features import pair_features, head_accuracy
+
+    tok = make_tokenizer()
+    model = make_pooled(pooling="mean", layer=0)
+    calls = []
+    model.backbone.register_forward_hook(lambda *a: calls.append(1))
+    train, held = _synthetic_pairs(192, seed=0), _synthetic_pairs(64, seed=1)
+    train = train + train[:10]  # repeated pairs are not forwarded again
+    prompts = [p.prompt for p in train]
+    distinct = {tuple(r) for r in encode_texts(tok, prompts, [p.chosen for p in train])
+                + encode_texts(tok, prompts, [p.rejected for p in train])}
+    metrics = train_reward_model(model, tok, train, batch_size=16, head_epochs=40, head_lr=1e-2,
+                                 head_weight_decay=0.01, head_batch_size=32, eval_pairs=held)
+    n_train_passes = math.ceil(len(distinct) / 16)
+    assert metrics[0]["forward_passes"] == len(calls) == n_train_passes + math.ceil(2 * len(held) / 16)
+    assert len(metrics) == 40 and metrics[-1]["pairs_seen"] == 40 * len(train)
+    assert metrics[0]["loss"] < math.log(2) + 1e-6 and metrics[-1]["loss"] < metrics[0]["loss"] - 0.2
+    assert metrics[-1]["eval_accuracy"] >= 0.9
+    # the model scores through the ordinary path exactly as the head did on cached features
+    assert pairwise_accuracy(model, tok, held, batch_size=8) == pytest.approx(metrics[-1]["eval_accuracy"])
+    fc, fr = pair_features(model, tok, held)
+    assert head_accuracy(model.head, fc, fr) == pytest.approx(metrics[-1]["eval_accuracy"])
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean_last"])
+def test_pooled_reward_model_save_load_round_trip(tiny_model_dir, tmp_path, pooling):
+    """Saved frozen-backbone model loads through load_reward_model, evaluate.load_scorer and the
+    feedback source, with identical scores."""
+    from rlhf_workbench.evaluate import load_scorer
+    from rlhf_workbench.reward_model import score_texts
+    from rlhf_workbench.rm_features import PooledRewardModel
+    from rlhf_workbench.rollout import Completion
+    from rlhf_workbench.tasks import Task
+
+    model, tok = load_reward_model(str(tiny_model_dir), pooling=pooling, max_tokens=24, mixed_precision="no")
+    assert isinstance(model, PooledRewardModel) and tok.padding_side == "right"
+    pairs = [RewardPair(f"Q{i}: 2+{i}?\n\n", f"Answer: {2 + i}", f"No idea {i} really") for i in range(12)]
+    metrics = train_reward_model(model, tok, pairs, batch_size=4, head_epochs=5, head_batch_size=4)
+    assert len(metrics) == 5 and metrics[-1]["accuracy"] > 0.5
+    assert float(model.head.linear.weight.detach().abs().sum()) > 0
+    out = tmp_path / "rm"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    assert (out / "reward_head.json").is_file() and not list(out.glob("model*.safetensors"))
+    tasks = [Task(id=f"q{i}", question=f"What is 2 + {i}?", answer=str(2 + i)) for i in range(3)]
+    texts = ["Answer: 2", "It is 3 so Answer: 3 " + "and more words " * 10, "Answer: 9"]
+    expected = score_texts(model, tok, [t.transcript() + "\n\n" for t in tasks], texts)
+    loaded, tok2 = load_reward_model(str(out))
+    assert isinstance(loaded, PooledRewardModel) and loaded.pooling == pooling and loaded.max_tokens == 24
+    assert score_texts(loaded, tok2, [t.transcript() + "\n\n" for t in tasks], texts) == expected
+    score, note = load_scorer(str(out))
+    assert note is None and score(tasks, texts) == expected
+    comps = [Completion(t.id, 0, [1, 2], [3], [-1.0], x, True) for t, x in zip(tasks, texts)]
+    assert RewardModelRanker(loaded, tok2, {t.id: t for t in tasks})(comps, [None] * 3) == expected
+    assert len(set(expected)) == 3
+
+
+def test_train_rm_command_frozen_backbone(tiny_model_dir, tmp_path):
+    """``rlhf train-rm`` (default frozen backbone): per-epoch metrics, a pooled model that loads back
+    and reproduces the recorded held-out accuracy."""
+    from typer.testing import CliRunner
+
+    from rlhf_workbench.cli import app
+    from rlhf_workbench.rm_features import PooledRewardModel
+
+    prefs = tmp_path / "prefs.jsonl"
+    rows = [{"prompt": f"Q{i}: 2+{i}?\n\n", "chosen": f"Answer: {2 + i}", "rejected": f"Sorry {i}"} for i in range(10)]
+    prefs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "rm"
+    res = CliRunner().invoke(app, ["train-rm", "--preferences", str(prefs), "--out-dir", str(out),
+                                   "--model", str(tiny_model_dir), "--heldout-fraction", "0.3", "--batch-size", "4",
+                                   "--max-tokens", "32", "--pooling", "last", "--head-epochs", "7",
+                                   "--mixed-precision", "no"])
+    assert res.exit_code == 0, res.output
+    info = json.loads((out / "metrics.json").read_text())
+    assert info["train_pairs"] == 7 and len(info["steps"]) == 7 and info["steps"][-1]["pairs_seen"] == 49
+    assert info["settings"]["freeze_backbone"] and info["settings"]["mixed_precision"] == "no"
+    model, tok = load_reward_model(str(out))
+    assert isinstance(model, PooledRewardModel) and model.pooling == "last" and model.max_tokens == 32
+    pairs = load_preference_file(prefs)
+    random.Random(0).shuffle(pairs)
+    assert pairwise_accuracy(model, tok, pairs[:3], 2, 64) == info["heldout_accuracy"]
+    bad = CliRunner().invoke(app, ["train-rm", "--preferences", str(prefs), "--out-dir", str(out),
+                                   "--model", str(tiny_model_dir), "--pooling", "max"])
+    assert bad.exit_code == 2 and "pooling must be one of" in bad.output

@@ -556,11 +556,23 @@ def train_rm_cmd(
     max_length: int = typer.Option(512, "--max-length"),
     margin: bool = typer.Option(False, "--margin/--no-margin", help="with --run: rank distance as the required reward margin"),
     seed: int = typer.Option(0, "--seed"),
+    freeze_backbone: bool = typer.Option(True, "--freeze-backbone/--full", help="frozen backbone + head on cached "
+                                         "pooled features (default), or full fine-tuning (--lr, --epochs)"),
+    pooling: str = typer.Option("mean_last", "--pooling", help="frozen: last, mean or mean_last"),
+    layer: int = typer.Option(-1, "--layer", help="frozen: hidden-state layer (0 embeddings, -1 final)"),
+    max_tokens: int = typer.Option(128, "--max-tokens", help="frozen: each text's final tokens kept"),
+    head_epochs: int = typer.Option(30, "--head-epochs", help="frozen: epochs over the cached features"),
+    head_lr: float = typer.Option(3e-3, "--head-lr", help="frozen: head learning rate (cosine to 0)"),
+    head_weight_decay: float = typer.Option(0.1, "--head-weight-decay", help="frozen: AdamW weight decay"),
+    mixed_precision: str = typer.Option("auto", "--mixed-precision", help="frozen: no, bf16 or auto"),
 ) -> None:
     """Train a Bradley-Terry reward model on a run's rankings (distilling the experts) or a preference file.
 
     Pairs are shuffled with ``--seed`` and split into train and held-out; the held-out pairwise
-    accuracy and the per-step metrics are written to ``OUT_DIR/metrics.json``.
+    accuracy and the per-step (full) or per-epoch (frozen) metrics are written to
+    ``OUT_DIR/metrics.json``. The default frozen backbone runs one forward pass per text and
+    fits a linear head on cached pooled features (rlhf_workbench.rm_features); ``--full``
+    fine-tunes every weight (slow on a CPU).
     """
     import json
     import random
@@ -592,18 +604,29 @@ def train_rm_cmd(
         console.print(f"[bold red]error[/]: {e}")
         raise typer.Exit(2)
     torch.manual_seed(seed)
-    rm, tokenizer = load_reward_model(model)
+    try:
+        rm, tokenizer = load_reward_model(model, pooling=pooling if freeze_backbone else None, layer=layer,
+                                          max_tokens=max_tokens, mixed_precision=mixed_precision)
+    except ValueError as e:
+        console.print(f"[bold red]error[/]: {e}")
+        raise typer.Exit(2)
     steps = train_reward_model(rm, tokenizer, train, lr=lr, epochs=epochs, batch_size=batch_size,
-                               max_length=max_length, seed=seed)
+                               max_length=max_length, seed=seed, head_epochs=head_epochs, head_lr=head_lr,
+                               head_weight_decay=head_weight_decay)
     acc = pairwise_accuracy(rm, tokenizer, held, batch_size, max_length) if held else None
     out_dir.mkdir(parents=True, exist_ok=True)
     rm.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     info = {"train_pairs": len(train), "heldout_pairs": len(held), "heldout_accuracy": acc, "steps": steps,
             "settings": {"model": model, "lr": lr, "epochs": epochs, "batch_size": batch_size,
-                         "max_length": max_length, "seed": seed, "source": source, "margin": margin}}
+                         "max_length": max_length, "seed": seed, "source": source, "margin": margin,
+                         "freeze_backbone": freeze_backbone, "pooling": pooling, "layer": layer,
+                         "max_tokens": max_tokens, "head_epochs": head_epochs, "head_lr": head_lr,
+                         "head_weight_decay": head_weight_decay,
+                         "mixed_precision": getattr(rm, "mixed_precision", None)}}
     (out_dir / "metrics.json").write_text(json.dumps(info, indent=1))
-    console.print(f"trained on {len(train)} pairs ({len(steps)} steps), held-out pairwise accuracy "
+    console.print(f"trained on {len(train)} pairs ({len(steps)} {'epochs' if freeze_backbone else 'steps'}), "
+                  "held-out pairwise accuracy "
                   + (f"{acc:.3f} on {len(held)} pairs" if acc is not None else "n/a") + f"; saved to {out_dir}")
 
 

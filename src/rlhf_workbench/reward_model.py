@@ -58,9 +58,18 @@ class RewardPair:
 
 
 def load_reward_model(
-    name_or_path: str, dtype: torch.dtype | str = torch.float32, tokenizer: PreTrainedTokenizerBase | None = None
+    name_or_path: str, dtype: torch.dtype | str = torch.float32, tokenizer: PreTrainedTokenizerBase | None = None,
+    pooling: str | None = None, layer: int = -1, max_tokens: int | None = 128, mixed_precision: str = "auto",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM backbone with a fresh scalar head (``AutoModelForSequenceClassification``, ``num_labels=1``).
+    """A causal LM backbone with a fresh scalar head (``AutoModelForSequenceClassification``, ``num_labels=1``),
+    a frozen backbone with a pooled head (``pooling`` given), or a saved reward model of either kind.
+
+    A directory saved by :meth:`rlhf_workbench.rm_features.PooledRewardModel.save_pretrained`
+    (it has ``reward_head.json``) loads as that trained frozen-backbone model, whatever the other
+    arguments say; its tokenizer comes from the directory. With ``pooling`` (``"last"``,
+    ``"mean"``, ``"mean_last"``) a new :class:`~rlhf_workbench.rm_features.PooledRewardModel` is
+    built on the frozen ``name_or_path`` with a zero head (``layer``, ``max_tokens``,
+    ``mixed_precision`` as there); train it with :func:`train_reward_model` (cached features).
 
     Args:
         name_or_path: preset short name (e.g. the bundled ``smollm2-135m``, converted from its
@@ -75,11 +84,13 @@ def load_reward_model(
         its pad id (the eos token when it has none), which the model's pooling needs to find
         the last real token.
     """
+    from . import rm_features
     from .models import DTYPES, resolve_model_path
 
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
-    path = resolve_model_path(name_or_path)
+    pooled_dir = rm_features.is_pooled_dir(name_or_path)
+    path = name_or_path if pooled_dir else resolve_model_path(name_or_path)
     if tokenizer is None:
         from transformers import AutoTokenizer
 
@@ -87,7 +98,12 @@ def load_reward_model(
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+    if pooled_dir:
+        model = rm_features.load_pooled_reward_model(path)
+    elif pooling is not None:
+        model = rm_features.new_pooled_reward_model(name_or_path, pooling, layer, max_tokens, mixed_precision)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
@@ -279,8 +295,25 @@ def train_reward_model(
     seed: int = 0,
     max_grad_norm: float | None = 1.0,
     weight_decay: float = 0.0,
+    head_epochs: int = 30,
+    head_lr: float = 3e-3,
+    head_weight_decay: float = 0.1,
+    head_batch_size: int = 64,
+    eval_pairs: Sequence[RewardPair] | None = None,
 ) -> list[dict[str, float]]:
     """Fit the reward model on preference pairs with the Bradley–Terry loss.
+
+    A frozen-backbone :class:`~rlhf_workbench.rm_features.PooledRewardModel` (from
+    ``load_reward_model(..., pooling=...)``) is trained instead by
+    :func:`rlhf_workbench.rm_features.train_reward_head`: one no-grad forward per distinct text
+    (``batch_size`` texts per forward), then ``head_epochs`` epochs of AdamW (``head_lr``,
+    ``head_weight_decay``, cosine schedule, ``head_batch_size`` pairs per step) on the cached
+    features; it returns one record per *epoch* (``epoch``, ``pairs_seen``, ``loss``,
+    ``accuracy``, ``margin``, ``learning_rate``, ``eval_accuracy`` on ``eval_pairs``), and
+    ``lr``, ``epochs``, ``max_length``, ``max_grad_norm`` and ``weight_decay`` are unused (its
+    window is the model's ``max_tokens``).
+
+    For a full sequence-classification model:
 
     AdamW at a constant learning rate (``weight_decay`` and gradient clipping at
     ``max_grad_norm`` as TRL's defaults); each step runs the batch's chosen rows then its
@@ -307,10 +340,15 @@ def train_reward_model(
     Raises:
         ValueError: no pairs, or the model's pad token differs from the tokenizer's.
     """
+    from .rm_features import PooledRewardModel, train_reward_head
+
     if not pairs:
         raise ValueError("train_reward_model: no pairs")
     if model.config.pad_token_id != tokenizer.pad_token_id:
         raise ValueError("train_reward_model: model.config.pad_token_id must equal tokenizer.pad_token_id")
+    if isinstance(model, PooledRewardModel):
+        return train_reward_head(model, tokenizer, pairs, head_epochs, head_lr, head_weight_decay, head_batch_size,
+                                 seed, batch_size, eval_pairs)
     chosen = encode_texts(tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs], max_length)
     rejected = encode_texts(tokenizer, [p.prompt for p in pairs], [p.rejected for p in pairs], max_length)
     params = [p for p in model.parameters() if p.requires_grad]
