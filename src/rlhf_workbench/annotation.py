@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session
 
 from .assignment import claim_of, claimed_items, holders, is_trained, lock_round, open_rollout, take_claim
 from .config import RunConfig
+from .selection import serve_order
 from .stats import wilson_interval
 from .store import Annotation, BinaryFeedback, CompletionRow, Rollout, Store, TaskRow, User, VerificationRow
 from .verify import NO_KEY_REASON
@@ -180,8 +181,10 @@ def next_item(store: Store, user_id: int, annotators_per_item: int = 1, min_veri
 
     In order: their own drafts, items already served to them and not done, then items with at
     least ``min_verified`` verified traces that fewer than ``annotators_per_item`` people hold and
-    that this annotator has not done (fewest holders first, ties in an order shuffled per
-    annotator, so that annotators working at the same time are spread over different items).
+    that this annotator has not done (fewest holders first, then in the order of
+    ``feedback.selection`` stored with the round, :func:`rlhf_workbench.selection.serve_order`;
+    ``fewest`` shuffles ties per annotator, so that annotators working at the same time are
+    spread over different items).
     Serving claims the item for ``claim_seconds`` (:func:`rlhf_workbench.assignment.take_claim`)
     in the same transaction as the count, serialised with every other writer of the round, so
     annotators in any number of app processes never exceed ``annotators_per_item``; only a
@@ -210,7 +213,7 @@ def _serve(store: Store, user_id: int, annotators_per_item: int, min_verified: i
         served = [t for t in claimed_items(s, rollout.id, user_id, now) if t not in mine]
         open_ = [t for t, n in n_verified.items() if n >= min_verified and t not in mine and t not in served
                  and len(held.get(t, set()) - {user_id}) < annotators_per_item]
-        open_.sort(key=lambda t: (len(held.get(t, ())), hashlib.sha256(f"{user_id}:{t}".encode()).hexdigest()))
+        open_ = serve_order(rollout.selection, open_, held, user_id)  # feedback.selection (selection.py)
         for task_id in drafts + served + open_:
             if take_claim(s, rollout.id, task_id, user_id, annotators_per_item, claim_seconds, now) is None:
                 continue  # a draft whose place went to someone else after its claim expired

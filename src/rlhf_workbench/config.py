@@ -172,6 +172,10 @@ class FeedbackConfig(_Strict):
     mode: Literal["ranking", "pairwise"] = Field(
         "ranking", description="human: the annotation page's starting mode (annotators can switch): a full ranking "
         "of the verified traces, or pairwise A / B / tie judgments (rlhf_workbench.pairwise)")
+    selection: Literal["fewest", "random", "uncertainty"] = Field(
+        "fewest", description="human: which open item is served first: fewest annotations (the default, unchanged), "
+        "a seeded random order, or the most informative (uncertainty: distinct verified traces the policy is "
+        "least sure between; rlhf_workbench.selection)")
     sources: list[FeedbackSource] = Field(
         default_factory=lambda: [FeedbackSource(name="format", weight=1.0), FeedbackSource(name="length", weight=0.1)],
         description="sources whose weighted sum ranks the verified traces of a prompt",

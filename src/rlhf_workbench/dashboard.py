@@ -218,3 +218,17 @@ def dashboard_tab(demo: gr.Blocks, store: Store, tab: gr.Tab, check: Callable[[g
     tab.select(refresh, None, outputs, api_visibility="private")
     gr.Timer(15).tick(status, None, [current, train_status], api_visibility="private", concurrency_limit=None,
                       show_progress="hidden")
+
+    def selection_queue(request: gr.Request):
+        """Why the open round's items are served in this order (feedback.selection, selection.py)."""
+        from .selection import queue_md
+
+        try:
+            check(request)
+        except AnnotationError as e:
+            raise gr.Error(str(e)) from None
+        return queue_md(store)
+
+    queue = gr.Markdown(elem_id="selection-queue")
+    refresh_btn.click(selection_queue, None, queue, api_visibility="private")
+    tab.select(selection_queue, None, queue, api_visibility="private")

@@ -44,6 +44,7 @@ from .report import write_report
 from .rollout import Completion, HFEngine
 from .runlock import RunInUseError, RunLock
 from .safety import make_safety_filter
+from .selection import score_rollout
 from .stats import mcnemar_exact
 from .store import CompletionRow, PreferencePair, RankingRow, Rollout, Store, TaskRow, VerificationRow
 from .tasks import load_tasks, split_tasks
@@ -67,11 +68,18 @@ def prompts_for_round(train: list, round: int, n: int, seed: int) -> list:
 
 
 def _store_rollout(store: Store, round: int, version: int, settings: dict, tasks_by_id: dict,
-                   comps: list[Completion], lenient: bool = False) -> int:
+                   comps: list[Completion], lenient: bool = False, selection: str = "fewest", seed: int = 0) -> int:
     """Verify one round's completions and store them with their verdicts in one transaction
-    (strict verifier; ``lenient`` rewards the lenient reading instead, the opt-in setting)."""
+    (strict verifier; ``lenient`` rewards the lenient reading instead, the opt-in setting), with
+    each item's informativeness under ``selection`` (``feedback.selection``, seeded by the run's
+    ``seed``; :func:`rlhf_workbench.selection.score_rollout`)."""
+    verdicts = [verify(c.text, tasks_by_id[c.task_id], lenient) for c in comps]
+    items: dict[str, list] = {}
+    for c, v in zip(comps, verdicts):
+        items.setdefault(c.task_id, []).append((c.text, c.logps, v.correct or v.reason == NO_KEY_REASON))
     with store.session() as s, s.begin():
-        rollout = Rollout(round=round, policy_version_id=version, settings=settings)
+        rollout = Rollout(round=round, policy_version_id=version, settings=settings,
+                          selection=score_rollout(selection, seed, round, items))
         s.add(rollout)
         s.flush()
         rows = [CompletionRow(rollout_id=rollout.id, task_id=c.task_id, index=c.index, text=c.text,
@@ -79,8 +87,7 @@ def _store_rollout(store: Store, round: int, version: int, settings: dict, tasks
                 for c in comps]
         s.add_all(rows)
         s.flush()
-        s.add_all(VerificationRow(completion_id=r.id, **vars(verify(c.text, tasks_by_id[c.task_id], lenient)))
-                  for r, c in zip(rows, comps))
+        s.add_all(VerificationRow(completion_id=r.id, **vars(v)) for r, v in zip(rows, verdicts))
         return rollout.id
 
 
@@ -404,7 +411,8 @@ def _run(cfg: RunConfig, out_dir: str | Path, console: Console | None, cleanup: 
             if main:
                 settings = {**r.model_dump(), "do_sample": True, "mixed_precision": cfg.model.mixed_precision,
                             "num_processes": world}
-                _store_rollout(store, round, round - 1, settings, tasks_by_id, comps, cfg.tasks.verifier == "lenient")
+                _store_rollout(store, round, round - 1, settings, tasks_by_id, comps, cfg.tasks.verifier == "lenient",
+                               cfg.feedback.selection, cfg.seed)
                 rollout = store.rollout_for_round(round)
         algorithm = "sft" if round <= cfg.sft.warmup_rounds else cfg.algorithm
         batch = stats = None

@@ -92,6 +92,9 @@ class Rollout(Base):
     round: Mapped[int] = mapped_column(Integer, index=True)
     policy_version_id: Mapped[int] = mapped_column(ForeignKey("policy_versions.id"))
     settings: Mapped[dict] = mapped_column(JSON)
+    # feedback.selection and each item's informativeness score and reason (rlhf_workbench.selection);
+    # None: stored before the column existed (served fewest-first)
+    selection: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     completions: Mapped[list["CompletionRow"]] = relationship(back_populates="rollout", order_by="CompletionRow.id")
 
