@@ -1,0 +1,98 @@
+"""The time-to-accuracy benchmark's bookkeeping (benchmarks/time_to_accuracy.py): the training
+clock stops while evaluating, a side stops at the target, the turn-taking alternates the two
+sides and lets the one left running go on alone, and the ratio is TRL's time over ours.
+No model: the evaluations are real ``EvalResult`` objects built from given outcomes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+
+from test_benchmarks_smoke import _load
+
+from rlhf_workbench.evaluate import EvalResult
+
+tta = _load("time_to_accuracy")
+
+
+def _result(correct: list[bool]) -> EvalResult:
+    n = len(correct)
+    return EvalResult(task_ids=[f"t{i}" for i in range(n)], correct=correct, format_ok=[True] * n,
+                      lengths=[5] * n, completions=[], lenient_correct=correct, ambiguous=[False] * n,
+                      open=[False] * n)
+
+
+def _slow(result: EvalResult, seconds: float):
+    def run():
+        time.sleep(seconds)
+        return result
+    return run
+
+
+def test_clock_counts_training_only_and_stops_at_the_target():
+    clock = tta.Clock(target=0.5, max_steps=10, max_seconds=1e9)
+    _, done = clock.evaluate(0, _slow(_result([True, False, False, False]), 0.3))  # 25 %
+    assert not done and clock.points[0]["wall_s"] == 0.0 and clock.points[0]["eval_s"] >= 0.3
+    time.sleep(0.2)  # "training"
+    _, done = clock.evaluate(1, _slow(_result([True, True, False, False]), 0.3))  # 50 % >= target
+    assert done and clock.reached()
+    assert 0.2 <= clock.points[1]["wall_s"] < 0.45  # the 0.6 s of evaluation are not counted
+    assert clock.points[1]["accuracy"] == 0.5 and clock.points[1]["n"] == 4
+    assert clock.task_ids == ["t0", "t1", "t2", "t3"]
+    side = tta._side_result(clock, [0.0, 0.0, 0.0], {})
+    assert side["time_to_target_s"] == clock.points[1]["wall_s"] and side["steps_to_target"] == 1
+
+
+def test_untrained_model_at_the_target_does_not_stop_and_budgets_do():
+    clock = tta.Clock(target=0.2, max_steps=2, max_seconds=1e9)
+    assert clock.evaluate(0, _slow(_result([True, False]), 0))[1] is False  # 50 % before training
+    assert clock.evaluate(1, _slow(_result([False, False]), 0))[1] is False
+    assert clock.evaluate(2, _slow(_result([False, False]), 0))[1] is True  # step budget
+    assert not clock.reached()
+    clock = tta.Clock(target=0.9, max_steps=10, max_seconds=0.05)
+    clock.evaluate(0, _slow(_result([False]), 0))
+    time.sleep(0.1)
+    assert clock.evaluate(1, _slow(_result([False]), 0))[1] is True  # time budget
+
+
+def test_ratios():
+    ours = {"reached_target": True, "time_to_target_s": 100.0, "steps_to_target": 2, "training_seconds": 100.0}
+    trl = {"reached_target": True, "time_to_target_s": 250.0, "steps_to_target": 3, "training_seconds": 250.0}
+    assert tta.ratios({"ours": ours, "trl": trl}) == {"time_to_target": 2.5, "steps_to_target": 1.5}
+    missed = {**trl, "reached_target": False, "time_to_target_s": None, "steps_to_target": None,
+              "training_seconds": 400.0}
+    assert tta.ratios({"ours": ours, "trl": missed}) == {"time_to_target": None, "steps_to_target": None,
+                                                         "time_to_target_lower_bound": 4.0}
+
+
+def _side(turns, index: int, steps: int, log):
+    turns.index = index
+    clock = tta.Clock(target=2.0, max_steps=steps, max_seconds=1e9, turns=turns)
+    for step in range(steps + 1):
+        clock.evaluate(step, lambda: (log.put((index, step)), _result([False]))[1])  # inside the turn
+        time.sleep(0.01)
+
+
+def test_turns_alternate_and_the_side_left_goes_on_alone():
+    ctx = mp.get_context("fork")
+    turns, log = tta.Turns(ctx, 2, timeout_s=20), ctx.Queue()
+    procs = [ctx.Process(target=_side, args=(turns, i, n, log)) for i, n in ((0, 2), (1, 4))]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert [p.exitcode for p in procs] == [0, 0]
+    order = [log.get(timeout=1) for _ in range(3 + 5)]
+    # each side's evaluation k happens in its turn: 0's, then 1's, ...; 1 goes on alone after 0's last
+    assert order == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2), (1, 3), (1, 4)]
+
+
+def test_both_sides_follow_one_config(tmp_path):
+    cfg = tta.bench_config({"config": str(tta.DEFAULT_CONFIG), "overrides": tta.QUICK, "max_steps": 2, "eval_n": 8})
+    assert cfg.rounds == 2 and cfg.feedback.ranking_weight == 0 and cfg.tasks.max_heldout == 8
+    assert cfg.eval.round_subset == 8 and cfg.eval.every_round and cfg.eval.kl_samples == 0
+    args = tta.trl_args(cfg, str(tmp_path))
+    assert args.per_device_train_batch_size == args.generation_batch_size == 2 * 2
+    assert (args.num_generations, args.learning_rate, args.beta, args.max_completion_length) == (
+        2, cfg.optim.lr, cfg.grpo.beta, 8)
+    assert args.lr_scheduler_type == "constant" and args.bf16 == (cfg.model.mixed_precision == "bf16")
