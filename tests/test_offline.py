@@ -183,6 +183,17 @@ def test_sft_trains_on_messages(tiny_model_dir, tmp_path, single_thread):
     assert weights_changed(tiny_model_dir, out) > 1e-5
 
 
+def test_lora_checkpoints_the_adapter_and_merges_the_final_model(tiny_model_dir, tmp_path, single_thread):
+    data = write_jsonl(tmp_path / "prefs.jsonl", preference_records(4))
+    out = tmp_path / "lora"
+    r = invoke("train", "--algorithm", "dpo", "--data", data, "--model", tiny_model_dir, "--out-dir", out, "--lora",
+               "--batch-size", 4, "--lr", 1e-2, "--heldout-fraction", 0, "--set", "model.lora.r=4", *FP32)
+    assert r.exit_code == 0, r.output
+    assert (out / "checkpoints" / "step-1" / "adapter_config.json").is_file()  # the adapter, for resuming
+    assert (out / "config.json").is_file() and not (out / "adapter_config.json").exists()  # merged, plain HF
+    assert weights_changed(tiny_model_dir, out) > 1e-6
+
+
 def test_bad_file_exits_2_naming_file_line_and_field(tiny_model_dir, tmp_path):
     recs = preference_records(4)
     del recs[2]["chosen"]

@@ -75,7 +75,8 @@ class OfflineArgs:
         epochs: passes over the training examples.
         lr: learning rate (None: :data:`DEFAULT_LR`).
         batch_size: examples (DPO/RM: pairs) per optimizer step.
-        micro_batch_size: sequences per forward pass (None: ``optim.micro_batch_size``, 16).
+        micro_batch_size: sequences per forward pass (None: ``optim.micro_batch_size``, 16); the
+            reward model trains on a whole batch per forward and uses it for held-out scoring only.
         beta: DPO / KTO β (None: the config's 0.1).
         max_length: tokens per prompt + completion (see :func:`truncate`).
         limit: read only the first N records.
