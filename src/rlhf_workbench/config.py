@@ -266,6 +266,42 @@ class SFTConfig(_Strict):
     epochs: int = Field(1, ge=1, description="passes over the verified traces per SFT round")
 
 
+class SFTWarmupStage(_Strict):
+    """Supervised warm-up on the preferred replies of the training prompts (the first stage of the
+    classic pipeline, Ouyang et al. 2022 §3.5), before round 1; the loop then starts from it."""
+
+    examples: int = Field(256, ge=1, description="chosen replies trained on (the first N training tasks that have one)")
+    epochs: int = Field(1, ge=1, description="passes over them")
+    lr: float = Field(1e-5, gt=0, description="AdamW learning rate of the warm-up")
+    max_reply_tokens: int = Field(128, ge=1, description="replies are cut to this many tokens (no eos when cut)")
+
+
+class RewardStage(_Strict):
+    """A reward model trained on the training prompts' (chosen, rejected) pairs before round 1."""
+
+    pairs: int = Field(800, ge=2, description="pairs trained on; the gold model's are taken after the proxy's, disjoint")
+    pooling: Literal["last", "mean", "mean_last"] = Field(
+        "mean_last", description="frozen-backbone features the head reads (rlhf_workbench.rm_features)")
+    max_tokens: int = Field(128, ge=8, description="each text is cut to its final N tokens (where the replies differ)")
+    epochs: int = Field(30, ge=1, description="passes of the head over the cached features")
+    lr: float = Field(3e-3, gt=0, description="head learning rate (AdamW, cosine schedule)")
+    weight_decay: float = Field(0.1, ge=0, description="head weight decay")
+
+
+class PipelineConfig(_Strict):
+    """The classic RLHF pipeline around the online loop (:mod:`rlhf_workbench.pipeline`): stages
+    that run once before round 1, each skipped on resume when its output exists."""
+
+    sft_warmup: SFTWarmupStage | None = Field(None, description="supervised warm-up on chosen replies (None: skip)")
+    reward_model: RewardStage | None = Field(
+        None, description="proxy reward model, saved to <run>/reward_model; a feedback source uses it as `path: run:reward_model`")
+    gold_reward_model: RewardStage | None = Field(
+        None, description="gold reward model on pairs the proxy never saw, saved to <run>/gold_reward_model; every "
+        "evaluation reports gold and proxy reward and the gold win rate against the reference")
+    max_prompt_tokens: int | None = Field(
+        None, ge=8, description="drop tasks whose chat-templated prompt is longer (before the split; None: keep all)")
+
+
 class OptimConfig(_Strict):
     lr: float = Field(1e-5, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
@@ -333,6 +369,7 @@ class RunConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     app: AppConfig = Field(default_factory=AppConfig)
+    pipeline: PipelineConfig | None = Field(None, description="stages before the loop: SFT warm-up, proxy and gold reward models")
 
 
 class ConfigError(ValueError):

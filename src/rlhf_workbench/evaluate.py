@@ -41,6 +41,8 @@ class EvalResult:
     kl: float | None = None  # mean per-token KL(π || π_ref), nats
     kl_seq: float | None = None  # mean per-completion KL (sum over tokens), nats
     open: list[bool] = field(default_factory=list)  # the task has no answer key (accuracy not applicable)
+    scores: dict[str, float] = field(default_factory=dict)  # reward-model metrics (rlhf_workbench.pipeline.score_eval)
+    task_scores: dict[str, list[float]] = field(default_factory=dict)  # their per-task values, same order
 
     @property
     def n(self) -> int:
@@ -84,6 +86,7 @@ class EvalResult:
         if self.kl is not None:
             m["kl"] = self.kl
             m["kl_seq"] = self.kl_seq
+        m.update(self.scores)
         return {prefix + k: float(v) for k, v in m.items()}
 
 

@@ -38,7 +38,8 @@ from .constitution import constitution_round
 from .evaluate import EvalResult, evaluate
 from .feedback import build_pairs, completion_rewards, make_ranker, rank_group, rankable
 from .losses import group_advantages
-from .models import load_policy, save_policy
+from .models import load_policy, load_tokenizer, resolve_mixed_precision, resolve_model_path, save_policy
+from .pipeline import filter_prompt_length, load_scorers, prepare, resolve_run_paths, score_eval
 from .ppo import load_critic, make_optimizer, ppo_update, save_critic
 from .report import write_report
 from .rollout import Completion, HFEngine
@@ -308,6 +309,9 @@ def _run(cfg: RunConfig, out_dir: str | Path, console: Console | None, cleanup: 
     tasks = load_tasks(cfg.tasks.path, cfg.tasks.format, cfg.tasks.limit)
     if cfg.tasks.instruction:
         tasks = [replace(t, instruction=cfg.tasks.instruction) for t in tasks]
+    if cfg.pipeline is not None and cfg.pipeline.max_prompt_tokens:
+        tasks = filter_prompt_length(tasks, load_tokenizer(resolve_model_path(cfg.model.name, cfg.model.cache_dir)),
+                                     cfg.pipeline.max_prompt_tokens)
     train, heldout = split_tasks(tasks, cfg.tasks.heldout_fraction, cfg.tasks.heldout_size, seed=cfg.seed)
     if cfg.tasks.max_heldout:
         heldout = heldout[: cfg.tasks.max_heldout]
@@ -351,6 +355,14 @@ def _run(cfg: RunConfig, out_dir: str | Path, console: Console | None, cleanup: 
         raise ValueError(error)
     console.print(f"[bold]tasks[/]: {len(train)} train, {len(heldout)} held-out from {cfg.tasks.path}")
 
+    # --- pipeline stages (SFT warm-up, proxy and gold reward models), each once -----------------
+    if cfg.model.mixed_precision == "auto":
+        cfg.model.mixed_precision = resolve_mixed_precision("auto")
+    stages = prepare(cfg, train, out, accelerator, console)
+    if "sft_warmup" in stages:  # policy and reference start from the warmed-up model
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": str(out / "sft_model")})})
+    cfg = resolve_run_paths(cfg, out)
+
     # --- models: resume from the newest published version ------------------------------------
     pair = load_policy(cfg.model, checkpoint=ckpt)
     critic = None
@@ -371,12 +383,18 @@ def _run(cfg: RunConfig, out_dir: str | Path, console: Console | None, cleanup: 
     engine = HFEngine(pair.policy, pair.tokenizer, cfg.rollout.batch_size, cfg.model.mixed_precision)
     ev = cfg.eval
 
+    scorers = load_scorers(cfg, out) if main else {}  # the pipeline's proxy and gold reward models
+
     def run_eval(label: str, subset: int | None = None) -> EvalResult:
         tasks = heldout[:subset] if subset else heldout
         with Progress(console=console, transient=True) as bar:
             job = bar.add_task(f"eval {label}", total=len(tasks))
-            return evaluate(pair, tasks, ev.max_new_tokens, ev.batch_size, cfg.model.mixed_precision,
-                            ev.kl_samples, progress=lambda n: bar.advance(job, n))
+            result = evaluate(pair, tasks, ev.max_new_tokens, ev.batch_size, cfg.model.mixed_precision,
+                              ev.kl_samples, progress=lambda n: bar.advance(job, n))
+        if scorers:  # the reference's greedy answers are v0's (the reference is the policy at round 0)
+            ref = None if label == "v0" else _v0_texts(out, result.task_ids)
+            result.scores, result.task_scores = score_eval(tasks, [c.text for c in result.completions], scorers, ref)
+        return result
 
     if latest_id is None:
         if main:
@@ -494,8 +512,15 @@ def _save_eval(out: Path, version: int, result: EvalResult) -> None:
     (d / f"v{version}.json").write_text(json.dumps({
         "version": version, "task_ids": result.task_ids, "correct": result.correct, "format_ok": result.format_ok,
         "lenient_correct": result.lenient_correct, "ambiguous": result.ambiguous, "open": result.open,
-        "completions": [c.text for c in result.completions], "metrics": result.metrics(""),
+        "completions": [c.text for c in result.completions], "metrics": result.metrics(""), **result.task_scores,
     }, indent=1))
+
+
+def _v0_texts(out: Path, task_ids: list[str]) -> list[str]:
+    """The v0 (reference) greedy answers to ``task_ids``, from ``out/eval/v0.json``."""
+    ev = json.loads((out / "eval" / "v0.json").read_text())
+    by_id = dict(zip(ev["task_ids"], ev["completions"]))
+    return [by_id[t] for t in task_ids]
 
 
 def _prune_checkpoints(ckpt_root: Path, keep: int) -> None:
@@ -513,7 +538,8 @@ def _summary(out: Path, store: Store, cfg: RunConfig, wall: float) -> dict:
     def block(ev):
         m = ev["metrics"]
         return {k: m[k] for k in ("accuracy", "lenient_accuracy", "format_rate", "ambiguous_rate", "accuracy_ci_low",
-                                  "accuracy_ci_high", "completion_length", "kl") if k in m} | {"n": int(m["n"])} | (
+                                  "accuracy_ci_high", "completion_length", "kl", "reward_proxy", "reward_gold", "win_rate",
+                                  "win_rate_ci_low", "win_rate_ci_high") if k in m} | {"n": int(m["n"])} | (
             {"accuracy_applicable": bool(m["accuracy_applicable"]), "n_open": int(m["n_open"])} if m.get("n_open") else {})
 
     summary = {

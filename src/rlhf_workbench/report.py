@@ -17,6 +17,8 @@ PLOTS = {
     "reward": (["train/reward", "train/acceptance_rate"], "rollout reward and acceptance rate"),
     "kl": (["eval/kl", "train/kl"], "KL to the reference (nats/token)"),
     "loss": (["train/loss"], "training loss"),
+    "win_rate": (["eval/win_rate", "eval/win_rate_ci_low", "eval/win_rate_ci_high"],
+                 "held-out win rate vs the reference (gold reward model)"),
 }
 
 
@@ -42,12 +44,33 @@ def plot_metrics(metrics: dict[str, list[tuple[int, float]]], out_dir: Path) -> 
     return paths
 
 
+def plot_rewards(metrics: dict[str, list[tuple[int, float]]], out_dir: Path) -> Path | None:
+    """``rewards.png``: the held-out proxy reward (the model the policy optimises) and the gold
+    reward (a model trained on pairs the proxy never saw) per round, side by side, so reward
+    over-optimisation (proxy up, gold down: Gao et al. 2022) is visible; None without both."""
+    proxy, gold = metrics.get("eval/reward_proxy"), metrics.get("eval/reward_gold")
+    if not proxy or not gold:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), dpi=100)
+    for ax, pts, title in ((axes[0], proxy, "proxy reward (optimised)"), (axes[1], gold, "gold reward (held apart)")):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+        ax.set_xlabel("round")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / "rewards.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def write_report(out: Path, store: Store, summary: dict) -> Path:
     """Write ``out/report.md`` (summary table, significance, per-round table, plots)."""
     plots_dir = out / "plots"
     plots_dir.mkdir(exist_ok=True)
     metrics = store.metrics()
     pngs = plot_metrics(metrics, plots_dir)
+    pngs += [p for p in [plot_rewards(metrics, plots_dir)] if p is not None]
     b, a, sig = summary["eval_before"], summary["eval_after"], summary["significance"]
     lines = [
         "# Online RLHF run report", "",
@@ -57,13 +80,17 @@ def write_report(out: Path, store: Store, summary: dict) -> Path:
         f"| accuracy | {b['accuracy']:.3f} [{b['accuracy_ci_low']:.3f}, {b['accuracy_ci_high']:.3f}] "
         f"| {a['accuracy']:.3f} [{a['accuracy_ci_low']:.3f}, {a['accuracy_ci_high']:.3f}] |",
         f"| lenient accuracy (last number) | {b['lenient_accuracy']:.3f} | {a['lenient_accuracy']:.3f} |",
-        f"| n | {b['n']} | {a['n']} |", "",
+        f"| n | {b['n']} | {a['n']} |",
+        *([f"| win rate vs reference (gold RM) | - | {a['win_rate']:.3f} [{a['win_rate_ci_low']:.3f}, "
+           f"{a['win_rate_ci_high']:.3f}] |"] if "win_rate" in a else []),
+        *([f"| {k.replace('_', ' ')} | {b[k]:.3f} | {a[k]:.3f} |" for k in ("reward_proxy", "reward_gold")
+           if k in a and k in b]), "",
         f"{sig['test']}: {int(sig['b'])} tasks improved, {int(sig['c'])} regressed, p = {sig['p_value']:.3g} "
         "(95% Wilson intervals in brackets).", "",
         "## Per round", "",
     ]
     keys = ["eval/accuracy", "eval/lenient_accuracy", "train/reward", "train/acceptance_rate", "train/loss",
-            "eval/kl", "time/round_s"]
+            "eval/kl", "eval/reward_proxy", "eval/reward_gold", "eval/win_rate", "time/round_s"]
     keys = [k for k in keys if k in metrics]
     lines += ["| round | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     rounds = sorted({r for k in keys for r, _ in metrics[k]})
