@@ -158,12 +158,14 @@ def record_served_feedback(store: Store, response_id: str, index: int, label: bo
             response, 409 the vote was already consumed by a training round.
     """
     with store.session() as s, s.begin():
-        choices = {c.index: c for c in s.scalars(select(ServedCompletion).where(ServedCompletion.response_id == response_id))}
+        choices = {c.index: c for c in s.scalars(
+            select(ServedCompletion).where(ServedCompletion.response_id == response_id))}
         if not choices:
             raise ThumbsError(404, f"id: no chat completion {response_id!r} was served and stored here", "id")
         served = choices.get(index)
         if served is None:
-            raise ThumbsError(404, f"index: response {response_id!r} has choices {sorted(choices)}, not {index}", "index")
+            raise ThumbsError(404, f"index: response {response_id!r} has choices {sorted(choices)}, not {index}",
+                              "index")
         prior = s.scalars(select(BinaryFeedback).where(BinaryFeedback.served_id == served.id)
                           .order_by(BinaryFeedback.id)).first()
         if prior is None:
