@@ -437,14 +437,22 @@ def _aggregate(rollout: Rollout, subs: list[Annotation]) -> tuple[dict[str, dict
     return scores, flagged
 
 
-def _submitted(s: Session, rollout_id: int) -> list[Annotation]:
-    return list(s.scalars(select(Annotation).where(Annotation.rollout_id == rollout_id,
+def _submitted(s: Session, rollout_id: int, adjudication_threshold: float | None = None) -> list[Annotation]:
+    """The rollout's rankings that train: its submissions, with those of disputed items replaced
+    by their adjudicated ranking (:func:`rlhf_workbench.adjudication.effective_submissions`)."""
+    from .adjudication import effective_submissions
+
+    subs = list(s.scalars(select(Annotation).where(Annotation.rollout_id == rollout_id,
                                                    Annotation.status == "submitted").order_by(Annotation.id)))
+    return effective_submissions(s, rollout_id, subs, adjudication_threshold)
 
 
-def human_scores(store: Store, rollout: Rollout) -> tuple[dict[str, dict[int, float]], set[int], int]:
+def human_scores(store: Store, rollout: Rollout, adjudication_threshold: float | None = None
+                 ) -> tuple[dict[str, dict[int, float]], set[int], int]:
     """Aggregate the submitted annotations of a rollout (a read; the worker consumes them with
-    :func:`consume_human_rankings`).
+    :func:`consume_human_rankings`). With ``adjudication_threshold``
+    (``feedback.adjudication_threshold``), a disputed item counts only by its adjudicated ranking,
+    and not at all while it waits for one (:mod:`rlhf_workbench.adjudication`).
 
     Returns:
         ``(scores, flagged, n_rankings)``: per task, completion id -> minus the mean rank over
@@ -457,19 +465,23 @@ def human_scores(store: Store, rollout: Rollout) -> tuple[dict[str, dict[int, fl
         count toward ``feedback.min_rankings``).
     """
     with store.session() as s:
-        subs = _submitted(s, rollout.id)
+        subs = _submitted(s, rollout.id, adjudication_threshold)
     scores, flagged = _aggregate(rollout, subs)
     return scores, flagged, sum(bool(a.ranks) for a in subs)
 
 
 def consume_human_rankings(store: Store, rollout: Rollout,
-                           record: Callable[[Session, dict[str, dict[int, float]], set[int]], None]) -> int | None:
+                           record: Callable[[Session, dict[str, dict[int, float]], set[int]], None],
+                           adjudication_threshold: float | None = None) -> int | None:
     """The worker's read-score-and-record, as one transaction.
 
     Locks the rollout (:func:`rlhf_workbench.assignment.lock_round`, the lock every submission
     takes), reads its submitted annotations, aggregates them as :func:`human_scores` does, calls
     ``record(session, scores, flagged)`` to write the round's rankings in the same session, and
-    marks every submission it read with ``consumed_round``. A submission racing with this either
+    marks every submission it read with ``consumed_round``. With ``adjudication_threshold``, an
+    adjudicated item is read by its adjudicated ranking only and a disputed one not yet adjudicated
+    not at all (:mod:`rlhf_workbench.adjudication`; the submissions left out stay unmarked). A
+    submission racing with this either
     committed first (and is read here) or waits for the lock and then finds the round used for
     training (refused with that message): none is acknowledged and left out.
 
@@ -482,7 +494,7 @@ def consume_human_rankings(store: Store, rollout: Rollout,
             raise ValueError(f"rollout {rollout.id} is not stored")
         if is_trained(s, rollout.id):
             return None
-        subs = _submitted(s, rollout.id)
+        subs = _submitted(s, rollout.id, adjudication_threshold)
         scores, flagged = _aggregate(rollout, subs)
         record(s, scores, flagged)
         if subs:
@@ -550,7 +562,7 @@ def wait_for_human_rankings(store: Store, rollout: Rollout, cfg: RunConfig, cons
     start = time.time()
     need = min(cfg.feedback.min_rankings, open_item_count(store, rollout, max(1, cfg.feedback.min_verified)))
     while True:
-        scores, flagged, have = human_scores(store, rollout)
+        scores, flagged, have = human_scores(store, rollout, cfg.feedback.adjudication_threshold)
         store.set_meta("status", {"state": "waiting", "have": have, "need": need, "round": rollout.round})
         if have >= need:
             return scores, flagged

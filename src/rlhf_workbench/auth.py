@@ -38,6 +38,7 @@ from .store import LoginAttempt, Store, User
 PERMISSIONS = {
     "annotate": ("annotator", "admin"),
     "dashboard": ("admin",),
+    "adjudicate": ("admin",),  # settle annotators' disagreements (rlhf_workbench.adjudication)
     "playground": ("playground", "admin"),
 }
 NO_SESSION = "Your session has expired or you are not logged in: reload the page and log in again."

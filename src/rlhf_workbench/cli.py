@@ -382,10 +382,12 @@ def serve(
     import threading
 
     from .config import ConfigError, load_config
+    from .guidelines import load_guidelines
 
     try:
         cfg = load_config(config, {**_parse_overrides(set_), "feedback.source": "human"})
-    except (ConfigError, ValueError) as e:
+        load_guidelines(cfg.feedback.guidelines)  # a missing or empty guidelines file: refused before serving
+    except (ConfigError, ValueError, FileNotFoundError) as e:
         console.print(f"[bold red]error[/]: {e}")
         raise typer.Exit(2)
     run_dir = out or Path("runs") / config.stem

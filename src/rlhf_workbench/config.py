@@ -176,6 +176,14 @@ class FeedbackConfig(_Strict):
         "fewest", description="human: which open item is served first: fewest annotations (the default, unchanged), "
         "a seeded random order, or the most informative (uncertainty: distinct verified traces the policy is "
         "least sure between; rlhf_workbench.selection)")
+    guidelines: str | None = Field(
+        None, description="human: annotation guidelines (a markdown file, or bundled:<name> for "
+        "src/rlhf_workbench/data/<name>.md) shown before an annotator's first item and on demand "
+        "(rlhf_workbench.guidelines); None: no guidelines page")
+    adjudication_threshold: float | None = Field(
+        None, ge=-1, le=1, description="human: an item whose annotators' mean Kendall tau-b is below this goes "
+        "to the admins' Adjudicate queue and trains only on the adjudicated ranking (opposite pairwise choices: "
+        "tau = -1; rlhf_workbench.adjudication); None: no adjudication")
     sources: list[FeedbackSource] = Field(
         default_factory=lambda: [FeedbackSource(name="format", weight=1.0), FeedbackSource(name="length", weight=0.1)],
         description="sources whose weighted sum ranks the verified traces of a prompt",

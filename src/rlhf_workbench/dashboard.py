@@ -1,7 +1,8 @@
 """The web app's Dashboard tab: how the run and the experts are doing.
 
 Held-out accuracy, reward, KL, loss and acceptance per round (from the ``metrics`` table);
-rankings per hour per annotator; inter-annotator agreement; the verifier's audited precision
+rankings per hour per annotator; inter-annotator agreement; preference drift
+(:mod:`rlhf_workbench.drift`); the verifier's audited precision
 (:func:`rlhf_workbench.annotation.verifier_audit`); the worker's status and the current
 policy version. Everything is read from the database on each refresh, and only for users whose
 role allows the dashboard (checked in every handler: admins).
@@ -151,6 +152,32 @@ def audit_md(store: Store) -> str:
             f"{100 * a['ci_high']:.1f} %, {n} trace{'s' if n != 1 else ''} audited, {w} marked wrong)")
 
 
+def drift_md(store: Store) -> str:
+    """Preference drift (:mod:`rlhf_workbench.drift`) as a table, overall and per annotator, with a
+    visible warning line for every series whose recent agreement dropped."""
+    from .drift import FLOOR, MAX_DROP, WINDOW, drift_summary
+
+    rows = drift_summary(store)
+    if rows[0]["n_rankings"] == 0:
+        return "**Preference drift:** no rankings yet."
+
+    def cell(r, m):
+        recent, earlier = r[f"{m}_recent"], r[f"{m}_earlier"]
+        if recent is None:
+            return f"n/a ({r[f'{m}_n']} of {WINDOW})"
+        return f"{recent:.2f}" + (f" (earlier {earlier:.2f})" if earlier is not None else "")
+
+    warnings = [f"⚠️ **Drift: {r['name']}**, agreement with {what}: {r[f'{m}_warning']}"
+                for r in rows for m, what in (("model", "the model's scores"), ("peer", "earlier rankings"))
+                if r[f"{m}_warning"]]
+    lines = [f"**Preference drift** (rolling Kendall τ-b, mean of the last {WINDOW} rankings; warns below "
+             f"{FLOOR:g} or on a drop of more than {MAX_DROP:g})\n", *[w + "  " for w in warnings],
+             "" if warnings else "No drift warning.", "",
+             "| annotator | rankings | τ with model scores | τ with earlier rankings |", "|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['n_rankings']} | {cell(r, 'model')} | {cell(r, 'peer')} |" for r in rows]
+    return "\n".join(lines)
+
+
 def version_md(store: Store) -> str:
     """The current (latest published) policy version and when it was published."""
     latest = store.latest_version()
@@ -193,7 +220,7 @@ def dashboard_tab(demo: gr.Blocks, store: Store, tab: gr.Tab, check: Callable[[g
         accept = _line_plot("acceptance rate (verified / sampled)", {"acceptance": m.get("train/acceptance_rate", [])})
         return (version_md(store), _status_text(store.get_meta("status")), acc, reward, kl, loss, accept,
                 _rankings_plot(store), _annotator_table(store),
-                _agreement_md(store), audit_md(store))
+                _agreement_md(store), audit_md(store), drift_md(store))
 
     with gr.Row():
         current = gr.Markdown(elem_id="current-version")
@@ -212,7 +239,9 @@ def dashboard_tab(demo: gr.Blocks, store: Store, tab: gr.Tab, check: Callable[[g
         with gr.Column():
             agreement = gr.Markdown(elem_id="agreement")
             audit = gr.Markdown(elem_id="verifier-audit")
-    outputs = [current, train_status, p_acc, p_reward, p_kl, p_loss, p_accept, p_rank, annotators, agreement, audit]
+    drift = gr.Markdown(elem_id="drift")
+    outputs = [current, train_status, p_acc, p_reward, p_kl, p_loss, p_accept, p_rank, annotators, agreement, audit,
+               drift]
     demo.load(status, None, [current, train_status], api_visibility="private")
     refresh_btn.click(refresh, None, outputs, api_visibility="private")
     tab.select(refresh, None, outputs, api_visibility="private")

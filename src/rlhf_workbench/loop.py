@@ -444,7 +444,8 @@ def _run(cfg: RunConfig, out_dir: str | Path, console: Console | None, cleanup: 
                 else:  # experts rank in the web app; wait for enough of them (see annotation.py)
                     wait_for_human_rankings(store, rollout, cfg, console)
                     consume_human_rankings(store, rollout, lambda s, scores, flagged: _record_rankings(
-                        store, rollout, "human", scores, flagged | set(unsafe), cfg, session=s))
+                        store, rollout, "human", scores, flagged | set(unsafe), cfg, session=s),
+                        cfg.feedback.adjudication_threshold)
                 feedback_stats["safety_flagged"] = float(len(unsafe))
                 if cfg.feedback.constitution is not None:  # critique -> revision pairs (constitution.py)
                     feedback_stats.update(constitution_round(store, rollout, cfg, pair, tasks_by_id, algorithm))

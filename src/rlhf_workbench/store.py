@@ -187,7 +187,9 @@ class User(Base):
 class Annotation(Base):
     """One annotator's work on one item (a task's traces in one rollout).
 
-    ``status`` is ``draft``, ``submitted`` or ``skipped``; ``ranks`` maps completion id -> rank
+    ``status`` is ``draft``, ``submitted``, ``skipped`` or ``adjudicated`` (an admin's ranking of an
+    item whose annotators disagreed, :mod:`rlhf_workbench.adjudication`: the one ranking of that
+    item that trains); ``ranks`` maps completion id -> rank
     (0 best, ties allowed) over the verified traces; ``flagged`` lists completion ids marked
     unsafe or clinically wrong (never used as chosen); ``verifier_wrong`` lists verified traces
     (the verifier graded them correct) that the expert marked as actually wrong: treated like
@@ -195,7 +197,8 @@ class Annotation(Base):
     :func:`rlhf_workbench.annotation.verifier_audit`; ``revision`` increases with every save so
     that a stale draft is refused; ``consumed_round`` is the round whose training read this
     submission (set by the worker in the transaction that records the round's rankings; None
-    while pending, and for rows written before the column existed).
+    while pending, for a submission overruled by an adjudication, and for rows written before
+    the column existed).
     """
 
     __tablename__ = "annotations"
@@ -287,6 +290,19 @@ class BinaryFeedback(Base):
     served_id: Mapped[int | None] = mapped_column(ForeignKey("served_completions.id"), nullable=True, index=True)
     consumed_round: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class GuidelinesAck(Base):
+    """An annotator's acknowledgement of the annotation guidelines (``feedback.guidelines``,
+    :mod:`rlhf_workbench.guidelines`): ``sha256`` of the guidelines text they read and clicked
+    "Start" on, and when (UTC). Changed guidelines have another hash, so everyone reads them again."""
+
+    __tablename__ = "guidelines_acks"
+    __table_args__ = (UniqueConstraint("user_id", "sha256"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    acknowledged_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
 class RunMeta(Base):
