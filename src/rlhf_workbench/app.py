@@ -17,6 +17,10 @@ Three tabs behind a login (accounts from :mod:`rlhf_workbench.annotation`):
   verifier's audited precision, the worker's status and the current version.
 - **Playground**: one question answered greedily by the current policy and by the reference
   (base) model side by side, with thumbs up/down stored as binary feedback.
+- **Guidelines** (with ``feedback.guidelines``) and **Adjudicate** (admins, with
+  ``feedback.adjudication_threshold``): :mod:`rlhf_workbench.review_ui`. An annotator who has not
+  acknowledged the current guidelines gets the Guidelines tab, not an item, until they click
+  "Start annotating".
 
 Each user sees the tabs their role allows, and every handler checks the role again on the
 server (:mod:`rlhf_workbench.auth`: annotators annotate, admins also see the dashboard, the
@@ -55,9 +59,11 @@ from .auth import (CLIENT_ADDRESS, LoginPolicy, LoginThrottled, SessionMiddlewar
                    require, role_of)
 from .config import RunConfig  # noqa: E402
 from .dashboard import dashboard_tab  # noqa: E402
+from .guidelines import has_acknowledged, load_guidelines  # noqa: E402
 from .items import count_label, group_traces, save_grouped  # noqa: E402
 from .page_keys import CSS, KEYBOARD_JS  # noqa: E402
 from .pairwise import choose_pair, save_pairwise  # noqa: E402
+from .review_ui import adjudicate_tab, guidelines_tab  # noqa: E402
 from .store import Store  # noqa: E402
 
 LATEX = [
@@ -79,7 +85,11 @@ def _user_id(store: Store, request: gr.Request | None, action: str = "annotate")
 
 
 def _question_md(item: Item) -> str:
-    t = item.task
+    return _task_md(item.task)
+
+
+def _task_md(t) -> str:
+    """A task as the annotation and adjudication pages show it: context, question, options, key."""
     parts = []
     if t.context:
         parts.append(f"**Context**\n\n{t.context}")
@@ -161,6 +171,7 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
     fb = cfg.feedback
     n_slots = cfg.rollout.num_generations
     models = _PlaygroundModels(cfg)
+    guidelines = load_guidelines(fb.guidelines)  # FileNotFoundError / ValueError naming feedback.guidelines
 
     # --- annotation logic (shared by the page and the API) -----------------------------------
     def item_state(item: Item | None) -> dict | None:
@@ -226,6 +237,10 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
             uid = _user_id(store, request)
         except AnnotationError as e:
             return render(None, f"**{e}**")
+        if not has_acknowledged(store, uid, guidelines):  # the guidelines come before the first item
+            updates = render(None, "Read the **Guidelines** tab and click **Start annotating** to get your first item.")
+            updates[0] = gr.update(value="### Read the guidelines first")
+            return updates
         item = next_item(store, uid, fb.annotators_per_item, fb.min_verified, fb.claim_seconds)
         pair = None
         if item is not None and mode == "pairwise":
@@ -480,6 +495,16 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
                 gr.Timer(10).tick(poll, [state, mode], page_outputs, api_visibility="private", concurrency_limit=None,
                                   show_progress="hidden")
 
+            guide_tab = adj_tab = None
+            if guidelines is not None:
+                with gr.Tab("Guidelines", id="guidelines", elem_id="tab-guidelines") as guide_tab:
+                    started = guidelines_tab(store, guidelines, lambda r, a: _user_id(store, r, a), tabs)
+                started.success(load_next, [mode], page_outputs, api_visibility="private", concurrency_limit=None)
+            if fb.adjudication_threshold is not None:
+                with gr.Tab("Adjudicate", id="adjudicate", elem_id="tab-adjudicate") as adj_tab:
+                    adjudicate_tab(store, adj_tab, fb.adjudication_threshold, n_slots,
+                                   lambda r, a: _user_id(store, r, a), lambda row: _task_md(row.to_task()))
+
             with gr.Tab("Dashboard", id="dashboard", elem_id="tab-dashboard") as dash_tab:
                 dashboard_tab(demo, store, dash_tab, lambda request: _user_id(store, request, "dashboard"))
 
@@ -517,12 +542,21 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
             shown = {name: allowed(role, action) for name, action in
                      (("annotate", "annotate"), ("dashboard", "dashboard"), ("playground", "playground"))}
             first = next((name for name, ok in shown.items() if ok), "annotate")
+            extra = []
+            if guide_tab is not None:
+                uid = _user_id(store, request) if shown["annotate"] else None
+                if uid is not None and not has_acknowledged(store, uid, guidelines):
+                    first = "guidelines"  # before the first item
+                extra.append(gr.Tab(visible=True if shown["annotate"] else "hidden"))
+            if adj_tab is not None:
+                extra.append(gr.Tab(visible=True if allowed(role, "adjudicate") else "hidden"))
             # "hidden" hides the tab's button too (Gradio 6; False leaves the button).
             return (gr.Tabs(selected=first), *(gr.Tab(visible=True if shown[name] else "hidden")
-                                               for name in ("annotate", "dashboard", "playground")))
+                                               for name in ("annotate", "dashboard", "playground")), *extra)
 
-        demo.load(tabs_for_role, None, [tabs, annotate_tab, dash_tab, pg_tab], api_visibility="private",
-                  concurrency_limit=None)
+        demo.load(tabs_for_role, None, [tabs, annotate_tab, dash_tab, pg_tab,
+                                        *(t for t in (guide_tab, adj_tab) if t is not None)],
+                  api_visibility="private", concurrency_limit=None)
         gr.api(api_next_item, api_name="next_item", concurrency_limit=None)
         gr.api(api_submit, api_name="submit", concurrency_limit=None)
         gr.api(api_next_pair, api_name="next_pair", concurrency_limit=None)
