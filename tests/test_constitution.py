@@ -31,12 +31,17 @@ TASKS = [Task("t1", "What is 2 + 3?", "5", "number"), Task("t2", "What is 4 + 4?
 REVISIONS = {"2 + 3": "2 plus 3 makes 5.\nAnswer: 5", "4 + 4": "4 plus 4 makes 9.\nAnswer: 9"}
 
 
-def fake_critic(messages, max_tokens):
-    """Critique on the first call of a trace (one user turn), then a fixed revision by question."""
+def _reply(messages):
+    """A critique for a critique request (one user turn), else a fixed revision by question."""
     if len(messages) == 1:
         return "The final answer does not follow from the question."
     question = next(k for k in REVISIONS if k in messages[0]["content"])
     return "Revision: " + REVISIONS[question]
+
+
+def fake_critic(conversations, max_tokens):
+    """A critic writing fixed text (batched: one reply per conversation)."""
+    return [_reply(m) for m in conversations]
 
 
 def _cfg(model_dir, **constitution) -> RunConfig:
@@ -196,7 +201,7 @@ def test_open_task_revision_kept_only_when_judge_prefers_it_in_both_orders(tiny_
     # the length rule ranks the longer reply worst: that one is revised
     (orig, _), = select_originals(rollout, store.rankings_for_rollout(rollout.id), {"o1"}, 8, 0)
     assert orig.text.startswith("Porridge")
-    critic = lambda messages, n: "Too vague." if len(messages) == 1 else "Porridge with fruit, kindly portioned."
+    critic = lambda convs, n: ["Too vague." if len(m) == 1 else "Porridge with fruit, kindly portioned." for m in convs]
     const = load_constitution("bundled:medical")
     biased = critique_and_revise(store, rollout, {"o1": task}, const, critic, pair.policy, pair.tokenizer,
                                  judge=PairwiseJudge(_Judge()))
@@ -231,3 +236,23 @@ def test_loop_round_with_the_policy_as_critic(tiny_model_dir, tmp_path):
     assert metrics["train/constitution/revisions"] == [(1, float(len(meta)))] and 1 <= len(meta) <= 2
     assert metrics["train/constitution/kept"] == [(1, 0.0)]
     assert all(not m["kept"] and m["why"] != "" for m in meta)
+
+
+def test_origin_column_added_to_an_older_database(db_url):
+    """A database written before completions had ``origin`` gets it when opened (SQLite and
+    PostgreSQL), and its completions read as sampled ones."""
+    from sqlalchemy import text
+
+    from rlhf_workbench.rollout import Completion
+
+    store = Store(db_url)
+    store.add_tasks(TASKS[:1], "train")
+    store.publish_version(0, None, "base", None, {}, round=0)
+    loop_mod._store_rollout(store, 1, 0, {}, {"t1": TASKS[0]}, [Completion("t1", 0, [1, 2], [5], [-0.5], "Answer: 5", True)])
+    with store.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE completions DROP COLUMN origin"))
+    store.engine.dispose()
+    again = Store(db_url)
+    with again.session() as s:
+        assert [c.origin for c in s.scalars(select(CompletionRow))] == ["sample"]
+    again.engine.dispose()

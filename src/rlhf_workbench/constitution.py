@@ -47,8 +47,9 @@ from .store import CompletionRow, PreferencePair, RankingRow, Rollout, Store, Ve
 from .tasks import Task
 from .verify import verify
 
-Critic = Callable[[list[dict[str, str]], int], str]
-"""A critic: ``critic(messages, max_tokens) -> reply`` (OpenAI-style chat messages)."""
+Critic = Callable[[list[list[dict[str, str]]], int], list[str]]
+"""A critic: ``critic(conversations, max_tokens) -> replies``, one reply per conversation (a list of
+OpenAI-style ``{"role", "content"}`` messages); batched, so the policy critic decodes them together."""
 
 
 class ConstitutionError(ValueError):
@@ -202,36 +203,42 @@ def clean_revision(text: str) -> str:
 
 
 class PolicyCritic:
-    """The policy as its own critic: its chat template and ``generate`` (the ``serve-model`` path,
-    :class:`rlhf_workbench.serve_model.ChatModel`), sampled at ``temperature`` (0: greedy) with a
-    seed per call, so a run is reproducible.
+    """The policy as its own critic, through the rollout's decoding path
+    (:func:`rlhf_workbench.rollout.generate`: the chat template, the conversations of a call decoded
+    together in batches), sampled at ``temperature`` (0: greedy) after ``torch.manual_seed(seed + i)``
+    for call ``i``, so a run is reproducible.
 
     Args:
         model, tokenizer: the policy and its tokenizer (chat template required).
         temperature: sampling temperature of critiques and revisions.
-        mixed_precision: ``"bf16"`` runs generation under bf16 autocast, as the rollout does.
-        seed: base seed; call ``i`` uses ``seed + i``.
-
-    Raises:
-        ValueError: the tokenizer has no chat template.
+        mixed_precision: ``"bf16"`` decodes under bf16 autocast, as the rollout does.
+        seed: base seed.
+        batch_size: conversations decoded together.
     """
 
-    def __init__(self, model, tokenizer, temperature: float = 0.7, mixed_precision: str = "no", seed: int = 0):
-        from .serve_model import ChatModel
+    def __init__(self, model, tokenizer, temperature: float = 0.7, mixed_precision: str = "no", seed: int = 0,
+                 batch_size: int = 64):
+        self.model, self.tokenizer, self.temperature = model, tokenizer, temperature
+        self.mixed_precision, self.seed, self.batch_size, self.calls = mixed_precision, seed, batch_size, 0
 
-        self._chat = ChatModel(model, tokenizer, "policy")
-        self.temperature, self.mixed_precision, self.seed, self.calls = temperature, mixed_precision, seed, 0
+    def __call__(self, conversations: list[list[dict[str, str]]], max_tokens: int) -> list[str]:
+        """One reply per conversation, at most ``max_tokens`` tokens each, special tokens removed."""
+        from .rollout import generate
 
-    def __call__(self, messages: list[dict[str, str]], max_tokens: int) -> str:
-        """The critic's reply to ``messages``, at most ``max_tokens`` tokens."""
-        from .rollout import autocast
-        from .serve_model import ChatRequest
-
-        req = ChatRequest(messages=messages, temperature=self.temperature, max_tokens=max_tokens,
-                          seed=self.seed + self.calls)
+        if not conversations:
+            return []
+        # a conversation is rendered as an open task's messages would be (Task.chat_messages)
+        tasks = [Task(f"critic-{i}", "", "", "open", metadata={"messages": conv}) for i, conv in enumerate(conversations)]
+        torch.manual_seed(self.seed + self.calls)
         self.calls += 1
-        with autocast(self.mixed_precision):
-            return self._chat.complete(req)["choices"][0]["message"]["content"]
+        comps = generate(self.model, self.tokenizer, tasks, 1, self.temperature > 0, self.temperature or 1.0, 1.0,
+                         max_tokens, None, self.batch_size, self.mixed_precision)
+        return [c.text for c in comps]
+
+
+def chat_critic(backend) -> Critic:
+    """A :class:`~rlhf_workbench.judge.ChatBackend` (greedy, one call per conversation) as a :data:`Critic`."""
+    return lambda conversations, max_tokens: [backend.chat(c, max_tokens) for c in conversations]
 
 
 @dataclass
@@ -296,7 +303,8 @@ def critique_and_revise(store: Store, rollout: Rollout, tasks_by_id: dict[str, T
             verifications loaded; :meth:`Store.rollout_for_round`), whose rankings are recorded.
         tasks_by_id: the round's tasks (:class:`~rlhf_workbench.tasks.Task` with the run's instruction).
         constitution: from :func:`load_constitution`.
-        critic: ``critic(messages, max_tokens) -> str`` (:class:`PolicyCritic`, a judge backend's ``chat``).
+        critic: a :data:`Critic` (:class:`PolicyCritic`, or :func:`chat_critic` of a judge backend); called
+            twice, once with every critique request, then with every revision request.
         policy, tokenizer: the current policy (log-probs of kept revisions, temperature 1) and its tokenizer.
         max_revisions: at most this many traces revised.
         max_new_tokens: cap of each critique and revision.
@@ -313,14 +321,17 @@ def critique_and_revise(store: Store, rollout: Rollout, tasks_by_id: dict[str, T
     """
     rankings = store.rankings_for_rollout(rollout.id)
     open_ids = {t for t, task in tasks_by_id.items() if task.is_open}
+    picks = select_originals(rollout, rankings, open_ids, max_revisions, seed)
+    tasks = [tasks_by_id[o.task_id] for o, _ in picks]
+    principles = [random.Random(f"{seed}:{rollout.round}:{o.id}").choice(constitution.principles) for o, _ in picks]
+    questions = [task_question(t) for t in tasks]
+    critiques = [c.strip() for c in critic([critique_messages(q, o.text, p) for q, (o, _), p
+                                           in zip(questions, picks, principles)], max_new_tokens)]
+    texts = [clean_revision(r) for r in critic([revision_messages(q, o.text, p, c, not t.is_open) for q, (o, _), p, c, t
+                                                in zip(questions, picks, principles, critiques, tasks)], max_new_tokens)]
     out: list[tuple[Revision, RankingRow, object]] = []
-    for original, ranking in select_originals(rollout, rankings, open_ids, max_revisions, seed):
-        task = tasks_by_id[original.task_id]
-        principle = random.Random(f"{seed}:{rollout.round}:{original.id}").choice(constitution.principles)
-        question = task_question(task)
-        critique = critic(critique_messages(question, original.text, principle), max_new_tokens).strip()
-        text = clean_revision(critic(revision_messages(question, original.text, principle, critique,
-                                                       not task.is_open), max_new_tokens))
+    for (original, ranking), task, principle, question, critique, text in zip(picks, tasks, principles, questions,
+                                                                               critiques, texts):
         rev = Revision(task.id, original.id, principle.name, critique, text)
         ver = verify(text, task)
         flag = safety([text])[0] if safety is not None and text else None
@@ -407,10 +418,10 @@ def constitution_round(store: Store, rollout: Rollout, cfg, pair, tasks_by_id: d
     judge = PairwiseJudge(backend) if backend is not None else None
     calls0 = getattr(backend, "calls", 0)
     if c.critic == "judge":
-        critic = backend.chat
+        critic = chat_critic(backend)
     else:
         critic = PolicyCritic(pair.policy, pair.tokenizer, c.temperature, cfg.model.mixed_precision,
-                              seed=cfg.seed * 1000 + rollout.round)
+                              seed=cfg.seed * 1000 + rollout.round, batch_size=cfg.rollout.batch_size)
     safety = make_safety_filter(cfg.feedback.safety) if cfg.feedback.safety is not None else None
     try:
         revisions = critique_and_revise(store, rollout, tasks_by_id, constitution, critic, pair.policy, pair.tokenizer,
