@@ -45,6 +45,7 @@ from .report import write_report
 from .rollout import Completion, HFEngine
 from .runlock import RunInUseError, RunLock
 from .safety import make_safety_filter
+from .sharding import Gatherer, make_accelerator
 from .selection import score_rollout
 from .stats import mcnemar_exact
 from .store import CompletionRow, PreferencePair, RankingRow, Rollout, Store, TaskRow, VerificationRow
@@ -297,8 +298,9 @@ def run(cfg: RunConfig, out_dir: str | Path, console: Console | None = None) -> 
 
 def _run(cfg: RunConfig, out_dir: str | Path, console: Console | None, cleanup: ExitStack) -> dict:
     """The body of :func:`run`; what it enters into ``cleanup`` is released when run returns or raises."""
-    accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available(),
-                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(days=1))])
+    # DDP, or FSDP2 when `accelerate launch` is configured for FSDP, also on the CPU (sharding.py)
+    accelerator = make_accelerator(mixed_precision="no",
+                                   kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(days=1))])
     main = accelerator.is_main_process
     console = console or Console(quiet=not main)
     out = Path(out_dir)
@@ -372,20 +374,19 @@ def _run(cfg: RunConfig, out_dir: str | Path, console: Console | None, cleanup: 
     else:
         optimizer = torch.optim.AdamW([p for p in pair.policy.parameters() if p.requires_grad],
                                       lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    if ckpt and (Path(ckpt) / "optimizer.pt").exists():
+    gatherer = Gatherer(accelerator, pair, critic)  # FSDP: plain copies for generation, eval, checkpoints
+    if ckpt and not gatherer.active and (Path(ckpt) / "optimizer.pt").exists():  # FSDP saves none (sharded)
         optimizer.load_state_dict(torch.load(Path(ckpt) / "optimizer.pt", weights_only=True))
-    if critic is not None:
-        pair.train_module, critic, optimizer = accelerator.prepare(pair.policy, critic, optimizer)
-    else:
-        pair.train_module, optimizer = accelerator.prepare(pair.policy, optimizer)
-    if pair.reference is not None:
+    # DDP wrappers, or FSDP shards of policy, critic and (frozen) reference alike
+    pair.train_module, critic, optimizer = gatherer.prepare(optimizer)
+    if pair.reference is not None and not gatherer.active:
         pair.reference.to(accelerator.device)
     engine = HFEngine(pair.policy, pair.tokenizer, cfg.rollout.batch_size, cfg.model.mixed_precision)
     ev = cfg.eval
 
     scorers = load_scorers(cfg, out) if main else {}  # the pipeline's proxy and gold reward models
 
-    def run_eval(label: str, subset: int | None = None) -> EvalResult:
+    def run_eval(label: str, subset: int | None = None, pair=pair) -> EvalResult:
         tasks = heldout[:subset] if subset else heldout
         with Progress(console=console, transient=True) as bar:
             job = bar.add_task(f"eval {label}", total=len(tasks))
@@ -397,14 +398,15 @@ def _run(cfg: RunConfig, out_dir: str | Path, console: Console | None, cleanup: 
         return result
 
     if latest_id is None:
+        full, _ = gatherer.for_main(critic=False)  # FSDP: plain copies on the main process (a collective)
         if main:
             store.set_meta("status", {"state": "evaluating", "round": 0})
-            before = run_eval("v0")
+            before = run_eval("v0", pair=full)
             _save_eval(out, 0, before)
             store.publish_version(0, None, "base", None, before.metrics(), round=0)
             tracking.log(before.metrics(), step=0)
             console.print(f"v0 held-out accuracy {before.accuracy:.3f} (lenient {before.lenient_accuracy:.3f}, n={before.n})")
-        latest_id = 0
+        latest_id, full = 0, None
         accelerator.wait_for_everyone()
 
     # --- the rounds ---------------------------------------------------------------------------
@@ -420,7 +422,7 @@ def _run(cfg: RunConfig, out_dir: str | Path, console: Console | None, cleanup: 
                 store.set_meta("status", {"state": "generating", "round": round})  # shown on the dashboard
             batch_tasks = prompts_for_round(train, round, r.prompts_per_round, cfg.seed)[rank::world]
             set_seed(cfg.seed * 1000 + round + 7919 * rank)
-            with Progress(console=console, transient=True) as bar:
+            with Progress(console=console, transient=True) as bar, gatherer.generating(engine):
                 job = bar.add_task(f"round {round}: rollout", total=len(batch_tasks) * r.num_generations)
                 comps = engine.generate(batch_tasks, r.num_generations, r.temperature, r.top_p, r.max_new_tokens,
                                         r.stop, progress=lambda n: bar.advance(job, n))
@@ -460,6 +462,8 @@ def _run(cfg: RunConfig, out_dir: str | Path, console: Console | None, cleanup: 
         train_stats = _update(algorithm, pair, critic, optimizer, accelerator, batch, cfg)
         engine.sync_weights(pair.policy)
         t_update = time.time() - t_round - t_rollout
+        # FSDP: plain copies gathered on the main process for evaluation and the checkpoint
+        full, full_critic = gatherer.for_main(reference=ev.every_round or round == cfg.rounds)
         if not main:
             accelerator.wait_for_everyone()  # the main process evaluates and saves the checkpoint
             continue
@@ -467,16 +471,17 @@ def _run(cfg: RunConfig, out_dir: str | Path, console: Console | None, cleanup: 
                    "time/rollout_s": t_rollout, "time/update_s": t_update}
         if ev.every_round or round == cfg.rounds:
             store.set_meta("status", {"state": "evaluating", "round": round})
-            result = run_eval(f"v{round}", None if round == cfg.rounds else ev.round_subset)
+            result = run_eval(f"v{round}", None if round == cfg.rounds else ev.round_subset, pair=full)
             _save_eval(out, round, result)
             metrics.update(result.metrics())
         ckpt_dir = out / "checkpoints" / f"v{round}"
         if ckpt_dir.exists():  # left by a crash between saving and publishing
             shutil.rmtree(ckpt_dir)
-        save_policy(pair, ckpt_dir)
+        save_policy(full, ckpt_dir)
         if critic is not None:
-            save_critic(accelerator.unwrap_model(critic), ckpt_dir / "critic")
-        torch.save(optimizer.state_dict(), ckpt_dir / "optimizer.pt")
+            save_critic(accelerator.unwrap_model(full_critic), ckpt_dir / "critic")
+        if not gatherer.active:  # FSDP: the optimizer state is sharded and not saved (sharding.py)
+            torch.save(optimizer.state_dict(), ckpt_dir / "optimizer.pt")
         metrics["time/round_s"] = time.time() - t_round
         # the checkpoint's path relative to the run directory: resumes, the app and `rlhf eval --run`
         # resolve it against their own run directory (another cwd, another machine's mount)
@@ -490,16 +495,18 @@ def _run(cfg: RunConfig, out_dir: str | Path, console: Console | None, cleanup: 
             + (f" held-out acc {acc:.3f}" if acc is not None else "")
             + f" ({metrics['time/round_s']:.0f}s)"
         )
+        full = full_critic = None
         accelerator.wait_for_everyone()
 
     # --- outputs ---------------------------------------------------------------------------------
+    final, _ = gatherer.for_main(reference=False, critic=False)
     if not main:
         return {}
     store.set_meta("status", {"state": "done", "round": cfg.rounds})
     final_dir = out / "policy"
     if final_dir.exists():
         shutil.rmtree(final_dir)
-    save_policy(pair, final_dir, merge_lora=True)
+    save_policy(final, final_dir, merge_lora=True)
     summary = _summary(out, store, cfg, time.time() - t0)
     write_report(out, store, summary)
     console.print(f"[bold green]done[/]: {json.dumps({k: summary[k] for k in ('eval_before', 'eval_after', 'significance')})}")

@@ -475,7 +475,6 @@ def ppo_update(pair: PolicyPair, critic: torch.nn.Module, optimizer, accelerator
     }
 
     # 5. epochs x minibatches (one optimizer step each, W shards) x micro-batches
-    params = [q for q in policy.parameters() if q.requires_grad] + [q for q in critic.parameters() if q.requires_grad]
     names = ("policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg",
              "val/ratio") + (("policy/entropy_avg",) if with_entropy else ())
     tally = _Tally("loss", *names)  # sums over steps of each step's minibatch token mean
@@ -507,6 +506,8 @@ def ppo_update(pair: PolicyPair, critic: torch.nn.Module, optimizer, accelerator
                 tally.add("loss", loss.item() * weight)
                 for k in names:
                     tally.add(k, stats[k].item() * weight)
+            # listed at each step: FSDP2 registers other parameter objects while a module is unsharded
+            params = [q for m in (policy, critic) for q in m.parameters() if q.requires_grad]
             grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -60,6 +60,7 @@ from .logprobs import packed_logps
 from .losses import dpo_loss, grpo_loss
 from .models import PolicyPair
 from .rollout import autocast
+from .sharding import is_sharded
 
 
 @dataclass
@@ -284,7 +285,8 @@ def _sharded_reference(pair: PolicyPair, accelerator, samples: list[Sample], per
                        cfg: RunConfig, temperature: float) -> dict[int, torch.Tensor]:
     """Reference per-token log-probs of this process's samples ``per_rank[rank]``.
 
-    Full fine-tuning: the frozen reference (not wrapped, no collectives). LoRA: the wrapped
+    Full fine-tuning: the frozen reference (not wrapped, no collectives; under FSDP sharded like
+    the policy, so its forwards all-gather and need the padding forwards too). LoRA: the wrapped
     policy with adapters disabled, so padding forwards keep the count of forwards equal on
     every process.
 
@@ -294,13 +296,14 @@ def _sharded_reference(pair: PolicyPair, accelerator, samples: list[Sample], per
     rank = accelerator.process_index
     wrapped = pair.reference is None
     model = pair.train_module if wrapped else pair.reference
+    collective = wrapped or is_sharded(model)  # every process must run as many forwards
     device = accelerator.device if wrapped else _device(model)
     pad_id = pair.tokenizer.pad_token_id
     out: dict[int, torch.Tensor] = {}
     with pair.reference_context():
         for chunk in _micro_batches(per_rank, rank, cfg.optim.micro_batch_size):
             if chunk is None:
-                if wrapped:
+                if collective:
                     _forward_logps(model, samples[:1], pad_id, temperature, cfg.model.mixed_precision, device)
                 continue
             logps, _ = _forward_logps(model, [samples[i] for i in chunk], pad_id, temperature,
