@@ -150,3 +150,19 @@ def test_experts_rank_open_items(tiny_model_dir, tmp_path):
     with store.session() as s:
         p = s.scalars(select(PreferencePair)).one()
         assert (ranks[p.chosen_id], ranks[p.rejected_id]) == (0, 1)
+
+
+def test_app_shows_open_items_without_a_ground_truth_panel():
+    from rlhf_workbench.app import _task_md, _trace_md
+    from rlhf_workbench.verify import Verification
+
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Tell me about tea."}]
+    md = _task_md(Task("o2", "Tell me about tea.", "", "open", metadata={"messages": messages}))
+    assert "Ground truth" not in md and "**Assistant:** Hello" in md and "no answer key" in md
+    keyed = _task_md(Task("k", "What is 2 + 2?", "4"))
+    assert "**Ground truth:** `4`" in keyed
+    trace = Verification(correct=False, extracted=None, format_ok=False, reason=NO_KEY_REASON)
+    shown = _trace_md(1, type("T", (), {"text": "Green tea.", "reason": trace.reason})())
+    assert "verifier" not in shown and "Green tea." in shown
+    assert "verifier: _ok_" in _trace_md(1, type("T", (), {"text": "4", "reason": "ok"})())

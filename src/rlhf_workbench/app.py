@@ -65,6 +65,7 @@ from .page_keys import CSS, KEYBOARD_JS  # noqa: E402
 from .pairwise import choose_pair, save_pairwise  # noqa: E402
 from .review_ui import adjudicate_tab, guidelines_tab  # noqa: E402
 from .store import Store  # noqa: E402
+from .verify import NO_KEY_REASON  # noqa: E402
 
 LATEX = [
     {"left": "$$", "right": "$$", "display": True},
@@ -89,21 +90,33 @@ def _question_md(item: Item) -> str:
 
 
 def _task_md(t) -> str:
-    """A task as the annotation and adjudication pages show it: context, question, options, key."""
+    """A task as the annotation and adjudication pages show it: context, question, options, key.
+    An open task (no answer key) shows its whole conversation and no ground-truth panel."""
     parts = []
     if t.context:
         parts.append(f"**Context**\n\n{t.context}")
-    parts.append(f"**Question** (task `{t.id}`)\n\n{t.question}")
+    messages = t.chat_messages() if t.is_open else []
+    if len(messages) > 1:
+        parts.append(f"**Conversation** (task `{t.id}`)\n\n" + "\n\n".join(
+            f"**{m['role'].capitalize()}:** {m['content']}" for m in messages))
+    else:
+        parts.append(f"**Question** (task `{t.id}`)\n\n{t.question}")
     if t.choices:
         parts.append("\n".join(f"- **{k}.** {v}" for k, v in t.choices.items()))
-    parts.append(f"**Ground truth:** `{t.answer}`")
+    parts.append("_Open-ended: no answer key. Rank the replies by how well they answer._" if t.is_open
+                 else f"**Ground truth:** `{t.answer}`")
     return "\n\n".join(parts)
+
+
+def _verdict(reason: str) -> str:
+    """The verifier's line under a trace; none for an open task's traces (nothing was verified)."""
+    return "" if reason == NO_KEY_REASON else f"\n\nverifier: _{reason}_"
 
 
 def _rejected_md(item: Item) -> str:
     if not item.rejected:
         return "_No rejected traces._"
-    return "\n\n---\n\n".join(f"**Rejected {j}** · verifier: _{tr.reason}_\n\n{tr.text}"
+    return "\n\n---\n\n".join(f"**Rejected {j}**\n\n{tr.text}{_verdict(tr.reason)}"
                               for j, tr in enumerate(item.rejected, 1))
 
 
@@ -111,13 +124,13 @@ def _trace_md(number: int, trace, count: int = 1) -> str:
     """A verified trace as shown for ranking, with the verifier's reason for accepting it (and
     how many identical copies it stands for, :mod:`rlhf_workbench.items`)."""
     copies = f" · {count_label(count)}" if count > 1 else ""
-    return f"#### Trace {number}{copies}\n\n{trace.text}\n\nverifier: _{trace.reason}_"
+    return f"#### Trace {number}{copies}\n\n{trace.text}{_verdict(trace.reason)}"
 
 
 def _pair_md(label: str, entry) -> str:
     """One side (A or B) of a pairwise judgment."""
     copies = f" · {count_label(entry.count)}" if entry.count > 1 else ""
-    return f"#### {label}{copies}\n\n{entry.trace.text}\n\nverifier: _{entry.trace.reason}_"
+    return f"#### {label}{copies}\n\n{entry.trace.text}{_verdict(entry.trace.reason)}"
 
 
 def _entry_json(entry) -> dict:
