@@ -45,8 +45,8 @@ from .report import write_report
 from .rollout import Completion, HFEngine
 from .runlock import RunInUseError, RunLock
 from .safety import make_safety_filter
-from .sharding import Gatherer, make_accelerator
 from .selection import score_rollout
+from .sharding import Gatherer, make_accelerator
 from .stats import mcnemar_exact
 from .store import CompletionRow, PreferencePair, RankingRow, Rollout, Store, TaskRow, VerificationRow
 from .tasks import load_tasks, split_tasks
