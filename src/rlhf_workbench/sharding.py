@@ -97,7 +97,7 @@ def make_accelerator(**kwargs) -> Accelerator:
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = plugin
-    if accelerator.is_main_process:
+    if is_fsdp(accelerator) and accelerator.is_main_process:
         print(f"sharding: FSDP{plugin.fsdp_version} over {accelerator.num_processes} processes "
               f"({accelerator.device.type}, {torch.distributed.get_backend()})", file=sys.stderr, flush=True)
     return accelerator

@@ -1,0 +1,177 @@
+"""Peak memory of one policy update per algorithm on SmolLM2-135M, and PPO's options (issue 16).
+
+    nice -n 5 python benchmarks/memory.py                  # every case (a few minutes of CPU)
+    python benchmarks/memory.py --only ppo ppo_lora        # some; the others are kept from the file
+
+Each case runs in a fresh worker process (:func:`_common.run_isolated`, so no case inherits
+another's memory) and does what the loop does around an update: load the policy (and the
+reference, and PPO's critic) with :func:`~rlhf_workbench.models.load_policy` /
+:func:`~rlhf_workbench.ppo.load_critic`, build AdamW, ``prepare`` them, then run one round's
+update (``loop._update``) on a fixed synthetic batch: 16 sequences (PPO, GRPO, RLOO, KTO, SFT;
+DPO: 8 pairs) of a 64-token prompt and a 48-token completion, one micro-batch of 16 (the demo
+configs' ``micro_batch_size``: more sequences per round add micro-batches, not memory), fp32
+weights without autocast (``mixed_precision: no``), one epoch. Token ids are drawn
+from a seeded generator: memory depends on the shapes, not the text.
+
+Why the update and not the whole round: the update is where the round's memory peaks — the
+models, their gradients, AdamW's two moments per trained weight and one micro-batch's
+activations meet there. A full PPO round through ``loop.run`` (4 prompts × 4 samples,
+evaluation before and after) measured on this machine peaked at 7127 MiB, all of it in the
+update (2380 MiB resident just before it): ``full_round`` in the result file.
+
+Reported per case (MiB): ``peak_rss_mb`` (the worker's peak resident set size, ``VmHWM``),
+``loaded_rss_mb`` (resident after loading and preparing, before the update), and ``tensors``:
+``policy`` / ``reference`` / ``critic`` parameters (a storage counted once: tied embeddings, a
+LoRA reference that is the policy itself counts 0), ``trainable`` (their trained parameters:
+gradients take as much), ``adamw`` (AdamW's ``exp_avg`` + ``exp_avg_sq`` after the step).
+
+Cases: ``grpo`` (β = 0.04: with the reference), ``dpo``, ``kto``, ``rloo``, ``sft``, ``ppo``
+(full policy, frozen reference copy, full critic: TRL PPOv2's layout), and PPO's memory options:
+``ppo_gc`` (``model.gradient_checkpointing``: activations recomputed in backward),
+``ppo_lora`` (``model.lora``: the reference is the policy with adapters disabled, no copy, and
+AdamW covers the adapters only; the critic stays full), ``ppo_lora_gc`` (both).
+Writes ``benchmarks/results/memory.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import RESULTS, device_info, peak_rss_mb, print_table, reset_peak_rss, rss_mb, run_isolated, write_result  # noqa: E402
+
+MIB = 2 ** 20
+N_SEQ, PROMPT, COMPLETION, MICRO = 16, 64, 48, 16
+LORA = {"r": 16, "alpha": 32, "target_modules": "all-linear"}
+BASE = {"model": {"name": "smollm2-135m", "mixed_precision": "no"},
+        "rollout": {"num_generations": 4, "max_new_tokens": COMPLETION},
+        "optim": {"micro_batch_size": MICRO, "lr": 1e-5, "old_logps": "rollout"},
+        "ppo": {"ppo_epochs": 1, "num_mini_batches": 1}, "grpo": {"beta": 0.04}}
+
+# name: (algorithm, config overrides merged one level deep into BASE)
+CASES: dict[str, tuple[str, dict]] = {  # PPO first: on a busy machine the others may be run later (--only)
+    "ppo": ("ppo", {}),
+    "ppo_lora": ("ppo", {"model": {"lora": LORA}}),
+    "ppo_gc": ("ppo", {"model": {"gradient_checkpointing": True}}),
+    "ppo_lora_gc": ("ppo", {"model": {"lora": LORA, "gradient_checkpointing": True}}),
+    "grpo": ("grpo", {}),
+    "dpo": ("dpo", {}),
+    "sft": ("sft", {}),
+    "kto": ("kto", {}),
+    "rloo": ("rloo", {}),
+}
+FULL_ROUND = {  # measured with loop.run, see the module docstring
+    "ppo": {"peak_rss_mb": 7126.5, "rss_before_update_mb": 2380.1, "wall_s": 1069.9,
+            "config": "4 prompts x 4 samples, <= 24 new tokens, micro-batch 16, fp32, evaluation before and after, "
+                      "one round of loop.run (load average 23 on 2 cores: the wall time is not a speed figure)"},
+}
+
+
+def _config(algorithm: str, overrides: dict) -> dict:
+    raw = {k: dict(v) for k, v in BASE.items()}
+    for key, value in overrides.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return {"algorithm": "grpo" if algorithm == "sft" else algorithm, **raw}
+
+
+def _mib(tensors) -> float:
+    """Total size of ``tensors`` in MiB, each storage counted once."""
+    seen, total = set(), 0
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total / MIB
+
+
+def _batch(algorithm: str, vocab: int) -> list:
+    """The synthetic global batch: ``N_SEQ`` sequences (DPO: ``N_SEQ / 2`` pairs)."""
+    import torch
+
+    from rlhf_workbench.update import Sample
+
+    g = torch.Generator().manual_seed(0)
+
+    def sample(i: int) -> Sample:
+        s = Sample(torch.randint(3, vocab, (PROMPT,), generator=g).tolist(),
+                   torch.randint(3, vocab, (COMPLETION,), generator=g).tolist())
+        s.old_logps = (-torch.rand(COMPLETION, generator=g) * 5).tolist()
+        s.reward = float(i % 3 == 0)
+        s.advantage = 1.0 if i % 2 else -1.0
+        s.label = i % 2 == 0
+        return s
+
+    if algorithm == "dpo":
+        return [(sample(2 * i), sample(2 * i + 1)) for i in range(N_SEQ // 2)]
+    return [sample(i) for i in range(N_SEQ)]
+
+
+def one_update(algorithm: str, raw: dict) -> dict:
+    """Load, prepare and run one update of ``algorithm`` in this process; memory in MiB."""
+    import torch
+
+    from rlhf_workbench.config import RunConfig
+    from rlhf_workbench.loop import _update
+    from rlhf_workbench.models import load_policy
+    from rlhf_workbench.ppo import load_critic, make_optimizer
+    from rlhf_workbench.sharding import Gatherer, make_accelerator
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    cfg = RunConfig.model_validate(raw)
+    accelerator = make_accelerator(mixed_precision="no")
+    pair = load_policy(cfg.model)
+    critic = load_critic(cfg) if algorithm == "ppo" else None
+    if critic is not None:
+        optimizer = make_optimizer(pair, critic, cfg)
+    else:
+        optimizer = torch.optim.AdamW([p for p in pair.policy.parameters() if p.requires_grad], lr=cfg.optim.lr)
+    pair.train_module, critic, optimizer = Gatherer(accelerator, pair, critic).prepare(optimizer)
+    batch = _batch(algorithm, pair.policy.config.vocab_size)
+    loaded = rss_mb()
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    stats = _update(algorithm, pair, critic, optimizer, accelerator, batch, cfg)
+    seconds = time.perf_counter() - t0
+    modules = {"policy": pair.policy, "reference": pair.reference, "critic": critic}
+    trainable = [p for m in (pair.policy, critic) if m is not None for p in m.parameters() if p.requires_grad]
+    adamw = [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t) and t.dim() > 0]
+    return {"peak_rss_mb": max(peak_rss_mb(), loaded), "loaded_rss_mb": loaded, "update_s": round(seconds, 1),
+            "loss": stats.get("loss"), "steps": stats.get("steps"),
+            "tensors": {**{k: _mib(m.parameters()) if m is not None else 0.0 for k, m in modules.items()},
+                        "trainable": _mib(trainable), "adamw": _mib(adamw)}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", nargs="*", choices=list(CASES), help="cases to run (default: all)")
+    parser.add_argument("--out", default=str(RESULTS / "memory.json"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    cases = json.loads(out.read_text()).get("cases", {}) if args.only and out.exists() else {}
+    for name in args.only or list(CASES):
+        algorithm, overrides = CASES[name]
+        print(f"{name}: loading and one update ...", file=sys.stderr, flush=True)
+        cases[name] = {"algorithm": algorithm, "overrides": overrides,
+                       **run_isolated(one_update, algorithm, _config(algorithm, overrides))}
+        print(f"{name}: peak {cases[name]['peak_rss_mb']:.0f} MiB", file=sys.stderr, flush=True)
+        result = {"benchmark": "peak RSS of one policy update per algorithm (issue 16)",
+                  "model": BASE["model"]["name"],
+                  "batch": {"sequences": N_SEQ, "prompt_tokens": PROMPT, "completion_tokens": COMPLETION,
+                            "micro_batch_size": MICRO},
+                  "base_config": BASE, "device": device_info(2), "cases": cases, "full_round": FULL_ROUND}
+        write_result(result, out)  # after every case: a long run interrupted keeps what it measured
+    print_table("peak RSS of one update (MiB)", ["case", "peak", "loaded", "policy", "reference", "critic", "trainable",
+                                                 "AdamW", "update s"],
+                [[k, v["peak_rss_mb"], v["loaded_rss_mb"], *v["tensors"].values(), v["update_s"]]
+                 for k, v in cases.items()])
+
+
+if __name__ == "__main__":
+    main()
