@@ -29,9 +29,9 @@ run's own evaluation after every round: ``eval/v<N>.json``) whose reply ends wit
 is reported beside it. Curves: score against rankings given (submissions the worker consumed
 up to that version), mean over seeds. ``ratios.rankings_to_target``: the rankings random
 selection needs to first reach a target divided by those active selection needs (linear
-interpolation on the seed-mean curves); the target is half of the gain both strategies reach
-(the start plus half the smaller of the two final gains), and the ratio at a quarter and three
-quarters is reported too. The interval is a percentile bootstrap over seeds (seeds resampled
+interpolation on the seed-mean curves); the target is a held-out score of 0.5 (half the held-out
+replies in the preferred style; the start is ~0), with 0.25 and 0.75 reported too. A strategy
+that never reaches the target within its rankings is censored and the ratio is a bound. The interval is a percentile bootstrap over seeds (seeds resampled
 jointly for both strategies: they share round 1); with 3 seeds it has few distinct resamples
 and is indicative only. The paired test of the preference (exact McNemar, held-out prompt x seed,
 before vs after) is reported under each strategy, also restricted to prompts answered correctly
@@ -51,8 +51,10 @@ import sqlite3
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -106,6 +108,17 @@ def latest_version(db: Path) -> int:
     return -1 if row[0] is None else int(row[0])
 
 
+def submitted_per_round(db: Path) -> dict[int, int]:
+    """Round -> the expert's stored submissions (a resumed run goes on from there)."""
+    if not db.exists():
+        return {}
+    with sqlite3.connect(db) as c:
+        if not c.execute("select 1 from sqlite_master where name = 'annotations'").fetchone():
+            return {}
+        return dict(c.execute("select r.round, count(*) from annotations a join rollouts r on r.id = a.rollout_id "
+                              "where a.status = 'submitted' group by r.round").fetchall())
+
+
 def expert_run(run: Path, overrides: list[str], rounds: int, per_round: int, timeout: float) -> dict:
     """One `rlhf serve --with-worker` run with the scripted expert: ``per_round`` submissions a
     round through the HTTP API, then wait for the next round. Returns submissions per round."""
@@ -118,23 +131,30 @@ def expert_run(run: Path, overrides: list[str], rounds: int, per_round: int, tim
         proc = subprocess.Popen(["rlhf", "serve", "--config", str(ROOT / "configs" / "annotate.yaml"), "--out",
                                  str(run), "--port", str(port), "--with-worker", *overrides],
                                 stdout=fh, stderr=subprocess.STDOUT, env=ENV)
-    url, t0, per = f"http://127.0.0.1:{port}", time.time(), {}
+    url, t0, per = f"http://127.0.0.1:{port}", time.time(), submitted_per_round(run / "workbench.db")
     try:
-        wait_until_up(url, proc, log, timeout=300)
+        wait_until_up(url, proc, log, timeout=1200)
         session = HttpSession(url, "expert")
         while latest_version(run / "workbench.db") < rounds:
             if time.time() - t0 > timeout or proc.poll() is not None:
                 raise RuntimeError(f"stopped early (server rc={proc.poll()}); see {log}")
-            item = json.loads(session.call("next_item") or "null")
-            if not item or per.get(item["round"], 0) >= per_round:
-                time.sleep(1.0)
+            try:
+                item = json.loads(session.call("next_item") or "null")
+                if not item or per.get(item["round"], 0) >= per_round:
+                    time.sleep(1.0)
+                    continue
+                status = session.call("submit", item["rollout_id"], item["task_id"],
+                                      json.dumps(expert_ranks(item["completion_ids"], item["texts"])),
+                                      "scripted expert: ends with a full stop, then shorter", "[]", item["revision"],
+                                      "[]")
+            except (OSError, RuntimeError, httpx.HTTPError) as e:  # a call timed out on a loaded machine: the stored state decides
+                print(f"{run.name}: {type(e).__name__} {str(e)[:100]}; retrying", flush=True)
+                time.sleep(5.0)
+                per = submitted_per_round(run / "workbench.db")
                 continue
-            status = session.call("submit", item["rollout_id"], item["task_id"],
-                                  json.dumps(expert_ranks(item["completion_ids"], item["texts"])),
-                                  "scripted expert: ends with a full stop, then shorter", "[]", item["revision"], "[]")
             if str(status).startswith("ok"):
                 per[item["round"]] = per.get(item["round"], 0) + 1
-        deadline = time.time() + 300
+        deadline = time.time() + 1200
         while not (run / "summary.json").exists() and time.time() < deadline:
             time.sleep(1.0)
         session.close()
@@ -150,6 +170,8 @@ def run_curve(run: Path, rounds: int) -> dict:
     with sqlite3.connect(run / "workbench.db") as c:
         consumed = dict(c.execute("select consumed_round, count(*) from annotations where status = 'submitted' "
                                   "and consumed_round is not null group by consumed_round").fetchall())
+        round_s = [round(v, 1) for v, in c.execute("select value from metrics where name = 'time/round_s' "
+                                                    "and round <= ? order by round", (rounds,))]
     xs, pref, acc, ends = [], [], [], {}
     for v in range(rounds + 1):
         ev = json.loads((run / "eval" / f"v{v}.json").read_text())
@@ -159,7 +181,8 @@ def run_curve(run: Path, rounds: int) -> dict:
         acc.append(float(np.mean(ev["correct"])))
         if v in (0, rounds):
             ends[v] = {"task_ids": ev["task_ids"], "prefers": p, "correct": [bool(x) for x in ev["correct"]]}
-    return {"rankings": xs, "score": pref, "accuracy": acc, "first": ends[0], "last": ends[rounds]}
+    return {"rankings": xs, "score": pref, "accuracy": acc, "round_wall_s": round_s, "first": ends[0],
+            "last": ends[rounds]}
 
 
 def rankings_to_reach(xs: list[float], ys: list[float], target: float) -> float:
@@ -173,37 +196,50 @@ def rankings_to_reach(xs: list[float], ys: list[float], target: float) -> float:
     return float("inf")
 
 
-def ratio_at(curves: dict[str, list[dict]], seeds: list[int], fraction: float) -> dict:
-    """Random's rankings / active's rankings to reach ``start + fraction * min(final gains)`` on the
-    seed-mean curves of the seeds ``seeds`` (indices, repeats allowed)."""
+def ratio_at(curves: dict[str, list[dict]], seeds: list[int], target: float) -> dict:
+    """Random's rankings / active's rankings to first reach the held-out score ``target`` on the
+    seed-mean curves of the seeds ``seeds`` (indices, repeats allowed).
+
+    A strategy that never reaches it within the budget is *censored*: it would need more than
+    its last point's rankings, so the ratio is reported as a bound (``bound: "lower"`` when random
+    never reaches it: ratio >= budget / active's; ``"upper"`` when active never does); ``ratio``
+    is None when neither does."""
     mean = {s: (np.mean([curves[s][i]["rankings"] for i in seeds], 0), np.mean([curves[s][i]["score"] for i in seeds], 0))
             for s in STRATEGIES}
-    start = float(np.mean([mean[s][1][0] for s in STRATEGIES]))
-    gain = min(float(mean[s][1][-1]) for s in STRATEGIES) - start
-    target = start + fraction * gain
     need = {s: rankings_to_reach(list(mean[s][0]), list(mean[s][1]), target) for s in STRATEGIES}
-    if gain <= 0:
-        return {"target": target, "gain": gain, "random": need["random"], "active": need["uncertainty"], "ratio": None}
-    ratio = need["random"] / need["uncertainty"] if need["uncertainty"] > 0 else float("inf")
-    return {"target": target, "gain": gain, "random": need["random"], "active": need["uncertainty"], "ratio": ratio}
+    budget = {s: float(mean[s][0][-1]) for s in STRATEGIES}
+    r, a = need["random"], need["uncertainty"]
+    out = {"target": target, "random": None if np.isinf(r) else r, "active": None if np.isinf(a) else a,
+           "budget": budget["random"], "bound": None}
+    if np.isinf(r) and np.isinf(a):
+        return {**out, "ratio": None}
+    if np.isinf(r):
+        return {**out, "ratio": budget["random"] / max(a, 1e-9), "bound": "lower"}
+    if np.isinf(a):
+        return {**out, "ratio": r / budget["uncertainty"], "bound": "upper"}
+    return {**out, "ratio": r / a if a > 0 else None}
 
 
-def bootstrap_ratio(curves: dict[str, list[dict]], fraction: float, n_boot: int = 2000, seed: int = 0) -> dict:
+def bootstrap_ratio(curves: dict[str, list[dict]], target: float, n_boot: int = 2000, seed: int = 0) -> dict:
     """Percentile 95 % interval of :func:`ratio_at` over seeds resampled with replacement (jointly for
-    both strategies); resamples whose common gain is not positive are counted and left out."""
+    both strategies: a seed fixes both runs' prompts). A censored resample contributes its bound
+    (conservative for a lower bound); resamples where neither strategy reaches the target are left
+    out and counted."""
     n = len(curves["random"])
     rng = np.random.default_rng(seed)
-    vals, undefined = [], 0
+    vals, undefined, censored = [], 0, 0
     for _ in range(n_boot):
-        r = ratio_at(curves, list(rng.integers(0, n, n)), fraction)["ratio"]
-        if r is None or np.isnan(r):
+        res = ratio_at(curves, list(rng.integers(0, n, n)), target)
+        if res["ratio"] is None:
             undefined += 1
         else:
-            vals.append(r)
+            vals.append(res["ratio"])
+            censored += res["bound"] is not None
     if not vals:
-        return {"ci_low": None, "ci_high": None, "undefined_resamples": undefined}
+        return {"ci_low": None, "ci_high": None, "undefined_resamples": undefined, "n_boot": n_boot}
     lo, hi = np.quantile(np.array(vals), [0.025, 0.975], method="inverted_cdf")
-    return {"ci_low": float(lo), "ci_high": float(hi), "undefined_resamples": undefined, "n_boot": n_boot}
+    return {"ci_low": float(lo), "ci_high": float(hi), "censored_resamples": censored,
+            "undefined_resamples": undefined, "n_boot": n_boot}
 
 
 def paired_tests(curves: list[dict]) -> dict:
@@ -234,7 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heldout", type=int, default=32, help="held-out prompts scored greedily after every round")
     p.add_argument("--warm-start", type=Path, default=ROOT / "runs" / "bench-demo" / "policy")
     p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--timeout", type=float, default=900.0, help="per expert run, seconds")
+    p.add_argument("--timeout", type=float, default=3600.0, help="per expert run, seconds")
+    p.add_argument("--parallel", type=int, default=1, help="runs at the same time (one server process each)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (OMP_NUM_THREADS; default: torch's)")
+    p.add_argument("--analyse-only", action="store_true",
+                   help="run nothing: analyse the run directories up to the last version every run has evaluated")
     p.add_argument("--result", type=Path, default=_common.RESULTS / "active_learning.json")
     args = p.parse_args(argv)
     load_before = os.getloadavg()
@@ -243,38 +283,60 @@ def main(argv: list[str] | None = None) -> int:
               "--set", "eval.kl_samples=0", "--set", f"optim.lr={args.lr}", "--set", "keep_checkpoints=1"]
     warm = warm_start(args.warm_start)
     t_warm = time.time() - t0
+    if args.threads:
+        ENV.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    jobs = [(seed, strategy) for seed in args.seeds for strategy in STRATEGIES]
+
+    def job(seed_strategy):
+        seed, strategy = seed_strategy
+        run = args.out / f"{strategy}-s{seed}"
+        ov = common + ["--set", f"model.name={warm}", "--set", f"seed={seed}", "--set", f"rounds={args.rounds}",
+                       "--set", f"feedback.selection={strategy}", "--set", f"feedback.min_rankings={args.per_round}",
+                       "--set", f"rollout.prompts_per_round={args.prompts}"]
+        if (run / "summary.json").exists():
+            return {}
+        return expert_run(run, ov, args.rounds, args.per_round, args.timeout)
+
+    if args.analyse_only:  # runs stopped early, or made by several invocations: what is stored
+        infos = [{"submitted_per_round": submitted_per_round(args.out / f"{st}-s{sd}" / "workbench.db")}
+                 for sd, st in jobs]
+        done = min(args.rounds, *(max((int(f.stem[1:]) for f in (args.out / f"{st}-s{sd}" / "eval").glob("v*.json")),
+                                      default=0) for sd, st in jobs))
+        if done < 1:
+            raise SystemExit("--analyse-only: some run has not evaluated any version after round 1 yet")
+        args.rounds = done
+    else:
+        with ThreadPoolExecutor(max_workers=args.parallel) as pool:  # each run's work is in its own server process
+            infos = list(pool.map(job, jobs))
     curves: dict[str, list[dict]] = {s: [] for s in STRATEGIES}
     runs = []
-    for seed in args.seeds:
-        for strategy in STRATEGIES:
-            run = args.out / f"{strategy}-s{seed}"
-            ov = common + ["--set", f"model.name={warm}", "--set", f"seed={seed}", "--set", f"rounds={args.rounds}",
-                           "--set", f"feedback.selection={strategy}", "--set", f"feedback.min_rankings={args.per_round}",
-                           "--set", f"rollout.prompts_per_round={args.prompts}"]
-            info = {} if (run / "summary.json").exists() else expert_run(run, ov, args.rounds, args.per_round,
-                                                                         args.timeout)
-            curve = run_curve(run, args.rounds)
-            curves[strategy].append(curve)
-            runs.append({"strategy": strategy, "seed": seed, **info,
-                         **{k: curve[k] for k in ("rankings", "score", "accuracy")}})
-            print(f"{strategy} seed {seed}: rankings {curve['rankings']} score {curve['score']} "
-                  f"acc {curve['accuracy']}", flush=True)
+    for (seed, strategy), info in zip(jobs, infos):
+        curve = run_curve(args.out / f"{strategy}-s{seed}", args.rounds)
+        curves[strategy].append(curve)
+        runs.append({"strategy": strategy, "seed": seed, **info,
+                     **{k: curve[k] for k in ("rankings", "score", "accuracy", "round_wall_s")}})
+        print(f"{strategy} seed {seed}: rankings {curve['rankings']} score {curve['score']} "
+              f"acc {curve['accuracy']}", flush=True)
     ratios = {}
-    for name, frac in (("quarter", 0.25), ("half", 0.5), ("three_quarters", 0.75)):
-        ratios[name] = {**ratio_at(curves, list(range(len(args.seeds))), frac), **bootstrap_ratio(curves, frac)}
+    for target in (0.25, 0.5, 0.75):
+        ratios[target] = {**ratio_at(curves, list(range(len(args.seeds))), target), **bootstrap_ratio(curves, target)}
     mean_curves = {s: {"rankings": np.mean([c["rankings"] for c in curves[s]], 0).tolist(),
                        "score": np.mean([c["score"] for c in curves[s]], 0).tolist(),
                        "accuracy": np.mean([c["accuracy"] for c in curves[s]], 0).tolist()} for s in STRATEGIES}
     result = {
         "hidden_preference": prefers.__doc__.strip().splitlines()[0] + " " + prefers.__doc__.strip().splitlines()[1].strip(),
+        "rounds_analysed": args.rounds,
         "setup": {"model": "smollm2-135m, warm start: the demo's trained policy (configs/demo.yaml)",
                   "tasks": "bundled:arithmetic", "seeds": args.seeds, "rounds": args.rounds,
                   "rankings_per_round": args.per_round, "prompts_per_round": args.prompts, "num_generations": 8,
-                  "heldout_prompts": args.heldout, "lr": args.lr, "algorithm": "grpo (ranking_weight 1.0)"},
-        "ratios": {"rankings_to_target": {**ratios["half"], "definition": "rankings random needs / rankings "
-                                          "uncertainty needs to first reach start + 0.5 * min(final gains) on the "
-                                          "seed-mean curves; 95 % percentile bootstrap over seeds"},
-                   "at_quarter_gain": ratios["quarter"], "at_three_quarter_gain": ratios["three_quarters"]},
+                  "heldout_prompts": args.heldout, "lr": args.lr, "algorithm": "grpo (ranking_weight 1.0)",
+                  "parallel_runs": args.parallel, "threads_per_run": args.threads},
+        "ratios": {"rankings_to_target": {**ratios[0.5], "definition": "rankings random selection needs / "
+                                          "rankings uncertainty selection needs to first reach a held-out score of "
+                                          "0.5 (half the held-out replies in the preferred style) on the seed-mean "
+                                          "curves, linear interpolation; bound: lower = random never reached it "
+                                          "(ratio >= budget / active's); 95 % percentile bootstrap over seeds"},
+                   "at_target_0.25": ratios[0.25], "at_target_0.75": ratios[0.75]},
         "curves": mean_curves,
         "paired_tests": {s: paired_tests(curves[s]) for s in STRATEGIES},
         "runs": runs,

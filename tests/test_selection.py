@@ -11,7 +11,8 @@ from rlhf_workbench.annotation import create_user, next_item, save_annotation
 from rlhf_workbench.config import RunConfig
 from rlhf_workbench.loop import _store_rollout
 from rlhf_workbench.rollout import Completion
-from rlhf_workbench.selection import item_score, pair_uncertainty, random_score, score_rollout, serve_order, why_served
+from rlhf_workbench.selection import (item_score, pair_uncertainty, queue_md, random_score, score_rollout, serve_order,
+                                      why_served)
 from rlhf_workbench.store import Rollout, Store
 from rlhf_workbench.tasks import Task
 
@@ -101,7 +102,11 @@ def test_claims_follow_the_stored_score(db_url):
     assert sel["items"]["t0"]["score"] == 0.0  # one distinct verified trace
     assert sel["items"]["t1"]["score"] == pytest.approx(pair_uncertainty(-0.2, -8.0), abs=1e-6)
     assert sel["items"]["t2"]["score"] == pytest.approx(pair_uncertainty(-2.0, -2.1), abs=1e-6)
+    md = queue_md(store)  # the dashboard's line: the queue in serving order, with why
+    assert md.startswith("**Item selection: uncertainty** (round 1; first 3 of 3 items")
+    assert md.index("| t2 | open | uncertainty: score 1.00") < md.index("| t1 |") < md.index("| t0 |")
     assert _served(store, rid, uid) == ["t2", "t1", "t0"]  # highest score first
+    assert queue_md(store).count("| submitted |") == 0 and "| t0 | served |" in queue_md(store)  # skipped: held
 
 
 def test_random_and_default_orders(tmp_path):
@@ -126,8 +131,12 @@ def test_benchmark_rankings_to_target_by_hand():
     one = lambda xs, ys: {"rankings": xs, "score": ys}  # noqa: E731
     curves = {"random": [one([0, 3, 6, 9], [0.0, 0.1, 0.2, 0.4]), one([0, 3, 6, 9], [0.0, 0.1, 0.3, 0.4])],
               "uncertainty": [one([0, 3, 6, 9], [0.0, 0.3, 0.5, 0.6]), one([0, 3, 6, 9], [0.0, 0.1, 0.3, 0.6])]}
-    r = al.ratio_at(curves, [0, 1], 0.5)  # means: random 0, .1, .25, .4; active 0, .2, .4, .6; target 0.2
-    assert r["target"] == pytest.approx(0.2) and r["random"] == pytest.approx(3 + 3 * 0.1 / 0.15)
-    assert r["active"] == pytest.approx(3.0) and r["ratio"] == pytest.approx(5.0 / 3.0)
-    b = al.bootstrap_ratio(curves, 0.5, n_boot=200)
+    r = al.ratio_at(curves, [0, 1], 0.2)  # means: random 0, .1, .25, .4; active 0, .2, .4, .6
+    assert r["random"] == pytest.approx(3 + 3 * 0.1 / 0.15) and r["active"] == pytest.approx(3.0)
+    assert r["ratio"] == pytest.approx(5.0 / 3.0) and r["bound"] is None
+    c = al.ratio_at(curves, [0, 1], 0.5)  # random never reaches 0.5 in 9 rankings: ratio >= 9 / 7.5
+    assert c["random"] is None and c["active"] == pytest.approx(6 + 3 * 0.1 / 0.2)
+    assert c["bound"] == "lower" and c["ratio"] == pytest.approx(9 / 7.5)
+    assert al.ratio_at(curves, [0, 1], 0.9)["ratio"] is None
+    b = al.bootstrap_ratio(curves, 0.2, n_boot=200)
     assert b["ci_low"] <= r["ratio"] <= b["ci_high"]
