@@ -15,6 +15,7 @@ of a quiet machine). The README's demo numbers come from this file.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -27,7 +28,9 @@ import _common  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 ROUND_METRICS = ("eval/accuracy", "eval/lenient_accuracy", "eval/format_rate", "train/acceptance_rate",
                  "train/lenient_acceptance_rate", "train/format_rate", "train/reward", "train/loss",
-                 "time/rollout_s", "time/update_s", "time/round_s")
+                 "time/rollout_s", "time/update_s", "time/round_s", "eval/reward_proxy", "eval/reward_gold",
+                 "eval/win_rate", "eval/win_rate_ci_low", "eval/win_rate_ci_high", "eval/kl",
+                 "eval/completion_length")
 
 
 def main() -> None:
@@ -60,6 +63,10 @@ def main() -> None:
     for name in ROUND_METRICS:
         for r, v in metrics.get(name, []):
             rounds.setdefault(r, {})[name] = v
+    stages = {p.name: json.loads((p / "stage.json").read_text()) for p in sorted(out.iterdir())
+              if (p / "stage.json").is_file()}  # the pipeline's stages (configs/hh.yaml)
+    for st in stages.values():
+        st.pop("task_ids", None)
     result = {
         "command": f"python benchmarks/demo_run.py --config {os.path.relpath(args.config, ROOT)} --name {args.name}"
                    + "".join(f" --set {s}" for s in args.set),
@@ -67,11 +74,16 @@ def main() -> None:
         "summary": summary,
         "loop_seconds": round(wall, 1),
         "rounds": [{"round": r, **rounds[r]} for r in sorted(rounds)],
+        **({"stages": stages} if stages else {}),
         "load_average_at_start": load,
         "machine_was_busy": busy,
     }
     path = _common.write_result(result, ROOT / "benchmarks" / "results" / f"{args.name}.json")
     b, a = summary["eval_before"], summary["eval_after"]
+    if "win_rate" in a:
+        print(f"wrote {os.path.relpath(path, ROOT)}: gold win rate vs reference {a['win_rate']:.3f} "
+              f"[{a['win_rate_ci_low']:.3f}, {a['win_rate_ci_high']:.3f}] (n = {a['n']}), loop {wall:.0f} s")
+        return
     print(f"wrote {os.path.relpath(path, ROOT)}: strict {b['accuracy']:.3f} -> {a['accuracy']:.3f} "
           f"(p = {summary['significance']['p_value']:.2g}), lenient {b['lenient_accuracy']:.3f} -> "
           f"{a['lenient_accuracy']:.3f}, format {b['format_rate']:.3f} -> {a['format_rate']:.3f}, loop {wall:.0f} s")

@@ -76,6 +76,9 @@ def test_pipeline_runs_and_reports_gold_win_rate(tiny_model_dir, tmp_path):
     heldout = set(json.loads((out / "eval" / "v0.json").read_text())["task_ids"])
     proxy, gold = set(stages["reward_model"]["task_ids"]), set(stages["gold_reward_model"]["task_ids"])
     assert len(proxy) == len(gold) == 6 and not proxy & gold and not (proxy | gold) & heldout
+    for n in ("reward_model", "gold_reward_model"):  # measured on the held-out prompts' own pairs
+        st = stages[n]
+        assert st["heldout_pairs"] == 4 and st["heldout_ci_low"] <= st["heldout_accuracy"] <= st["heldout_ci_high"]
     # the warm-up changed the weights, and the run's policy started from it
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     sft = AutoModelForCausalLM.from_pretrained(out / "sft_model")

@@ -360,7 +360,7 @@ def _run(cfg: RunConfig, out_dir: str | Path, console: Console | None, cleanup: 
     # --- pipeline stages (SFT warm-up, proxy and gold reward models), each once -----------------
     if cfg.model.mixed_precision == "auto":
         cfg.model.mixed_precision = resolve_mixed_precision("auto")
-    stages = prepare(cfg, train, out, accelerator, console)
+    stages = prepare(cfg, train, out, accelerator, console, heldout)
     if "sft_warmup" in stages:  # policy and reference start from the warmed-up model
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": str(out / "sft_model")})})
     cfg = resolve_run_paths(cfg, out)

@@ -38,7 +38,7 @@ import torch
 
 from .config import PipelineConfig, RewardStage, RunConfig
 from .reward_model import RewardPair
-from .stats import CONFIDENCE, mean_estimate
+from .stats import CONFIDENCE, mean_estimate, wilson_interval
 from .tasks import Task
 
 RUN_PREFIX = "run:"  # a feedback source path relative to the run directory, e.g. run:reward_model
@@ -107,14 +107,16 @@ def _finish(tmp: Path, path: Path, info: dict) -> None:
 
 
 def train_reward_stage(pairs: list[RewardPair], stage: RewardStage, backbone: str, path: Path,
-                       mixed_precision: str, seed: int) -> dict:
+                       mixed_precision: str, seed: int, eval_pairs: list[RewardPair] | None = None) -> dict:
     """Train a frozen-backbone reward model on ``pairs`` and save it to ``path``.
 
     The model is :func:`rlhf_workbench.reward_model.load_reward_model` with ``stage.pooling``
     over the final ``stage.max_tokens`` tokens of each text, trained by
     :func:`rlhf_workbench.reward_model.train_reward_model` on cached features (Bradley-Terry
     loss, ``stage.epochs`` head epochs). Returns the stage record also written to
-    ``path/stage.json``: pairs, their task ids, seconds, backbone, the per-epoch training records.
+    ``path/stage.json``: pairs, their task ids, seconds, backbone, the per-epoch training records
+    and, with ``eval_pairs`` (the held-out prompts' pairs), ``heldout_accuracy`` (pairwise
+    accuracy, ties wrong) with its 95 % Wilson interval.
     """
     from .reward_model import load_reward_model, train_reward_model
 
@@ -126,11 +128,15 @@ def train_reward_stage(pairs: list[RewardPair], stage: RewardStage, backbone: st
     model, tokenizer = load_reward_model(backbone, pooling=stage.pooling, max_tokens=stage.max_tokens,
                                          mixed_precision=mixed_precision)
     records = train_reward_model(model, tokenizer, pairs, seed=seed, head_epochs=stage.epochs, head_lr=stage.lr,
-                                 head_weight_decay=stage.weight_decay)
+                                 head_weight_decay=stage.weight_decay, eval_pairs=eval_pairs or None)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     info = {"pairs": len(pairs), "task_ids": [p.task_id for p in pairs], "seconds": round(time.time() - t0, 1),
             "backbone": backbone, "records": records}
+    if eval_pairs:
+        acc = records[-1]["eval_accuracy"]
+        lo, hi = wilson_interval(round(acc * len(eval_pairs)), len(eval_pairs))
+        info.update(heldout_accuracy=acc, heldout_ci_low=lo, heldout_ci_high=hi, heldout_pairs=len(eval_pairs))
     _finish(tmp, path, info)
     return info
 
@@ -178,9 +184,11 @@ def sft_warmup(cfg: RunConfig, tasks: Sequence[Task], path: Path, accelerator) -
     return info
 
 
-def prepare(cfg: RunConfig, train: Sequence[Task], out: Path, accelerator, console=None) -> dict[str, dict]:
+def prepare(cfg: RunConfig, train: Sequence[Task], out: Path, accelerator, console=None,
+            heldout: Sequence[Task] = ()) -> dict[str, dict]:
     """Run the configured stages that have not finished yet (SFT warm-up on every process, the
-    reward models on the main process), in the order warm-up, proxy, gold.
+    reward models on the main process), in the order warm-up, proxy, gold. The reward models'
+    held-out pairwise accuracy is measured on the pairs of ``heldout`` (when they have any).
 
     Returns:
         Stage name -> its ``stage.json`` record (read back for stages finished earlier).
@@ -206,7 +214,7 @@ def prepare(cfg: RunConfig, train: Sequence[Task], out: Path, accelerator, conso
             if console:
                 console.print(f"pipeline: {name} on {len(chosen[name])} pairs")
             train_reward_stage(task_pairs(chosen[name]), stage, cfg.model.name, path, cfg.model.mixed_precision,
-                               cfg.seed)
+                               cfg.seed, task_pairs(heldout))
         accelerator.wait_for_everyone()
         records[name] = json.loads((path / "stage.json").read_text())
     return records
