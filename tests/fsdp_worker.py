@@ -1,7 +1,7 @@
 """Updates under FSDP2 against one process, on the fixed batches of ``distributed_update.py``.
 
     python tests/fsdp_worker.py OUT_DIR                                  # one process, no sharding
-    accelerate launch --config_file configs/accelerate_fsdp.yaml --num_processes 2 \\
+    accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2 \\
         --main_process_port PORT tests/fsdp_worker.py OUT_DIR            # FSDP2 over gloo
 
 For each case of :data:`CASES` (a subset of ``distributed_update.CASES``: GRPO with its KL term,

@@ -3,7 +3,7 @@
 Launch as any accelerate FSDP job, with accelerate's own config file (the workbench adds no
 setting of its own, so the file a user already has for ``accelerate launch`` applies)::
 
-    accelerate launch --config_file configs/accelerate_fsdp.yaml -m rlhf_workbench.cli run \\
+    accelerate launch --config_file configs/accelerate/fsdp.yaml -m rlhf_workbench.cli run \\
         --config configs/gsm8k.yaml --out runs/fsdp
 
 What happens under FSDP (``accelerator.distributed_type == DistributedType.FSDP``):
