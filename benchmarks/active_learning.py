@@ -37,7 +37,9 @@ and is indicative only. The paired test of the preference (exact McNemar, held-o
 before vs after) is reported under each strategy, also restricted to prompts answered correctly
 both before and after (the preference learned separately from correctness).
 
-Budget: about 20 min of CPU on 2 cores with the defaults. Loopback only; every wait is bounded.
+Cost: 6 server runs of 3 rounds (8 prompts x 8 traces, 32 held-out greedy replies a round); on a quiet
+2-core machine a round took 76-102 s (seed 2 in the committed result, 2 runs at once); on a loaded one
+use --parallel to get through (see the result's note). Loopback only; every wait is bounded.
 """
 
 from __future__ import annotations
@@ -273,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=3600.0, help="per expert run, seconds")
     p.add_argument("--parallel", type=int, default=1, help="runs at the same time (one server process each)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (OMP_NUM_THREADS; default: torch's)")
+    p.add_argument("--note", default="", help="free text stored in the result (how the runs were made)")
     p.add_argument("--analyse-only", action="store_true",
                    help="run nothing: analyse the run directories up to the last version every run has evaluated")
     p.add_argument("--result", type=Path, default=_common.RESULTS / "active_learning.json")
@@ -281,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     common = ["--set", f"tasks.max_heldout={args.heldout}", "--set", f"eval.round_subset={args.heldout}",
               "--set", "eval.kl_samples=0", "--set", f"optim.lr={args.lr}", "--set", "keep_checkpoints=1"]
-    warm = warm_start(args.warm_start)
+    warm = args.warm_start if args.analyse_only else warm_start(args.warm_start)
     t_warm = time.time() - t0
     if args.threads:
         ENV.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -325,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                        "accuracy": np.mean([c["accuracy"] for c in curves[s]], 0).tolist()} for s in STRATEGIES}
     result = {
         "hidden_preference": prefers.__doc__.strip().splitlines()[0] + " " + prefers.__doc__.strip().splitlines()[1].strip(),
+        "note": args.note,
         "rounds_analysed": args.rounds,
         "setup": {"model": "smollm2-135m, warm start: the demo's trained policy (configs/demo.yaml)",
                   "tasks": "bundled:arithmetic", "seeds": args.seeds, "rounds": args.rounds,
@@ -341,8 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         "paired_tests": {s: paired_tests(curves[s]) for s in STRATEGIES},
         "runs": runs,
         "wall_seconds": {"total": round(time.time() - t0, 1), "warm_start": round(t_warm, 1)},
-        "cpu_seconds_children": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
-                                      + resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime, 1),
+        "cpu_seconds_children": None if args.analyse_only else round(
+            resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime + resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime, 1),
         "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
         "processor": _common.processor_info(),
     }
