@@ -15,8 +15,11 @@ other, each in its own worker process (``_common.run_isolated``):
   the same order (the loop's ``prompts_for_round`` for rounds 1, 2, ...; TRL's dataset is that
   list, unshuffled), rendered by the same chat template with the demo's instruction (checked
   token for token), the same reward, ``num_generations`` K, prompts per step (TRL's
-  ``per_device_train_batch_size = generation_batch_size = prompts · K``, as TRL counts
-  completions), learning rate (constant, no warm-up), AdamW, weight decay, gradient clipping,
+  ``generation_batch_size = prompts · K``, as TRL counts completions, trained in micro-batches of
+  the loop's ``optim.micro_batch_size``: ``per_device_train_batch_size = micro_batch_size``,
+  ``gradient_accumulation_steps = steps_per_generation = prompts · K / micro_batch_size``, one
+  optimizer step per generation as ours; one forward of all 128 completions took TRL's worker
+  past 6.9 GB and the shared machine's memory), learning rate (constant, no warm-up), AdamW, weight decay, gradient clipping,
   β, ε, ``loss_type``, ``scale_rewards``, bf16 autocast (``bf16=True`` where the demo resolves
   ``mixed_precision`` to bf16), ``max_completion_length``, temperature, top-p 1, no top-k, one
   optimizer step per generation (``num_iterations = 1``).
@@ -49,8 +52,12 @@ below the plateau, on the steep part of the curve, so the time to it measures le
 rather than where each run happens to level off. One evaluation of 128 tasks has a 95 % interval
 of about ±8.5 points at 40 %, so a run may cross the target a step early or late by chance.
 
-Timings depend on the machine and on other work running on it: the load average before and
-after each side and the processor are recorded. Writes ``benchmarks/results/time_to_accuracy.json``
+Timings depend on the machine and on other work running on it: the load average at every
+evaluation, before and after each side, and the processor are recorded. The two sides take turns
+step by step (ours, TRL, ours, ...; ``--no-interleave`` runs them one after the other), so a
+slow spell of a shared machine falls on both alike. On a machine shared with other work use
+``--threads 1``: with 2 threads on 2 cores under a load average of ~20, one 128-task evaluation
+took 1264 s instead of ~15 s (the OpenMP threads wait for each other). Writes ``benchmarks/results/time_to_accuracy.json``
 and a plot ``benchmarks/results/time_to_accuracy.png`` (held-out accuracy against training wall time).
 """
 
@@ -278,17 +285,25 @@ def ours(spec: dict) -> dict:
 
 
 def trl_args(cfg, out: str):
-    """``trl.GRPOConfig`` mirroring ``cfg`` (see the module docstring for each setting)."""
+    """``trl.GRPOConfig`` mirroring ``cfg`` (see the module docstring for each setting).
+
+    Raises:
+        ValueError: ``optim.micro_batch_size`` does not divide ``prompts_per_round · K``.
+    """
     import trl
 
     r, g, o = cfg.rollout, cfg.grpo, cfg.optim
     completions = r.prompts_per_round * r.num_generations
+    if completions % o.micro_batch_size:
+        raise ValueError(f"optim.micro_batch_size {o.micro_batch_size} must divide the step's {completions} "
+                         "completions (TRL accumulates whole micro-batches)")
     return trl.GRPOConfig(
         output_dir=out, max_steps=cfg.rounds, learning_rate=o.lr, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, optim="adamw_torch",
         bf16=cfg.model.mixed_precision == "bf16", use_cpu=True, report_to="none", save_strategy="no",
         logging_strategy="no", disable_tqdm=True, seed=cfg.seed, data_seed=cfg.seed,
-        gradient_accumulation_steps=1, dataloader_num_workers=0, per_device_train_batch_size=completions,
+        gradient_accumulation_steps=completions // o.micro_batch_size, dataloader_num_workers=0,
+        per_device_train_batch_size=o.micro_batch_size,
         generation_batch_size=completions, num_generations=r.num_generations, num_iterations=1,
         max_completion_length=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=0, beta=g.beta,
         epsilon=g.epsilon, loss_type=g.loss_type, scale_rewards=g.scale_rewards, use_vllm=False,
@@ -382,7 +397,8 @@ def trl_side(spec: dict) -> dict:
 
 
 TRL_FIELDS = ("learning_rate", "lr_scheduler_type", "weight_decay", "max_grad_norm", "optim", "bf16",
-              "per_device_train_batch_size", "generation_batch_size", "num_generations", "num_iterations",
+              "per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
+              "generation_batch_size", "num_generations", "num_iterations",
               "max_completion_length", "temperature", "top_p", "top_k", "beta", "epsilon", "loss_type",
               "scale_rewards", "max_steps", "seed")
 

@@ -69,7 +69,8 @@ def _side(turns, index: int, steps: int, log):
     turns.index = index
     clock = tta.Clock(target=2.0, max_steps=steps, max_seconds=1e9, turns=turns)
     for step in range(steps + 1):
-        clock.evaluate(step, lambda: (log.put((index, step)), _result([False]))[1])  # inside the turn
+        # stamped inside the turn (a Queue's items from two processes may arrive out of order)
+        clock.evaluate(step, lambda: (log.put((time.monotonic(), index, step)), _result([False]))[1])
         time.sleep(0.01)
 
 
@@ -82,7 +83,7 @@ def test_turns_alternate_and_the_side_left_goes_on_alone():
     for p in procs:
         p.join(30)
     assert [p.exitcode for p in procs] == [0, 0]
-    order = [log.get(timeout=1) for _ in range(3 + 5)]
+    order = [(i, step) for _, i, step in sorted(log.get(timeout=1) for _ in range(3 + 5))]
     # each side's evaluation k happens in its turn: 0's, then 1's, ...; 1 goes on alone after 0's last
     assert order == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2), (1, 3), (1, 4)]
 
@@ -92,7 +93,30 @@ def test_both_sides_follow_one_config(tmp_path):
     assert cfg.rounds == 2 and cfg.feedback.ranking_weight == 0 and cfg.tasks.max_heldout == 8
     assert cfg.eval.round_subset == 8 and cfg.eval.every_round and cfg.eval.kl_samples == 0
     args = tta.trl_args(cfg, str(tmp_path))
-    assert args.per_device_train_batch_size == args.generation_batch_size == 2 * 2
+    assert args.generation_batch_size == 2 * 2 and args.per_device_train_batch_size == cfg.optim.micro_batch_size
+    assert args.gradient_accumulation_steps == args.steps_per_generation == 1
     assert (args.num_generations, args.learning_rate, args.beta, args.max_completion_length) == (
         2, cfg.optim.lr, cfg.grpo.beta, 8)
     assert args.lr_scheduler_type == "constant" and args.bf16 == (cfg.model.mixed_precision == "bf16")
+
+
+def test_readme_quotes_the_committed_result():
+    """The README's time-to-accuracy paragraph holds the committed result file's numbers."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = json.loads((root / "benchmarks" / "results" / "time_to_accuracy.json").read_text())
+    readme = (root / "README.md").read_text()
+    start = readme.index("(`python benchmarks/time_to_accuracy.py`)")
+    para = readme[start: readme.index("time_to_accuracy.png", start)]
+    ratio = result["ratios"]["time_to_target"]
+    assert (f"`ratios.time_to_target` = **{ratio:.2f}**" if ratio is not None else "= null") in para
+    for side in result["systems"].values():
+        if side["reached_target"]:
+            n = side["steps_to_target"]
+            assert f"{n} step{'s' if n != 1 else ''}, **{side['time_to_target_s']:.0f} s**" in para
+        else:
+            assert f"not reached in {side['steps']} steps ({side['training_seconds']:.0f} s" in para
+        for p in side["curve"]:
+            assert f"{100 * p['accuracy']:.1f} % at {p['wall_s']:.0f} s" in para
