@@ -140,8 +140,9 @@ def _rankable(v) -> bool:
 
 
 def _item_traces(s, rollout_id: int, task_id: str) -> tuple[list[CompletionRow], list[CompletionRow]]:
-    rows = list(s.scalars(select(CompletionRow).where(CompletionRow.rollout_id == rollout_id,
-                                                      CompletionRow.task_id == task_id).order_by(CompletionRow.index)))
+    rows = list(s.scalars(select(CompletionRow).where(  # the policy's K samples; never a constitutional revision
+        CompletionRow.rollout_id == rollout_id, CompletionRow.task_id == task_id,
+        CompletionRow.origin != "revision").order_by(CompletionRow.index)))
     verified = [c for c in rows if _rankable(c.verification)]
     rejected = [c for c in rows if c.verification is not None and not _rankable(c.verification)]
     return verified, rejected
