@@ -294,6 +294,8 @@ class RewardStage(_Strict):
     epochs: int = Field(30, ge=1, description="passes of the head over the cached features")
     lr: float = Field(3e-3, gt=0, description="head learning rate (AdamW, cosine schedule)")
     weight_decay: float = Field(0.1, ge=0, description="head weight decay")
+    eval_pairs: int = Field(128, ge=0, description="held-out prompts' pairs its accuracy is measured on (each costs "
+                            "two backbone forwards; 0: none)")
 
 
 class PipelineConfig(_Strict):

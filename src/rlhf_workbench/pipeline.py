@@ -214,7 +214,7 @@ def prepare(cfg: RunConfig, train: Sequence[Task], out: Path, accelerator, conso
             if console:
                 console.print(f"pipeline: {name} on {len(chosen[name])} pairs")
             train_reward_stage(task_pairs(chosen[name]), stage, cfg.model.name, path, cfg.model.mixed_precision,
-                               cfg.seed, task_pairs(heldout))
+                               cfg.seed, task_pairs(heldout)[:stage.eval_pairs])
         accelerator.wait_for_everyone()
         records[name] = json.loads((path / "stage.json").read_text())
     return records
