@@ -28,7 +28,8 @@ ROLES = {"ann": "annotator", "boss": "admin", "viewer": "playground"}
 HANDLERS = {"submit_ui": "annotate", "draft_ui": "annotate", "skip_ui": "annotate", "load_next": "annotate",
             "poll": "annotate", "pair_ui": "annotate", "api_next_item": "annotate", "api_submit": "annotate",
             "api_next_pair": "annotate", "api_submit_pair": "annotate",
-            "status": "dashboard", "refresh": "dashboard", "ask": "playground", "fn": "playground",
+            "status": "dashboard", "refresh": "dashboard", "selection_queue": "dashboard", "ask": "playground",
+            "fn": "playground",
             "tabs_for_role": None}
 
 
