@@ -95,6 +95,7 @@ def test_pipeline_runs_and_reports_gold_win_rate(tiny_model_dir, tmp_path):
             zip(ev1["reward_gold"], ev1["reward_gold_reference"], ev1["completions"], ev1["task_ids"])]
     assert after["win_rate"] == pytest.approx(mean_estimate(wins).value)
     assert ev0["reward_gold"] == pytest.approx(ev1["reward_gold_reference"], abs=1e-4)
+    assert after["reward_gold_reference"] == pytest.approx(sum(ev1["reward_gold_reference"]) / 4)
     report = (out / "report.md").read_text()
     assert "win rate vs reference (gold RM)" in report and (out / "plots" / "rewards.png").is_file()
     # a resume trains no stage again

@@ -547,7 +547,7 @@ def _summary(out: Path, store: Store, cfg: RunConfig, wall: float) -> dict:
         m = ev["metrics"]
         return {k: m[k] for k in ("accuracy", "lenient_accuracy", "format_rate", "ambiguous_rate", "accuracy_ci_low",
                                   "accuracy_ci_high", "completion_length", "kl", "reward_proxy", "reward_gold", "win_rate",
-                                  "win_rate_ci_low", "win_rate_ci_high") if k in m} | {"n": int(m["n"])} | (
+                                  "win_rate_ci_low", "win_rate_ci_high", "reward_gold_reference") if k in m} | {"n": int(m["n"])} | (
             {"accuracy_applicable": bool(m["accuracy_applicable"]), "n_open": int(m["n_open"])} if m.get("n_open") else {})
 
     summary = {

@@ -251,7 +251,8 @@ def score_eval(tasks: Sequence[Task], texts: Sequence[str], scorers: dict[str, S
         scale), and with a gold scorer and reference answers ``win_rate`` (mean of
         :func:`rlhf_workbench.evaluate.win_value` under the gold model: 1 win, 0.5 tie, 0 loss)
         with ``win_rate_ci_low`` / ``win_rate_ci_high`` (95 % seeded bootstrap,
-        :func:`rlhf_workbench.stats.mean_estimate`) and ``win_rate_n``; ``per_task`` holds the
+        :func:`rlhf_workbench.stats.mean_estimate`), ``win_rate_n`` and ``reward_gold_reference``
+        (the reference answers' mean gold reward on the same tasks); ``per_task`` holds the
         per-answer rewards (``reward_proxy``, ``reward_gold``, ``reward_gold_reference``).
     """
     from .evaluate import win_value
@@ -264,6 +265,7 @@ def score_eval(tasks: Sequence[Task], texts: Sequence[str], scorers: dict[str, S
     if "gold" in scorers and reference_texts is not None:
         ref = scorers["gold"](tasks, reference_texts)
         per_task["reward_gold_reference"] = ref
+        metrics["reward_gold_reference"] = sum(ref) / max(1, len(ref))  # same tasks: intermediate rounds use a subset
         wins = [win_value(m, r, a == b) for m, r, a, b in zip(per_task["reward_gold"], ref, texts, reference_texts)]
         est = mean_estimate(wins, CONFIDENCE)
         metrics.update({"win_rate": est.value, "win_rate_ci_low": est.low, "win_rate_ci_high": est.high,

@@ -53,10 +53,14 @@ def plot_rewards(metrics: dict[str, list[tuple[int, float]]], out_dir: Path) -> 
         return None
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), dpi=100)
     for ax, pts, title in ((axes[0], proxy, "proxy reward (optimised)"), (axes[1], gold, "gold reward (held apart)")):
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label="policy")
         ax.set_xlabel("round")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
+    ref = metrics.get("eval/reward_gold_reference")
+    if ref:  # the reference's answers on the same tasks (intermediate rounds score a subset)
+        axes[1].plot([p[0] for p in ref], [p[1] for p in ref], linestyle="--", marker=".", label="reference")
+        axes[1].legend(fontsize=8)
     fig.tight_layout()
     path = out_dir / "rewards.png"
     fig.savefig(path)
