@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ROUND_METRICS = ("eval/accuracy", "eval/lenient_accuracy", "eval/format_rate", "train/acceptance_rate",
                  "train/lenient_acceptance_rate", "train/format_rate", "train/reward", "train/loss",
                  "time/rollout_s", "time/update_s", "time/round_s", "eval/reward_proxy", "eval/reward_gold",
-                 "eval/win_rate", "eval/win_rate_ci_low", "eval/win_rate_ci_high", "eval/reward_gold_reference", "eval/kl",
+                 "eval/win_rate", "eval/win_rate_ci_low", "eval/win_rate_ci_high", "eval/reward_gold_reference",
+                 "eval/kl",
                  "eval/completion_length")
 
 

@@ -67,7 +67,8 @@ def stage_tasks(train: Sequence[Task], cfg: PipelineConfig) -> dict[str, list[Ta
     Raises:
         ValueError: fewer training tasks with pairs than the two reward models ask for.
     """
-    paired = [t for t in train if isinstance(t.metadata.get("chosen"), str) and isinstance(t.metadata.get("rejected"), str)]
+    paired = [t for t in train
+              if isinstance(t.metadata.get("chosen"), str) and isinstance(t.metadata.get("rejected"), str)]
     n_proxy = cfg.reward_model.pairs if cfg.reward_model else 0
     n_gold = cfg.gold_reward_model.pairs if cfg.gold_reward_model else 0
     if n_proxy + n_gold > len(paired):
