@@ -21,21 +21,13 @@ def served(request, browser, tiny_model_dir, tmp_path):  # noqa: F811
     parameter, ranking by default); yields (page, store, user_id, rollout_id)."""
     from rlhf_workbench.annotation import create_user
     from rlhf_workbench.app import launch
-    from rlhf_workbench.config import ModelConfig
-    from rlhf_workbench.models import load_policy
-    from rlhf_workbench.store import Store
 
     out = tmp_path / "run"
     out.mkdir()
     cfg = make_cfg(tiny_model_dir, write_tasks(tmp_path / "tasks.jsonl"), rounds=1)
     cfg.feedback.min_verified = 2
     cfg.feedback.mode = getattr(request, "param", "ranking")
-    store = Store(cfg.db_url, out)
-    store.add_tasks(_tasks(cfg), "train")
-    store.publish_version(0, None, "base", None, {}, 0)
-    pair = load_policy(ModelConfig(name=str(tiny_model_dir), mixed_precision="no"))
-    rid = seed_rollout(store, pair, {"q0": ["12 + 30 = 42\nAnswer: 42", "Answer: 42", "Answer:   42\n",
-                                            "Answer: 52"]})
+    store, rid = seed_item(cfg, out, tiny_model_dir)
     uid = create_user(store, USER, PASSWORD, role="annotator")
     port = _free_port()
     demo = launch(cfg, out, "127.0.0.1", port, block=False)
@@ -49,6 +41,22 @@ def served(request, browser, tiny_model_dir, tmp_path):  # noqa: F811
         yield page, store, uid, rid
     finally:
         demo.close()
+
+
+def seed_item(cfg, out, model_dir):
+    """A store in ``out`` holding round 1 of one task (q0) with four traces: two identical up to
+    whitespace (one collapsed entry), one more verified, one wrong. Returns (store, rollout_id)."""
+    from rlhf_workbench.config import ModelConfig
+    from rlhf_workbench.models import load_policy
+    from rlhf_workbench.store import Store
+
+    store = Store(cfg.db_url, out)
+    store.add_tasks(_tasks(cfg), "train")
+    store.publish_version(0, None, "base", None, {}, 0)
+    pair = load_policy(ModelConfig(name=str(model_dir), mixed_precision="no"))
+    rid = seed_rollout(store, pair, {"q0": ["12 + 30 = 42\nAnswer: 42", "Answer: 42", "Answer:   42\n",
+                                            "Answer: 52"]})
+    return store, rid
 
 
 def _tasks(cfg):

@@ -18,9 +18,8 @@ import json
 import pytest
 from sqlalchemy import select
 
-from conftest import seed_rollout
 from test_app_browser import PASSWORD, USER, _free_port, browser, make_cfg, write_tasks  # noqa: F401
-from test_app_browser_items import _tasks
+from test_app_browser_items import seed_item
 
 GUIDE = "# Team guidelines\n\nRank **sound reasoning** above a bare answer.\n"
 
@@ -40,11 +39,9 @@ def test_guidelines_pairwise_duplicate_and_adjudication(browser, tiny_model_dir,
     from rlhf_workbench.adjudication import ADJUDICATED
     from rlhf_workbench.annotation import claim_item, consume_human_rankings, create_user
     from rlhf_workbench.app import launch
-    from rlhf_workbench.config import ModelConfig
     from rlhf_workbench.guidelines import has_acknowledged, load_guidelines
     from rlhf_workbench.items import shown_entries
     from rlhf_workbench.loop import _record_rankings
-    from rlhf_workbench.models import load_policy
     from rlhf_workbench.pairwise import save_pairwise
     from rlhf_workbench.store import Annotation, ItemClaim, RankingRow, Store
 
@@ -55,12 +52,7 @@ def test_guidelines_pairwise_duplicate_and_adjudication(browser, tiny_model_dir,
     fb = cfg.feedback
     fb.min_verified, fb.mode, fb.annotators_per_item = 2, "pairwise", 2
     fb.guidelines, fb.adjudication_threshold = str(tmp_path / "guide.md"), 0.0
-    store = Store(cfg.db_url, out)
-    store.add_tasks(_tasks(cfg), "train")
-    store.publish_version(0, None, "base", None, {}, 0)
-    pair = load_policy(ModelConfig(name=str(tiny_model_dir), mixed_precision="no"))
-    rid = seed_rollout(store, pair, {"q0": ["12 + 30 = 42\nAnswer: 42", "Answer: 42", "Answer:   42\n",
-                                            "Answer: 52"]})
+    store, rid = seed_item(cfg, out, tiny_model_dir)
     ada = create_user(store, USER, PASSWORD, role="annotator")
     bob = create_user(store, "dr.bob", PASSWORD, role="annotator")
     chief = create_user(store, "chief", PASSWORD, role="admin")
