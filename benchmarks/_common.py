@@ -91,7 +91,8 @@ def _child(conn, fn, args, kwargs):
 
 # Imported once by the fork server, so that each worker forked from it starts with them loaded.
 PRELOAD = ["torch", "transformers", "accelerate", "datasets", "trl.trainer.dpo_trainer", "trl.trainer.grpo_trainer",
-           "rlhf_workbench.update", "rlhf_workbench.rollout", "rlhf_workbench.models", "rlhf_workbench.verify"]
+           "rlhf_workbench.train.grpo", "rlhf_workbench.train.dpo", "rlhf_workbench.model.rollout", "rlhf_workbench.model.loading",
+           "rlhf_workbench.verify"]
 
 
 def _context():

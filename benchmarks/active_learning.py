@@ -6,7 +6,7 @@ A scripted expert with a *hidden preference* ranks verified traces only through 
 API (login, /next_item, /submit), exactly as e2e_app_rounds.py does, while `rlhf serve
 --with-worker` trains on nothing but those rankings (GRPO, reward = correct + ranking_weight *
 rank reward). The same runs are made once with ``feedback.selection: random`` and once with
-``uncertainty`` (rlhf_workbench.selection) for several seeds; a seed fixes the prompts of every
+``uncertainty`` (rlhf_workbench.human.selection) for several seeds; a seed fixes the prompts of every
 round and the sampling, so round 1's rollout is identical under both strategies and only the
 items served (``--per-round`` of them a round) differ.
 

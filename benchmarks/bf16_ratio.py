@@ -13,7 +13,7 @@ what is left, and what the old order cost, on a real rollout:
      matmul);
   3. recompute the completions' log-probs with the unchanged weights in one training-shaped
      forward pass under the same autocast, two ways as the trainers do: ``packed_logps``
-     (GRPO / RLOO / DPO / KTO, ``update._forward_logps``) and ``completion_logps`` on the padded
+     (GRPO / RLOO / DPO / KTO, ``engine.forward_logps``) and ``completion_logps`` on the padded
      batch (PPO, ``ppo._policy_forward``); each once with the current order (``new``: cast, then
      divide) and once with the old order (``old``: the bf16 logits divided by the temperature in
      bf16, then cast), the latter by wrapping the model so that its logits come out divided in
@@ -25,7 +25,7 @@ what is left, and what the old order cost, on a real rollout:
      ideal is a ratio of exactly 1. For scale, ``bf16_vs_fp32_forward`` compares the bf16 packed
      pass with the same pass in fp32: the bf16 forward's own error.
 
-  5. the remedy (``optim.old_logps: recompute``, :func:`rlhf_workbench.update.old_logps_pass`) on a
+  5. the remedy (``optim.old_logps: recompute``, :func:`rlhf_workbench.train.engine.old_logps_pass`) on a
      second rollout at the demo's size (``--ppo-prompts`` 16 × ``--ppo-samples`` 8, same token
      cap), with ``configs/ppo.yaml``'s settings (2 minibatches of 64 in micro-batches of 16, clip
      0.2, the strict verifier's correctness as the score): PPO's *first* optimizer step, once with
@@ -135,10 +135,11 @@ def main(argv=None) -> dict:
     import torch
 
     from rlhf_workbench.config import ModelConfig
-    from rlhf_workbench.logprobs import completion_logps, packed_logps
-    from rlhf_workbench.models import load_policy
-    from rlhf_workbench.rollout import HFEngine, autocast, pad_batch
-    from rlhf_workbench.tasks import load_tasks, split_tasks
+    from rlhf_workbench.model.logprobs import completion_logps, packed_logps
+    from rlhf_workbench.model.loading import load_policy
+    from rlhf_workbench.model.rollout import HFEngine, autocast, pad_batch
+    from rlhf_workbench.tasks.loading import load_tasks
+    from rlhf_workbench.tasks.split import split_tasks
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -240,10 +241,11 @@ def old_logps_remedy(pair, train, args) -> dict:
     import torch
     from accelerate import Accelerator
 
-    import rlhf_workbench.ppo as ppo
+    import rlhf_workbench.train.ppo as ppo
     from rlhf_workbench.config import load_config
-    from rlhf_workbench.rollout import HFEngine
-    from rlhf_workbench.update import Sample, _plan, old_logps_pass, rollout_drift
+    from rlhf_workbench.model.rollout import HFEngine
+    from rlhf_workbench.train.engine import old_logps_pass, plan, rollout_drift
+    from rlhf_workbench.train.samples import Sample
     from rlhf_workbench.verify import verify
 
     load = [os.getloadavg()]
@@ -317,9 +319,9 @@ def old_logps_remedy(pair, train, args) -> dict:
     perm = torch.randperm(len(samples), generator=ppo._shuffle_generator(samples, cfg.seed)).tolist()
     acc, pad = Accelerator(cpu=True), pair.tokenizer.pad_token_id
     passes = {
-        "ppo_padded": lambda: real_pass(pair.policy, acc, samples, _plan(perm, cfg.ppo.num_mini_batches, 1), pad, T,
+        "ppo_padded": lambda: real_pass(pair.policy, acc, samples, plan(perm, cfg.ppo.num_mini_batches, 1), pad, T,
                                         "bf16", cfg.ppo.entropy_coef > 0, cfg.optim.micro_batch_size),
-        "packed_2_steps": lambda: old_logps_pass(pair, acc, samples, _plan(range(len(samples)), 2, 1), cfg, T),
+        "packed_2_steps": lambda: old_logps_pass(pair, acc, samples, plan(range(len(samples)), 2, 1), cfg, T),
     }
     runs = {k: {"wall_s": [], "cpu_s": []} for k in passes}
     for _ in range(3):

@@ -44,7 +44,7 @@ def _setup(model_path: str, mixed_precision: str, lr: float, seed: int, micro: i
     from accelerate import Accelerator
 
     from rlhf_workbench.config import DPOConfig, ModelConfig, OptimConfig, RunConfig
-    from rlhf_workbench.models import load_policy
+    from rlhf_workbench.model.loading import load_policy
 
     torch.manual_seed(seed)
     cfg = RunConfig(algorithm="dpo", model=ModelConfig(name=model_path, dtype=dtype, mixed_precision=mixed_precision),
@@ -59,7 +59,7 @@ def _setup(model_path: str, mixed_precision: str, lr: float, seed: int, micro: i
 
 
 def _samples(rows):
-    from rlhf_workbench.update import Sample
+    from rlhf_workbench.train.samples import Sample
 
     return [(Sample(r["prompt_ids"], r["chosen_ids"]), Sample(r["prompt_ids"], r["rejected_ids"])) for r in rows]
 
@@ -68,8 +68,8 @@ def first_step_check(spec: dict) -> dict:
     """Loss, summed log-probs and gradient of the first batch under fp32 and bf16 autocast, same weights."""
     import torch
 
-    from rlhf_workbench.logprobs import packed_logps
-    from rlhf_workbench.rollout import autocast
+    from rlhf_workbench.model.logprobs import packed_logps
+    from rlhf_workbench.model.rollout import autocast
 
     torch.set_num_threads(spec["threads"])
     _, pair, _, _ = _setup(spec["model_path"], "no", spec["lr"], spec["seed"], 2 * spec["batch"])
@@ -102,8 +102,8 @@ def train(spec: dict) -> dict:
     """``spec["steps"]`` DPO steps at ``spec["mixed_precision"]``; drift and held-out KL after."""
     import torch
 
-    from rlhf_workbench.logprobs import packed_logps
-    from rlhf_workbench.update import dpo_update
+    from rlhf_workbench.model.logprobs import packed_logps
+    from rlhf_workbench.train.dpo import dpo_update
 
     torch.set_num_threads(spec["threads"])
     cfg, pair, accelerator, optimizer = _setup(spec["model_path"], spec["mixed_precision"], spec["lr"], spec["seed"],
@@ -156,7 +156,7 @@ def main(argv=None):
     busy = _common.warn_if_busy()
     from train_throughput import dpo_pairs
 
-    from rlhf_workbench.models import load_tokenizer, resolve_model_path
+    from rlhf_workbench.model.loading import load_tokenizer, resolve_model_path
 
     path = resolve_model_path(args.model)
     tok = load_tokenizer(path)

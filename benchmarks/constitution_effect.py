@@ -51,7 +51,7 @@ def _arm(name: str, rounds: int, constitution: bool) -> dict:
     from rich.console import Console
 
     from rlhf_workbench.config import load_config
-    from rlhf_workbench.loop import run
+    from rlhf_workbench.run.loop import run
     from rlhf_workbench.store import Store
 
     overrides = {**OVERRIDES, "rounds": rounds}
@@ -85,10 +85,10 @@ def critic_only(run_dir: Path, name: str) -> None:
     from dataclasses import replace
 
     from rlhf_workbench.config import load_config
-    from rlhf_workbench.constitution import PolicyCritic, critique_and_revise, load_constitution
-    from rlhf_workbench.models import load_policy
+    from rlhf_workbench.feedback.constitution import PolicyCritic, critique_and_revise, load_constitution
+    from rlhf_workbench.model.loading import load_policy
     from rlhf_workbench.store import Store
-    from rlhf_workbench.tasks import load_tasks
+    from rlhf_workbench.tasks.loading import load_tasks
 
     busy, load = _common.warn_if_busy(), list(os.getloadavg())
     cfg = load_config(ROOT / "configs" / "demo.yaml", {**OVERRIDES, "feedback.constitution": CONSTITUTION})

@@ -47,7 +47,7 @@ def main() -> None:
 
     from rlhf_workbench.cli import _parse_overrides
     from rlhf_workbench.config import load_config
-    from rlhf_workbench.loop import run
+    from rlhf_workbench.run.loop import run
     from rlhf_workbench.store import Store
 
     cfg = load_config(args.config, _parse_overrides(args.set))

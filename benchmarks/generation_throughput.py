@@ -60,7 +60,7 @@ def load(model_name: str, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlhf_workbench.models import load_tokenizer, resolve_model_path
+    from rlhf_workbench.model.loading import load_tokenizer, resolve_model_path
 
     path = resolve_model_path(model_name)
     tok = load_tokenizer(path)
@@ -73,7 +73,8 @@ def load(model_name: str, dtype: str):
 def tasks(n: int):
     from dataclasses import replace
 
-    from rlhf_workbench.tasks import load_tasks, split_tasks
+    from rlhf_workbench.tasks.loading import load_tasks
+    from rlhf_workbench.tasks.split import split_tasks
 
     train, _ = split_tasks(load_tasks("bundled:arithmetic"))
     return [replace(t, instruction=DEMO_INSTRUCTION) for t in train[:n]]
@@ -114,7 +115,7 @@ def plain_generate(model, tok, batch, max_new_tokens: int, autocast_bf16: bool) 
 
 
 def ours_generate(model, tok, batch, max_new_tokens: int, autocast_bf16: bool) -> list[list[int]]:
-    from rlhf_workbench.rollout import generate
+    from rlhf_workbench.model.rollout import generate
 
     comps = generate(model, tok, batch, num_generations=1, do_sample=False, max_new_tokens=max_new_tokens,
                      batch_size=len(batch), mixed_precision="bf16" if autocast_bf16 else "no")
@@ -135,7 +136,7 @@ def plain_sample(model, tok, batch, k: int, temperature: float, max_new_tokens: 
 
 
 def ours_sample(model, tok, batch, k: int, temperature: float, max_new_tokens: int, autocast_bf16: bool):
-    from rlhf_workbench.rollout import generate
+    from rlhf_workbench.model.rollout import generate
 
     comps = generate(model, tok, batch, num_generations=k, do_sample=True, temperature=temperature, top_p=1.0,
                      max_new_tokens=max_new_tokens, batch_size=len(batch) * k,

@@ -10,7 +10,7 @@ What it does, all on 127.0.0.1 and in a temporary run directory:
 2. seeds one rollout of ``--tasks`` additions with ``--traces`` verified traces each (plus
    one wrong trace), hand-written texts tokenized with the chat template, per-token log-probs
    from a real batched forward pass of the tiny model (``logprobs.completion_logps``), verified
-   and stored with ``loop._store_rollout``;
+   and stored with ``loop.store_rollout``;
 3. creates ``--annotators`` accounts and starts the app (``app.launch``) in a subprocess on a
    free port;
 4. runs one thread per annotator: log in with ``gradio_client.Client(url, auth=...)``, fetch the
@@ -62,7 +62,7 @@ def build_model(model_dir: Path) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from rlhf_workbench.models import bundled_gguf_path
+    from rlhf_workbench.model.loading import bundled_gguf_path
 
     gguf = bundled_gguf_path()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -81,13 +81,13 @@ def seed_run(run_dir: Path, n_tasks: int, n_traces: int, n_annotators: int, anno
     import yaml
 
     from rlhf_workbench.config import RunConfig
-    from rlhf_workbench.logprobs import completion_logps
-    from rlhf_workbench.loop import _store_rollout
-    from rlhf_workbench.models import load_tokenizer
-    from rlhf_workbench.rollout import Completion, pad_batch, render_prompt
-    from rlhf_workbench.annotation import create_user
+    from rlhf_workbench.model.logprobs import completion_logps
+    from rlhf_workbench.run.loop import store_rollout
+    from rlhf_workbench.model.loading import load_tokenizer
+    from rlhf_workbench.model.rollout import Completion, pad_batch, render_prompt
+    from rlhf_workbench.human.accounts import create_user
     from rlhf_workbench.store import Store
-    from rlhf_workbench.tasks import Task
+    from rlhf_workbench.tasks.task import Task
     from transformers import AutoModelForCausalLM
 
     model_dir = run_dir / "model"
@@ -135,7 +135,7 @@ def seed_run(run_dir: Path, n_tasks: int, n_traces: int, n_annotators: int, anno
     store.set_meta("config", cfg.model_dump(mode="json"))
     store.add_tasks(tasks, "train")
     store.publish_version(0, None, "base", None, {}, round=0)
-    _store_rollout(store, 1, 0, {"seeded_by": "benchmarks/load_annotators.py"}, {t.id: t for t in tasks}, comps)
+    store_rollout(store, 1, 0, {"seeded_by": "benchmarks/load_annotators.py"}, {t.id: t for t in tasks}, comps)
     rollout = store.rollout_for_round(1)
     n_ok = sum(c.verification.correct for c in rollout.completions)
     if n_ok != n_tasks * n_traces:
@@ -148,7 +148,7 @@ def seed_run(run_dir: Path, n_tasks: int, n_traces: int, n_annotators: int, anno
 
 def serve(run_dir: Path, port: int) -> None:
     """Server process: the app on the loopback interface until terminated."""
-    from rlhf_workbench.app import launch
+    from rlhf_workbench.app.build import launch
     from rlhf_workbench.config import load_config
 
     launch(load_config(run_dir / "config.yaml"), run_dir, host=LOOPBACK, port=port, block=True)

@@ -124,9 +124,10 @@ def seed_run(run_dir: Path, db_url: str | None, n_annotators: int, prompts_per_r
     """Model, task file, config and accounts; returns the config path."""
     import yaml
 
-    from rlhf_workbench.annotation import create_user
+    from rlhf_workbench.human.accounts import create_user
     from rlhf_workbench.store import Store
-    from rlhf_workbench.tasks import Task, save_tasks
+    from rlhf_workbench.tasks.loading import save_tasks
+    from rlhf_workbench.tasks.task import Task
 
     la.build_model(run_dir / "model")
     rng = random.Random(0)

@@ -47,7 +47,7 @@ def matmul_flops_by_size(dtype="fp32", threads: int | None = None, sizes=SIZES, 
     """
     import torch
 
-    from rlhf_workbench.models import matmul_flops  # also what `mixed_precision: auto` measures
+    from rlhf_workbench.model.loading import matmul_flops  # also what `mixed_precision: auto` measures
 
     dt = _torch_dtype(dtype)
     previous = torch.get_num_threads()

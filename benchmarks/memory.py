@@ -5,8 +5,8 @@
 
 Each case runs in a fresh worker process (:func:`_common.run_isolated`, so no case inherits
 another's memory) and does what the loop does around an update: load the policy (and the
-reference, and PPO's critic) with :func:`~rlhf_workbench.models.load_policy` /
-:func:`~rlhf_workbench.ppo.load_critic`, build AdamW, ``prepare`` them, then run one round's
+reference, and PPO's critic) with :func:`~rlhf_workbench.model.loading.load_policy` /
+:func:`~rlhf_workbench.train.ppo.load_critic`, build AdamW, ``prepare`` them, then run one round's
 update (``loop._update``) on a fixed synthetic batch: 16 sequences (PPO, GRPO, RLOO, KTO, SFT;
 DPO: 8 pairs) of a 64-token prompt and a 48-token completion, one micro-batch of 16 (the demo
 configs' ``micro_batch_size``: more sequences per round add micro-batches, not memory), fp32
@@ -94,7 +94,7 @@ def _batch(algorithm: str, vocab: int) -> list:
     """The synthetic global batch: ``N_SEQ`` sequences (DPO: ``N_SEQ / 2`` pairs)."""
     import torch
 
-    from rlhf_workbench.update import Sample
+    from rlhf_workbench.train.samples import Sample
 
     g = torch.Generator().manual_seed(0)
 
@@ -117,10 +117,10 @@ def one_update(algorithm: str, raw: dict) -> dict:
     import torch
 
     from rlhf_workbench.config import RunConfig
-    from rlhf_workbench.loop import _update
-    from rlhf_workbench.models import load_policy
-    from rlhf_workbench.ppo import load_critic, make_optimizer
-    from rlhf_workbench.sharding import Gatherer, make_accelerator
+    from rlhf_workbench.run.loop import _update
+    from rlhf_workbench.model.loading import load_policy
+    from rlhf_workbench.train.ppo import load_critic, make_optimizer
+    from rlhf_workbench.model.sharding import Gatherer, make_accelerator
 
     torch.set_num_threads(2)
     torch.manual_seed(0)

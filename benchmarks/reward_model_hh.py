@@ -5,7 +5,7 @@ shared data; :func:`load_preference_file`), shuffled with ``random.Random(0)``; 
 ``--heldout`` (463) are held out, the rest (1,849) train. Held-out pairs never enter training,
 selection or the feature statistics.
 
-Ours: SmolLM2-135M frozen (:mod:`rlhf_workbench.rm_features`), texts ``prompt + completion +
+Ours: SmolLM2-135M frozen (:mod:`rlhf_workbench.train.rm_features`), texts ``prompt + completion +
 eos`` left-truncated to their final 128 tokens, bf16 autocast by the ``mixed_precision: auto``
 rule, one no-grad forward per text; the hidden states of several layers are pooled in that one
 pass so that a *selection study* (pooling last / mean / mean_last x layers) runs on an inner
@@ -48,9 +48,9 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # for `import _common`
 
 import _common  # noqa: E402
 
-from rlhf_workbench.reward_model import (encode_texts, load_preference_file, load_reward_model,  # noqa: E402
+from rlhf_workbench.train.reward_model import (encode_texts, load_preference_file, load_reward_model,  # noqa: E402
                                          score_texts)
-from rlhf_workbench.rm_features import RewardHead, extract_features, fit_head, head_accuracy  # noqa: E402
+from rlhf_workbench.train.rm_features import RewardHead, extract_features, fit_head, head_accuracy  # noqa: E402
 from rlhf_workbench.stats import wilson_interval  # noqa: E402
 
 DEFAULT_DATA = Path(os.environ.get("RLHF_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) \
@@ -282,7 +282,7 @@ def main(argv=None):
 
     model, tok = load_reward_model(args.model, pooling="mean_last", layer=-1, max_tokens=args.max_tokens,
                                    mixed_precision="auto")
-    from rlhf_workbench.models import resolve_model_path
+    from rlhf_workbench.model.loading import resolve_model_path
     args.tok_dir = resolve_model_path(args.model)
     train, held, n_all = split_pairs(args.data, args.heldout, args.seed)
     log(f"{n_all} usable pairs: {len(train)} train, {len(held)} held out; mixed precision {model.mixed_precision}")

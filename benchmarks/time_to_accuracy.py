@@ -8,7 +8,7 @@ held-out strict accuracy reaches a target.
 Both systems start from the same model and train on the same task file with GRPO, one after the
 other, each in its own worker process (``_common.run_isolated``):
 
-* **ours**: the real online loop, ``rlhf_workbench.loop.run`` on ``configs/demo.yaml`` (rollout
+* **ours**: the real online loop, ``rlhf_workbench.run.loop.run`` on ``configs/demo.yaml`` (rollout
   -> verify -> rank -> update -> evaluate -> checkpoint, with its database and checkpoints), one
   optimizer step per round.
 * **TRL**: ``trl.GRPOTrainer`` (``use_vllm=False``) with the same model, the same train prompts in
@@ -29,7 +29,7 @@ correct (the strict verifier: an explicit ``Answer: <n>`` equal to the key), els
 adds a ranking bonus among correct traces (``feedback.ranking_weight``); it is set to 0 here, so
 our reward is exactly TRL's reward function.
 
-Evaluation (the same for both): ``rlhf_workbench.evaluate.evaluate`` (greedy, strict held-out
+Evaluation (the same for both): ``rlhf_workbench.evaluation.heldout.evaluate`` (greedy, strict held-out
 accuracy, ``eval.max_new_tokens`` and batch size of the config, no KL) on the first ``--eval-n``
 tasks of the loop's held-out split (the whole split, 128 tasks, by default), before training and
 after every optimizer step (the loop evaluates after every round). Ours evaluates through the loop's own per-round
@@ -96,7 +96,7 @@ def bench_config(spec: dict):
     """
     from rlhf_workbench.cli import _parse_overrides
     from rlhf_workbench.config import load_config
-    from rlhf_workbench.models import resolve_mixed_precision
+    from rlhf_workbench.model.loading import resolve_mixed_precision
 
     sets = [f"rounds={spec['max_steps']}", "feedback.ranking_weight=0", "eval.every_round=true",
             f"eval.round_subset={spec['eval_n']}", f"tasks.max_heldout={spec['eval_n']}", "eval.kl_samples=0",
@@ -110,7 +110,8 @@ def split(cfg):
     """``(train, heldout)`` tasks exactly as the loop builds them (instruction, split, ``max_heldout``)."""
     from dataclasses import replace
 
-    from rlhf_workbench.tasks import load_tasks, split_tasks
+    from rlhf_workbench.tasks.loading import load_tasks
+    from rlhf_workbench.tasks.split import split_tasks
 
     tasks = load_tasks(cfg.tasks.path, cfg.tasks.format, cfg.tasks.limit)
     if cfg.tasks.instruction:
@@ -190,7 +191,7 @@ class Clock:
 
     def evaluate(self, step: int, run_eval):
         """Evaluate after ``step`` optimizer steps with ``run_eval()`` (an
-        :class:`~rlhf_workbench.evaluate.EvalResult`). Returns ``(result, done)``."""
+        :class:`~rlhf_workbench.evaluation.heldout.EvalResult`). Returns ``(result, done)``."""
         if self._resumed is not None:
             self.wall += time.perf_counter() - self._resumed
         else:
@@ -243,7 +244,7 @@ class _Stop(Exception):
 
 
 def ours(spec: dict) -> dict:
-    """Run ``rlhf_workbench.loop.run`` on the benchmark config in a fresh run directory, with
+    """Run ``rlhf_workbench.run.loop.run`` on the benchmark config in a fresh run directory, with
     the loop's ``evaluate`` wrapped to time each evaluation (the clock stops during it) and to
     stop the run when :meth:`Clock.done`.
 
@@ -253,7 +254,7 @@ def ours(spec: dict) -> dict:
     import torch
     from rich.console import Console
 
-    import rlhf_workbench.loop as loop
+    import rlhf_workbench.run.loop as loop
 
     torch.set_num_threads(spec["threads"])
     cfg = bench_config(spec)
@@ -342,10 +343,10 @@ def trl_side(spec: dict) -> dict:
     import trl
     from transformers import AutoModelForCausalLM, set_seed
 
-    from rlhf_workbench.evaluate import evaluate
-    from rlhf_workbench.loop import prompts_for_round
-    from rlhf_workbench.models import PolicyPair, load_tokenizer, resolve_model_path
-    from rlhf_workbench.rollout import render_prompt
+    from rlhf_workbench.evaluation.heldout import evaluate
+    from rlhf_workbench.run.loop import prompts_for_round
+    from rlhf_workbench.model.loading import PolicyPair, load_tokenizer, resolve_model_path
+    from rlhf_workbench.model.rollout import render_prompt
     from rlhf_workbench.verify import verify
 
     torch.set_num_threads(spec["threads"])

@@ -122,7 +122,7 @@ def tokenize_pair(tok, prompt: str, chosen: str, rejected: str) -> dict:
 
 
 def hh_texts(data_dir: Path):
-    from rlhf_workbench.reward_model import load_preference_file
+    from rlhf_workbench.train.reward_model import load_preference_file
 
     path = data_dir / "hh-rlhf" / "harmless-base-test.jsonl.gz"
     offset = 0
@@ -136,7 +136,7 @@ def hh_texts(data_dir: Path):
 
 
 def pubmedqa_texts(data_dir: Path):
-    from rlhf_workbench.tasks import load_tasks
+    from rlhf_workbench.tasks.loading import load_tasks
 
     for t in load_tasks(data_dir / "pubmedqa" / "pqal_train.json", "pubmedqa"):
         long = (t.metadata.get("long_answer") or "").strip()
@@ -194,7 +194,8 @@ def dpo_token_stats(pairs: list[dict], batch: int) -> dict:
 def grpo_tasks(n: int):
     from dataclasses import replace
 
-    from rlhf_workbench.tasks import load_tasks, split_tasks
+    from rlhf_workbench.tasks.loading import load_tasks
+    from rlhf_workbench.tasks.split import split_tasks
 
     train, _ = split_tasks(load_tasks("bundled:arithmetic"))
     if len(train) < n:
@@ -247,7 +248,7 @@ def _ours_setup(spec, algorithm):
     import torch
     from accelerate import Accelerator
 
-    from rlhf_workbench.models import load_policy
+    from rlhf_workbench.model.loading import load_policy
 
     cfg = _run_config(spec, algorithm)
     pair = load_policy(cfg.model)  # as the loop: policy + frozen reference copy
@@ -260,7 +261,8 @@ def _ours_setup(spec, algorithm):
 
 
 def dpo_ours(spec: dict) -> dict:
-    from rlhf_workbench.update import Sample, dpo_update
+    from rlhf_workbench.train.dpo import dpo_update
+    from rlhf_workbench.train.samples import Sample
 
     rss_start = _worker_setup(spec)
     cfg, pair, accelerator, optimizer = _ours_setup(spec, "dpo")
@@ -333,7 +335,7 @@ def _trl_worker_setup(spec: dict):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlhf_workbench.models import load_tokenizer
+    from rlhf_workbench.model.loading import load_tokenizer
 
     rss_start = _worker_setup(spec)
     datasets.disable_progress_bars()
@@ -378,9 +380,10 @@ def dpo_trl(spec: dict) -> dict:
 def grpo_ours(spec: dict) -> dict:
     import torch
 
-    from rlhf_workbench.losses import group_advantages
-    from rlhf_workbench.rollout import HFEngine
-    from rlhf_workbench.update import Sample, grpo_update
+    from rlhf_workbench.train.losses import group_advantages
+    from rlhf_workbench.model.rollout import HFEngine
+    from rlhf_workbench.train.grpo import grpo_update
+    from rlhf_workbench.train.samples import Sample
     from rlhf_workbench.verify import verify
 
     rss_start = _worker_setup(spec)
@@ -424,7 +427,7 @@ def grpo_trl(spec: dict) -> dict:
     import datasets
     import trl
 
-    from rlhf_workbench.rollout import render_prompt
+    from rlhf_workbench.model.rollout import render_prompt
     from rlhf_workbench.verify import verify
 
     rss_start, tok, model = _trl_worker_setup(spec)
@@ -565,7 +568,7 @@ def bench_grpo(args, tok, peak: float) -> dict:
 
 
 def _spec(args) -> dict:
-    from rlhf_workbench.models import resolve_model_path
+    from rlhf_workbench.model.loading import resolve_model_path
 
     return {"model_path": resolve_model_path(args.model), "threads": args.threads, "seed": args.seed, "lr": args.lr,
             "optim": args.optim, "dtype": args.dtype, "beta": args.beta, "grpo_beta": args.grpo_beta,
@@ -614,7 +617,7 @@ def main(argv=None):
         f"_{args.data}" if args.algo != "grpo" and args.data != "all" else "")
     out = Path(args.out) if args.out else _common.RESULTS / f"{name}.json"
 
-    from rlhf_workbench.models import load_tokenizer, resolve_model_path
+    from rlhf_workbench.model.loading import load_tokenizer, resolve_model_path
 
     tok = load_tokenizer(resolve_model_path(args.model))
     if args.peak_from:

@@ -27,7 +27,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     """The default model's real tokenizer (from the bundled GGUF), saved alone to a directory."""
     from transformers import AutoTokenizer
 
-    from rlhf_workbench.models import bundled_gguf_path
+    from rlhf_workbench.model.loading import bundled_gguf_path
 
     gguf = bundled_gguf_path()
     out = tmp_path_factory.mktemp("tokenizer")
@@ -63,9 +63,9 @@ def seed_rollout(store, pair, texts: dict, round: int = 1, version: int = 0, tas
     """
     import torch
 
-    from rlhf_workbench.logprobs import completion_logps
-    from rlhf_workbench.loop import _store_rollout
-    from rlhf_workbench.rollout import Completion, render_prompt
+    from rlhf_workbench.model.logprobs import completion_logps
+    from rlhf_workbench.run.loop import store_rollout
+    from rlhf_workbench.model.rollout import Completion, render_prompt
 
     tasks = tasks or {t.id: t for split in ("train", "heldout") for t in store.tasks(split)}
     comps = []
@@ -77,7 +77,7 @@ def seed_rollout(store, pair, texts: dict, round: int = 1, version: int = 0, tas
             with torch.no_grad():
                 logps = completion_logps(pair.policy, full, torch.ones_like(full), len(ids))[0].tolist()
             comps.append(Completion(task_id, k, prompt, ids, logps, text, True))
-    return _store_rollout(store, round, version, {"seeded": True}, tasks, comps)
+    return store_rollout(store, round, version, {"seeded": True}, tasks, comps)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ Builds a tiny random Llama from a config with a fixed seed (nothing read from di
 tokenizer: token ids are drawn from a seeded generator), and for each case in ``CASES`` trains
 a fresh copy of it with one call of the update on the same global batch, on every process.
 PPO cases also train a fresh copy of a tiny random critic (a Llama sequence classifier with one
-label, wrapped in :class:`rlhf_workbench.ppo.Critic`), prepared like the policy (DDP).
+label, wrapped in :class:`rlhf_workbench.train.ppo.Critic`), prepared like the policy (DDP).
 The optimizer is plain SGD, so the parameter change is ``-lr ×`` the clipped global gradient
 (summed over the phase's steps) and comparing it compares gradients. The main process writes
 ``OUT_DIR/results.json`` (per case: the returned metrics, ``delta_abs_sum`` = Σ|Δθ| per
@@ -39,10 +39,15 @@ from accelerate.utils import gather_object
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from rlhf_workbench.config import RunConfig
-from rlhf_workbench.logprobs import completion_logps
-from rlhf_workbench.models import PolicyPair
-from rlhf_workbench.ppo import Critic, ppo_update
-from rlhf_workbench.update import Sample, dpo_update, grpo_update, kto_update, rloo_update, sft_update
+from rlhf_workbench.model.logprobs import completion_logps
+from rlhf_workbench.model.loading import PolicyPair
+from rlhf_workbench.train.ppo import Critic, ppo_update
+from rlhf_workbench.train.dpo import dpo_update
+from rlhf_workbench.train.grpo import grpo_update
+from rlhf_workbench.train.kto import kto_update
+from rlhf_workbench.train.rloo import rloo_update
+from rlhf_workbench.train.samples import Sample
+from rlhf_workbench.train.sft import sft_update
 
 VOCAB, PAD, TEMPERATURE = 96, 0, 0.7
 

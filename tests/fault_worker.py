@@ -36,9 +36,9 @@ def die() -> None:
 def main() -> None:
     stage, log, args = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
     assert stage in STAGES + ("none",), stage
-    from rlhf_workbench import loop
+    from rlhf_workbench.run import loop, setup
     from rlhf_workbench.cli import app
-    from rlhf_workbench.rollout import Completion, render_prompt
+    from rlhf_workbench.model.rollout import Completion, render_prompt
     from rlhf_workbench.store import Store
 
     class CannedEngine:
@@ -65,7 +65,7 @@ def main() -> None:
         def sync_weights(self, policy) -> None:
             pass
 
-    loop.HFEngine = CannedEngine
+    setup.HFEngine = CannedEngine
 
     def before(name: str, fn, when=lambda *a, **k: True):
         def wrapped(*a, **k):
@@ -93,7 +93,7 @@ def main() -> None:
 
     loop.save_policy = save_half_then_die
     Store.publish_version = before("publish", Store.publish_version, lambda self, version, *a, **k: version >= 1)
-    loop._prune_checkpoints = before("prune", loop._prune_checkpoints)
+    loop.prune_checkpoints = before("prune", loop.prune_checkpoints)
     app(args)
 
 

@@ -9,7 +9,7 @@ DPO with an empty shard, KTO, PPO with its critic) a fresh copy of the tiny rand
 trained with one call of the update, with SGD (the parameter change is ``-lr ×`` the clipped
 global gradient). One process runs ``distributed_update.run_case`` unchanged. Under FSDP the
 policy, the critic and the frozen reference are sharded by
-:meth:`rlhf_workbench.sharding.Gatherer.prepare`, as the loop does; afterwards the full
+:meth:`rlhf_workbench.model.sharding.Gatherer.prepare`, as the loop does; afterwards the full
 parameters are gathered onto the main process (:meth:`Gatherer.for_main`, the path the loop's
 checkpoints take). The main process writes ``OUT_DIR/results.json`` (per case: metrics,
 ``sharded``: whether policy / reference / critic were FSDP modules and the fraction of the
@@ -33,9 +33,9 @@ from distributed_update import CASES as ALL_CASES  # noqa: E402
 from distributed_update import PAD, _flat, _ppo, base_critic, base_model, batches, run_case  # noqa: E402
 
 from rlhf_workbench.config import RunConfig  # noqa: E402
-from rlhf_workbench.models import PolicyPair  # noqa: E402
-from rlhf_workbench.ppo import Critic  # noqa: E402
-from rlhf_workbench.sharding import Gatherer, is_fsdp, is_sharded, make_accelerator  # noqa: E402
+from rlhf_workbench.model.loading import PolicyPair  # noqa: E402
+from rlhf_workbench.train.ppo import Critic  # noqa: E402
+from rlhf_workbench.model.sharding import Gatherer, is_fsdp, is_sharded, make_accelerator  # noqa: E402
 
 CASES = {name: ALL_CASES[name] for name in ("grpo", "dpo", "kto", "ppo")}
 

@@ -3,14 +3,15 @@
 import pytest
 from sqlalchemy import select
 
-from rlhf_workbench.adjudication import (ADJUDICATED, adjudicate, disputes, is_disputed, item_agreement,
+from rlhf_workbench.human.adjudication import (ADJUDICATED, adjudicate, disputes, is_disputed, item_agreement,
                                          pair_tau)
-from rlhf_workbench.annotation import (AnnotationError, claim_item, consume_human_rankings, create_user,
-                                       human_scores, save_annotation)
+from rlhf_workbench.human.accounts import create_user
+from rlhf_workbench.human.annotation import claim_item, consume_human_rankings, human_scores, save_annotation
+from rlhf_workbench.human.errors import AnnotationError
 from rlhf_workbench.config import ModelConfig, RunConfig
-from rlhf_workbench.models import load_policy
+from rlhf_workbench.model.loading import load_policy
 from rlhf_workbench.store import Annotation, RankingRow, Store
-from rlhf_workbench.tasks import Task
+from rlhf_workbench.tasks.task import Task
 
 from conftest import seed_rollout
 
@@ -128,8 +129,8 @@ def test_clinical_annotate_config_loads():
     from pathlib import Path
 
     from rlhf_workbench.config import load_config
-    from rlhf_workbench.guidelines import load_guidelines
-    from rlhf_workbench.tasks import load_tasks
+    from rlhf_workbench.human.guidelines import load_guidelines
+    from rlhf_workbench.tasks.loading import load_tasks
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "clinical_annotate.yaml")
     assert cfg.feedback.source == "human" and cfg.feedback.annotators_per_item == 2

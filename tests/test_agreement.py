@@ -5,12 +5,13 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import select, update
 
-from rlhf_workbench.agreement import agreement_summary, rankings_per_hour
-from rlhf_workbench.annotation import claim_item, create_user, save_annotation
-from rlhf_workbench.loop import _store_rollout
-from rlhf_workbench.rollout import Completion
+from rlhf_workbench.human.agreement import agreement_summary, rankings_per_hour
+from rlhf_workbench.human.accounts import create_user
+from rlhf_workbench.human.annotation import claim_item, save_annotation
+from rlhf_workbench.run.loop import store_rollout
+from rlhf_workbench.model.rollout import Completion
 from rlhf_workbench.store import Annotation, CompletionRow, Store
-from rlhf_workbench.tasks import Task
+from rlhf_workbench.tasks.task import Task
 
 
 def make_store(tmp_path, n_tasks: int, traces_per_task: int, users: list[str]):
@@ -22,7 +23,7 @@ def make_store(tmp_path, n_tasks: int, traces_per_task: int, users: list[str]):
     store.publish_version(0, None, "base", None, {}, round=0)
     comps = [Completion(t.id, k, [1], [2], [-0.5], f"{int(t.answer)}" + " ." * k + f"\nAnswer: {t.answer}", True)
              for t in tasks for k in range(traces_per_task)]
-    rid = _store_rollout(store, 1, 0, {}, {t.id: t for t in tasks}, comps)
+    rid = store_rollout(store, 1, 0, {}, {t.id: t for t in tasks}, comps)
     with store.session() as s:
         ids: dict[str, list[int]] = {}
         for c in s.scalars(select(CompletionRow).order_by(CompletionRow.id)):

@@ -3,12 +3,13 @@
 import pytest
 from sqlalchemy import select
 
-from rlhf_workbench.annotation import (AnnotationError, authenticate, check_password, claim_item, create_user,
-                                       hash_password, human_scores, next_item, save_annotation)
+from rlhf_workbench.human.accounts import authenticate, check_password, create_user, hash_password
+from rlhf_workbench.human.annotation import claim_item, human_scores, next_item, save_annotation
+from rlhf_workbench.human.errors import AnnotationError
 from rlhf_workbench.config import ModelConfig
-from rlhf_workbench.models import load_policy
+from rlhf_workbench.model.loading import load_policy
 from rlhf_workbench.store import Annotation, Store
-from rlhf_workbench.tasks import Task
+from rlhf_workbench.tasks.task import Task
 
 from conftest import seed_rollout
 

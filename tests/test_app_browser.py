@@ -88,10 +88,10 @@ def seed_first_rollout(cfg, out: Path) -> int:
     log-probs of the tiny policy at the rollout temperature, verified by the verifier."""
     import torch
 
-    from rlhf_workbench.logprobs import completion_logps
-    from rlhf_workbench.loop import _store_rollout
-    from rlhf_workbench.models import load_policy
-    from rlhf_workbench.rollout import Completion, pad_batch, render_prompt
+    from rlhf_workbench.model.logprobs import completion_logps
+    from rlhf_workbench.run.loop import store_rollout
+    from rlhf_workbench.model.loading import load_policy
+    from rlhf_workbench.model.rollout import Completion, pad_batch, render_prompt
     from rlhf_workbench.store import Store
 
     store = Store(cfg.db_url, out)
@@ -110,7 +110,7 @@ def seed_first_rollout(cfg, out: Path) -> int:
         for k, (text, tids) in enumerate(zip(texts, token_ids)):
             comps.append(Completion(t.id, k, prompt, tids, lp[k, : len(tids)].tolist(), text, True))
     settings = {**cfg.rollout.model_dump(), "do_sample": False, "source": "hand-written test traces"}
-    return _store_rollout(store, 1, 0, settings, {t.id: t for t in tasks}, comps)
+    return store_rollout(store, 1, 0, settings, {t.id: t for t in tasks}, comps)
 
 
 @pytest.fixture
@@ -132,9 +132,10 @@ def test_annotate_train_publish_in_browser(browser, tiny_model_dir, tmp_path, mo
     from playwright.sync_api import expect
     from sqlalchemy import select
 
-    from rlhf_workbench import loop as loop_mod
-    from rlhf_workbench.annotation import create_user, next_item
-    from rlhf_workbench.app import launch
+    from rlhf_workbench.run import loop as loop_mod
+    from rlhf_workbench.human.accounts import create_user
+    from rlhf_workbench.human.annotation import next_item
+    from rlhf_workbench.app.build import launch
     from rlhf_workbench.stats import wilson_interval
     from rlhf_workbench.store import Annotation, PreferencePair, RankingRow, Store
 

@@ -19,8 +19,8 @@ from test_app_browser import PASSWORD, USER, _free_port, api_call, browser, make
 def served(request, browser, tiny_model_dir, tmp_path):  # noqa: F811
     """The app on a loopback port over a hand-written round 1 (``feedback.mode`` the fixture's
     parameter, ranking by default); yields (page, store, user_id, rollout_id)."""
-    from rlhf_workbench.annotation import create_user
-    from rlhf_workbench.app import launch
+    from rlhf_workbench.human.accounts import create_user
+    from rlhf_workbench.app.build import launch
 
     out = tmp_path / "run"
     out.mkdir()
@@ -47,7 +47,7 @@ def seed_item(cfg, out, model_dir):
     """A store in ``out`` holding round 1 of one task (q0) with four traces: two identical up to
     whitespace (one collapsed entry), one more verified, one wrong. Returns (store, rollout_id)."""
     from rlhf_workbench.config import ModelConfig
-    from rlhf_workbench.models import load_policy
+    from rlhf_workbench.model.loading import load_policy
     from rlhf_workbench.store import Store
 
     store = Store(cfg.db_url, out)
@@ -62,7 +62,7 @@ def seed_item(cfg, out, model_dir):
 def _tasks(cfg):
     import json
 
-    from rlhf_workbench.tasks import Task
+    from rlhf_workbench.tasks.task import Task
 
     with open(cfg.tasks.path) as f:
         return [Task(id=r["id"], question=r["question"], answer=r["answer"]) for r in map(json.loads, f)][:1]
@@ -72,7 +72,7 @@ def _tasks(cfg):
 def test_identical_traces_are_one_entry_in_the_page(served):
     from playwright.sync_api import expect
 
-    from rlhf_workbench.items import shown_entries
+    from rlhf_workbench.human.duplicates import shown_entries
     from rlhf_workbench.store import Annotation
 
     page, store, uid, rid = served
@@ -100,7 +100,7 @@ def test_pairwise_mode_key_1_stores_a_over_b(served):
     import httpx
     from playwright.sync_api import expect
 
-    from rlhf_workbench.pairwise import choose_pair
+    from rlhf_workbench.human.pairwise import choose_pair
     from rlhf_workbench.store import Annotation
 
     page, store, uid, rid = served

@@ -7,7 +7,7 @@ guidelines, not an item; "Start annotating" stores the acknowledgement and serve
 pairwise mode; the Guidelines tab shows them again on demand. Her "A is better" (key 1) and a
 second annotator's opposite judgment make the item disputed: an admin sees both rankings in the
 Adjudicate tab and submits his own. The worker's consumption (the loop's ``_record_rankings``
-inside :func:`rlhf_workbench.annotation.consume_human_rankings`) then records the admin's order
+inside :func:`rlhf_workbench.human.annotation.consume_human_rankings`) then records the admin's order
 and nothing of the two annotators'.
 """
 
@@ -36,13 +36,14 @@ def _login(page, port: int, user: str) -> None:
 def test_guidelines_pairwise_duplicate_and_adjudication(browser, tiny_model_dir, tmp_path):  # noqa: F811
     from playwright.sync_api import expect
 
-    from rlhf_workbench.adjudication import ADJUDICATED
-    from rlhf_workbench.annotation import claim_item, consume_human_rankings, create_user
-    from rlhf_workbench.app import launch
-    from rlhf_workbench.guidelines import has_acknowledged, load_guidelines
-    from rlhf_workbench.items import shown_entries
-    from rlhf_workbench.loop import _record_rankings
-    from rlhf_workbench.pairwise import save_pairwise
+    from rlhf_workbench.human.adjudication import ADJUDICATED
+    from rlhf_workbench.human.accounts import create_user
+    from rlhf_workbench.human.annotation import claim_item, consume_human_rankings
+    from rlhf_workbench.app.build import launch
+    from rlhf_workbench.human.guidelines import has_acknowledged, load_guidelines
+    from rlhf_workbench.human.duplicates import shown_entries
+    from rlhf_workbench.run.loop import _record_rankings
+    from rlhf_workbench.human.pairwise import save_pairwise
     from rlhf_workbench.store import Annotation, ItemClaim, RankingRow, Store
 
     out = tmp_path / "run"
@@ -144,10 +145,10 @@ def test_guidelines_and_adjudicate_handlers_check_the_role(tmp_path):
     Adjudicate tab's handlers the admin role."""
     from test_app_security import PASSWORD as PW, _refused, client, queue_call
 
-    from rlhf_workbench.annotation import create_user
-    from rlhf_workbench.app import launch
+    from rlhf_workbench.human.accounts import create_user
+    from rlhf_workbench.app.build import launch
     from rlhf_workbench.config import RunConfig
-    from rlhf_workbench.guidelines import has_acknowledged, load_guidelines
+    from rlhf_workbench.human.guidelines import has_acknowledged, load_guidelines
     from rlhf_workbench.store import Store
 
     out = tmp_path / "run"

@@ -50,8 +50,8 @@ def _kto_cfg(model_dir, tasks_path, rounds: int):
 
 def _greedy_answer(cfg, checkpoint, task) -> str:
     """The answer the playground shows for ``task`` from a checkpoint (None: the base model)."""
-    from rlhf_workbench.models import load_policy
-    from rlhf_workbench.rollout import generate
+    from rlhf_workbench.model.loading import load_policy
+    from rlhf_workbench.model.rollout import generate
 
     pair = load_policy(cfg.model, checkpoint=checkpoint)
     return generate(pair.policy.eval(), pair.tokenizer, [task], num_generations=1, do_sample=False,
@@ -62,13 +62,13 @@ def _greedy_answer(cfg, checkpoint, task) -> str:
 def test_playground_thumbs_train_the_next_kto_round(browser, tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
     from playwright.sync_api import expect
 
-    from rlhf_workbench import loop as loop_mod
-    from rlhf_workbench.annotation import create_user
-    from rlhf_workbench.app import launch
-    from rlhf_workbench.models import load_tokenizer
-    from rlhf_workbench.rollout import render_prompt
+    from rlhf_workbench.run import loop as loop_mod
+    from rlhf_workbench.human.accounts import create_user
+    from rlhf_workbench.app.build import launch
+    from rlhf_workbench.model.loading import load_tokenizer
+    from rlhf_workbench.model.rollout import render_prompt
     from rlhf_workbench.store import BinaryFeedback, Store
-    from rlhf_workbench.tasks import Task
+    from rlhf_workbench.tasks.task import Task
 
     out = tmp_path / "run"
     tasks_path = write_tasks(tmp_path / "tasks.jsonl")

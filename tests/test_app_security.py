@@ -41,8 +41,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    from rlhf_workbench.annotation import create_user
-    from rlhf_workbench.app import launch
+    from rlhf_workbench.human.accounts import create_user
+    from rlhf_workbench.app.build import launch
     from rlhf_workbench.config import RunConfig
     from test_assignment import seed
 
@@ -109,7 +109,7 @@ def _routes(routes):
 
 
 def test_unauthenticated_calls_to_every_route_are_401(app):
-    from rlhf_workbench.auth import PUBLIC_PATHS, PUBLIC_PREFIXES
+    from rlhf_workbench.app.auth import PUBLIC_PATHS, PUBLIC_PREFIXES
 
     demo, url, _ = app
     checked = []

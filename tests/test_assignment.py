@@ -11,13 +11,15 @@ import time
 import pytest
 from sqlalchemy import func, select, update
 
-from rlhf_workbench.annotation import (AnnotationError, claim_item, consume_human_rankings, create_user,
-                                       human_scores, next_item, save_annotation, wait_for_human_rankings)
+from rlhf_workbench.human.accounts import create_user
+from rlhf_workbench.human.annotation import (claim_item, consume_human_rankings, human_scores, next_item,
+                                             save_annotation, wait_for_human_rankings)
+from rlhf_workbench.human.errors import AnnotationError
 from rlhf_workbench.config import RunConfig
-from rlhf_workbench.loop import _record_rankings, _store_rollout
-from rlhf_workbench.rollout import Completion
+from rlhf_workbench.run.loop import _record_rankings, store_rollout
+from rlhf_workbench.model.rollout import Completion
 from rlhf_workbench.store import Annotation, CompletionRow, ItemClaim, Store, VerificationRow
-from rlhf_workbench.tasks import Task
+from rlhf_workbench.tasks.task import Task
 
 
 def seed(url: str, n_tasks: int, n_users: int, round: int = 1, wrong_only: tuple[str, ...] = ()) -> dict:
@@ -36,7 +38,7 @@ def seed(url: str, n_tasks: int, n_users: int, round: int = 1, wrong_only: tuple
         comps += [Completion(t.id, 0, [1], [5], [-0.1], good, True),
                   Completion(t.id, 1, [1], [6], [-0.1], f"{t.question[8:-1]} = {t.answer}\n{good}", True),
                   Completion(t.id, 2, [1], [7], [-0.1], "Answer: -1", True)]
-    rid = _store_rollout(store, round, round - 1, {}, {t.id: t for t in tasks}, comps)
+    rid = store_rollout(store, round, round - 1, {}, {t.id: t for t in tasks}, comps)
     users = [create_user(store, f"user{i}", "password-123") for i in range(n_users)]
     return {"store": store, "rid": rid, "tasks": [t.id for t in tasks], "users": users}
 
@@ -86,11 +88,11 @@ def test_items_outside_the_open_round_or_not_served_are_refused_and_not_counted(
         save_annotation(store, bob, rid, other.task.id, "submitted", {t.completion_id: 0 for t in other.verified})
     store.publish_version(1, 0, "grpo", None, {}, round=1)
     comps = [Completion("t00", k, [1], [5], [-0.1], "Answer: 1", True) for k in range(2)]
-    rid2 = _store_rollout(store, 2, 1, {}, {"t00": Task(id="t00", question="What is 0 + 1?", answer="1")}, comps)
+    rid2 = store_rollout(store, 2, 1, {}, {"t00": Task(id="t00", question="What is 0 + 1?", answer="1")}, comps)
     with pytest.raises(AnnotationError, match="already used for training"):
         claim_item(store, bob, rid, "t01")
     # An older rollout without rankings (as a crashed or duplicate run can leave) is not open.
-    orphan = _store_rollout(store, 0, 0, {}, {"t00": Task(id="t00", question="What is 0 + 1?", answer="1")}, comps)
+    orphan = store_rollout(store, 0, 0, {}, {"t00": Task(id="t00", question="What is 0 + 1?", answer="1")}, comps)
     with pytest.raises(AnnotationError, match="not open for annotation; the open round is 2"):
         claim_item(store, bob, orphan, "t00")
     assert next_item(store, bob).rollout_id == rid2

@@ -4,15 +4,16 @@ reward 0, and counts as a false accept in the verifier's audited precision."""
 import pytest
 from sqlalchemy import null, select, update
 
-from rlhf_workbench.annotation import (AnnotationError, claim_item, create_user, human_scores, next_item,
-                                       save_annotation, verifier_audit)
+from rlhf_workbench.human.accounts import create_user
+from rlhf_workbench.human.annotation import claim_item, human_scores, next_item, save_annotation, verifier_audit
+from rlhf_workbench.human.errors import AnnotationError
 from rlhf_workbench.config import RunConfig
-from rlhf_workbench.dashboard import audit_md
-from rlhf_workbench.loop import _record_rankings, _store_rollout
-from rlhf_workbench.rollout import Completion
+from rlhf_workbench.app.dashboard import audit_md
+from rlhf_workbench.run.loop import _record_rankings, store_rollout
+from rlhf_workbench.model.rollout import Completion
 from rlhf_workbench.stats import wilson_interval
 from rlhf_workbench.store import Annotation, PreferencePair, Store
-from rlhf_workbench.tasks import Task
+from rlhf_workbench.tasks.task import Task
 
 T1 = Task(id="t1", question="What is 2 + 2?", answer="4")
 T2 = Task(id="t2", question="What is 3 + 5?", answer="8")
@@ -28,7 +29,7 @@ def seeded(tmp_path):
     store.publish_version(0, None, "base", None, {}, round=0)
     comps = [Completion(t, k, [1], [5 + k], [-0.1], text, True) for t, texts in TEXTS.items()
              for k, text in enumerate(texts)]
-    rid = _store_rollout(store, 1, 0, {}, {"t1": T1, "t2": T2}, comps)
+    rid = store_rollout(store, 1, 0, {}, {"t1": T1, "t2": T2}, comps)
     ids = {}
     for c in store.rollout_for_round(1).completions:
         ids.setdefault(c.task_id, []).append(c.id)

@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from rlhf_workbench.annotation import AnnotationError, authenticate, create_user
-from rlhf_workbench.auth import ExpiringTokens, LoginPolicy, LoginThrottled, NotAllowed, allowed, login, require
+from rlhf_workbench.human.accounts import authenticate, create_user
+from rlhf_workbench.human.errors import AnnotationError
+from rlhf_workbench.app.auth import ExpiringTokens, LoginPolicy, LoginThrottled, NotAllowed, allowed, login, require
 from rlhf_workbench.store import Store
 
 

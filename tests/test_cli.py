@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from rlhf_workbench.annotation import authenticate
+from rlhf_workbench.human.accounts import authenticate
 from rlhf_workbench.cli import app
 from rlhf_workbench.store import Store
 
@@ -87,7 +87,7 @@ def test_export_errors(tmp_path):
 
 
 def test_worker_forces_human_feedback(tmp_path, monkeypatch):
-    import rlhf_workbench.loop as loop_mod
+    import rlhf_workbench.run.loop as loop_mod
 
     seen = {}
     monkeypatch.setattr(loop_mod, "run", lambda cfg, out, console=None: seen.update(cfg=cfg, out=out))

@@ -1,4 +1,4 @@
-"""Constitutional self-critique and revision (rlhf_workbench.constitution): loading a constitution,
+"""Constitutional self-critique and revision (rlhf_workbench.feedback.constitution): loading a constitution,
 keeping a (revision > original) pair only with evidence, storing it and training DPO on it.
 
 The critic here is a small callable that writes fixed critique/revision TEXT, so that which
@@ -16,16 +16,16 @@ from accelerate import Accelerator
 from sqlalchemy import select
 
 from conftest import seed_rollout
-from rlhf_workbench import loop as loop_mod
+from rlhf_workbench.run import loop as loop_mod
 from rlhf_workbench.config import ConfigError, ModelConfig, RunConfig, load_config
-from rlhf_workbench.constitution import (ConstitutionError, clean_revision, critique_and_revise, load_constitution,
+from rlhf_workbench.feedback.constitution import (ConstitutionError, clean_revision, critique_and_revise, load_constitution,
                                          select_originals)
-from rlhf_workbench.judge import PairwiseJudge
-from rlhf_workbench.logprobs import completion_logps
-from rlhf_workbench.models import load_policy
+from rlhf_workbench.feedback.judge import PairwiseJudge
+from rlhf_workbench.model.logprobs import completion_logps
+from rlhf_workbench.model.loading import load_policy
 from rlhf_workbench.store import CompletionRow, PreferencePair, Store
-from rlhf_workbench.tasks import Task
-from rlhf_workbench.update import dpo_update
+from rlhf_workbench.tasks.task import Task
+from rlhf_workbench.train.dpo import dpo_update
 
 TASKS = [Task("t1", "What is 2 + 3?", "5", "number"), Task("t2", "What is 4 + 4?", "8", "number")]
 REVISIONS = {"2 + 3": "2 plus 3 makes 5.\nAnswer: 5", "4 + 4": "4 plus 4 makes 9.\nAnswer: 9"}
@@ -85,7 +85,7 @@ def test_bundled_constitution_is_illustrative_and_parses():
     assert [p.name for p in c.principles] == ["evidence", "uncertainty", "safety", "clarity", "answer"]
     assert all(p.critique.startswith("Identify") or p.critique.startswith("Check") for p in c.principles)
     assert all(p.revision.startswith("Rewrite") for p in c.principles)
-    from rlhf_workbench.constitution import resolve_constitution
+    from rlhf_workbench.feedback.constitution import resolve_constitution
 
     assert "NOT CLINICAL GUIDANCE" in resolve_constitution("bundled:medical").read_text()
     assert clean_revision("  **Revised response:** Answer: 5 ") == "Answer: 5"
@@ -243,12 +243,12 @@ def test_origin_column_added_to_an_older_database(db_url):
     PostgreSQL), and its completions read as sampled ones."""
     from sqlalchemy import text
 
-    from rlhf_workbench.rollout import Completion
+    from rlhf_workbench.model.rollout import Completion
 
     store = Store(db_url)
     store.add_tasks(TASKS[:1], "train")
     store.publish_version(0, None, "base", None, {}, round=0)
-    loop_mod._store_rollout(store, 1, 0, {}, {"t1": TASKS[0]}, [Completion("t1", 0, [1, 2], [5], [-0.5], "Answer: 5", True)])
+    loop_mod.store_rollout(store, 1, 0, {}, {"t1": TASKS[0]}, [Completion("t1", 0, [1, 2], [5], [-0.5], "Answer: 5", True)])
     with store.engine.begin() as conn:
         conn.execute(text("ALTER TABLE completions DROP COLUMN origin"))
     store.engine.dispose()

@@ -15,7 +15,8 @@ import threading
 import pytest
 from sqlalchemy import select
 
-from rlhf_workbench.annotation import AnnotationError, claim_item, consume_human_rankings, save_annotation
+from rlhf_workbench.human.annotation import claim_item, consume_human_rankings, save_annotation
+from rlhf_workbench.human.errors import AnnotationError
 from rlhf_workbench.config import RunConfig
 from rlhf_workbench.store import Annotation
 from test_assignment import record_with, seed, url, verified_ids  # noqa: F401 - url is a fixture

@@ -4,7 +4,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from rlhf_workbench.drift import (Judgment, drift_series, drift_warning, model_tau, peer_taus,
+from rlhf_workbench.human.drift import (Judgment, drift_series, drift_warning, model_tau, peer_taus,
                                   window_means)
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -64,13 +64,14 @@ def test_drift_series_per_annotator_and_overall():
 def test_drift_summary_from_the_database(tiny_model_dir, tmp_path):
     """Model scores from the run's rule sources (length: shorter is better) when no automatic
     ranking is stored; the dashboard's markdown shows the warning."""
-    from rlhf_workbench.annotation import claim_item, create_user, save_annotation
+    from rlhf_workbench.human.accounts import create_user
+    from rlhf_workbench.human.annotation import claim_item, save_annotation
     from rlhf_workbench.config import ModelConfig
-    from rlhf_workbench.dashboard import drift_md
-    from rlhf_workbench.drift import drift_summary
-    from rlhf_workbench.models import load_policy
+    from rlhf_workbench.app.dashboard import drift_md
+    from rlhf_workbench.human.drift import drift_summary
+    from rlhf_workbench.model.loading import load_policy
     from rlhf_workbench.store import Store
-    from rlhf_workbench.tasks import Task
+    from rlhf_workbench.tasks.task import Task
 
     from conftest import seed_rollout
 

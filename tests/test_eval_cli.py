@@ -144,9 +144,10 @@ def digit_setup(tiny_model_dir, tmp_path_factory, single_thread):
     a task file whose answers are 7 or 3, and a reward model saved with its scalar head."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_workbench.reward_model import load_reward_model
-    from rlhf_workbench.rollout import render_prompt
-    from rlhf_workbench.tasks import Task, save_tasks
+    from rlhf_workbench.train.reward_model import load_reward_model
+    from rlhf_workbench.model.rollout import render_prompt
+    from rlhf_workbench.tasks.loading import save_tasks
+    from rlhf_workbench.tasks.task import Task
 
     root = tmp_path_factory.mktemp("digits")
     tasks = [Task(f"d{i:02d}", q, str(a)) for i, (q, a) in enumerate(DIGIT_QUESTIONS)]
@@ -245,7 +246,8 @@ def test_eval_takes_split_and_reference_from_the_run(tiny_model_dir, digit_setup
     """A checkpoint inside a run: its config gives the questions (held-out split, instruction,
     eval settings) and its base model is the reference."""
     from rlhf_workbench.store import Store
-    from rlhf_workbench.tasks import load_tasks, split_tasks
+    from rlhf_workbench.tasks.loading import load_tasks
+    from rlhf_workbench.tasks.split import split_tasks
 
     run = tmp_path / "run"
     instruction = "Reply with the result only, as 'Answer: <number>'."
@@ -360,7 +362,7 @@ def test_compare_pubmedqa(tiny_model_dir, digit_setup, shared_data, tmp_path):
 
 def test_llm_judge_win_rates(tiny_model_dir, digit_setup, tmp_path):
     """The LLM judge (a local chat model, both presentation orders) as a second win-rate judge."""
-    pytest.importorskip("rlhf_workbench.judge")
+    pytest.importorskip("rlhf_workbench.feedback.judge")
     out = tmp_path / "judge.json"
     r = invoke("compare", digit_setup["a"], digit_setup["b"], "--tasks", digit_setup["tasks"], "--split", "all",
                "--limit", 4, "--max-new-tokens", 1, "--judge-model", tiny_model_dir, "--bootstrap", 200, "--out", out)

@@ -4,13 +4,14 @@ import json
 
 import pytest
 
-from rlhf_workbench.annotation import claim_item, create_user, human_scores, save_annotation
+from rlhf_workbench.human.accounts import create_user
+from rlhf_workbench.human.annotation import claim_item, human_scores, save_annotation
 from rlhf_workbench.config import RunConfig
-from rlhf_workbench.export import export_preferences, preference_rows
-from rlhf_workbench.loop import _record_rankings, _rule_scores, _store_rollout
-from rlhf_workbench.rollout import Completion
+from rlhf_workbench.human.export import export_preferences, preference_rows
+from rlhf_workbench.run.loop import _record_rankings, _rule_scores, store_rollout
+from rlhf_workbench.model.rollout import Completion
 from rlhf_workbench.store import Store, VerificationRow
-from rlhf_workbench.tasks import Task
+from rlhf_workbench.tasks.task import Task
 
 INSTRUCTION = "Reply with the result only, as 'Answer: <number>'."
 T1 = Task(id="t1", question="What is 2 + 2?", answer="4")
@@ -28,7 +29,7 @@ def build_store(tmp_path, db_url=None):
     c1 = [Completion("t1", 0, [1], [5, 6, 7], [-0.1] * 3, "2 + 2 = 4\nAnswer: 4", True),
           Completion("t1", 1, [1], [8], [-0.2], "Answer: 5", True),
           Completion("t1", 2, [1], [9], [-0.3], "4", True)]
-    _store_rollout(store, 1, 0, {}, {"t1": T1}, c1)
+    store_rollout(store, 1, 0, {}, {"t1": T1}, c1)
     r1 = store.rollout_for_round(1)
     _record_rankings(store, r1, "rules", _rule_scores(r1, cfg)[0], set(), cfg)
     store.publish_version(1, 0, "dpo", None, {}, round=1)
@@ -36,7 +37,7 @@ def build_store(tmp_path, db_url=None):
     c2 = [Completion("t2", 0, [1], [5, 6, 7], [-0.1] * 3, "3 + 5 = 8\nAnswer: 8", True),
           Completion("t2", 1, [1], [8], [-0.2], "Answer: 8", True),
           Completion("t2", 2, [1], [9], [-0.3], "Answer: 9", True)]
-    rid2 = _store_rollout(store, 2, 1, {}, {"t2": T2}, c2)
+    rid2 = store_rollout(store, 2, 1, {}, {"t2": T2}, c2)
     a_id, b_id, wrong = (c.id for c in store.rollout_for_round(2).completions)
     ann = create_user(store, "ann", "password-1")
     bob = create_user(store, "bob", "password-2")

@@ -22,11 +22,11 @@ import pytest
 import torch
 
 from rlhf_workbench.config import ModelConfig
-from rlhf_workbench.logprobs import completion_logps, packed_logps
-from rlhf_workbench.models import load_policy
-from rlhf_workbench.rollout import (HFEngine, _common_prefix, _pick, generate, packed_linears, pad_batch,
+from rlhf_workbench.model.logprobs import completion_logps, packed_logps
+from rlhf_workbench.model.loading import load_policy
+from rlhf_workbench.model.rollout import (HFEngine, _common_prefix, _pick, generate, packed_linears, pad_batch,
                                    render_prompt)
-from rlhf_workbench.tasks import Task
+from rlhf_workbench.tasks.task import Task
 
 
 def _pair(path, mp="no"):

@@ -127,9 +127,10 @@ def _check_acknowledged(store: Store, users: list[str], acked: set) -> tuple[int
 
 @pytest.mark.slow
 def test_worker_killed_at_every_stage(tiny_model_dir, tmp_path):
-    from rlhf_workbench.annotation import create_user
-    from rlhf_workbench.loop import prompts_for_round
-    from rlhf_workbench.tasks import Task, save_tasks
+    from rlhf_workbench.human.accounts import create_user
+    from rlhf_workbench.run.loop import prompts_for_round
+    from rlhf_workbench.tasks.loading import save_tasks
+    from rlhf_workbench.tasks.task import Task
 
     bench = _load_benchmark()
     run = tmp_path / "run"

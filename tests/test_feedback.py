@@ -1,8 +1,8 @@
 """Ranking, rank rewards and preference pairs: a wrong trace is never preferred."""
 
 from rlhf_workbench.config import FeedbackSource
-from rlhf_workbench.feedback import RuleRanker, build_pairs, completion_rewards, rank_group, rank_rewards
-from rlhf_workbench.rollout import Completion
+from rlhf_workbench.feedback.sources import RuleRanker, build_pairs, completion_rewards, rank_group, rank_rewards
+from rlhf_workbench.model.rollout import Completion
 from rlhf_workbench.verify import Verification
 
 
@@ -60,8 +60,8 @@ import re  # noqa: E402
 import pytest  # noqa: E402
 
 from rlhf_workbench.config import ConfigError, FeedbackConfig, load_config  # noqa: E402
-from rlhf_workbench.feedback import MixedRanker, make_ranker, rule_score, zscore  # noqa: E402
-from rlhf_workbench.tasks import Task  # noqa: E402
+from rlhf_workbench.feedback.sources import MixedRanker, make_ranker, rule_score, zscore  # noqa: E402
+from rlhf_workbench.tasks.task import Task  # noqa: E402
 
 TASK = Task(id="t", question="What is 2 + 3?", answer="5")
 
@@ -112,7 +112,7 @@ def test_mixed_rules_and_judge_weighted_sum():
 def test_mixed_reward_model_is_zscored_score_texts(tiny_model_dir, tmp_path):
     import torch
 
-    from rlhf_workbench.reward_model import load_reward_model, score_texts
+    from rlhf_workbench.train.reward_model import load_reward_model, score_texts
 
     torch.manual_seed(0)
     model, tok = load_reward_model(str(tiny_model_dir))

@@ -4,8 +4,8 @@ import hashlib
 
 import pytest
 
-from rlhf_workbench.annotation import create_user
-from rlhf_workbench.guidelines import acknowledge, guidelines_path, has_acknowledged, load_guidelines
+from rlhf_workbench.human.accounts import create_user
+from rlhf_workbench.human.guidelines import acknowledge, guidelines_path, has_acknowledged, load_guidelines
 from rlhf_workbench.store import Store
 
 

@@ -1,4 +1,4 @@
-"""The classic pipeline (rlhf_workbench.pipeline): SFT warm-up -> proxy RM -> loop -> gold-RM win rate."""
+"""The classic pipeline (rlhf_workbench.run.stages): SFT warm-up -> proxy RM -> loop -> gold-RM win rate."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlhf_workbench import loop as loop_mod
+from rlhf_workbench.run import loop as loop_mod
 from rlhf_workbench.config import PipelineConfig, RunConfig
-from rlhf_workbench.evaluate import win_value
-from rlhf_workbench.pipeline import resolve_run_paths, stage_tasks, task_pairs
+from rlhf_workbench.evaluation.scoring import win_value
+from rlhf_workbench.run.stages import resolve_run_paths, stage_tasks, task_pairs
 from rlhf_workbench.stats import mean_estimate
-from rlhf_workbench.tasks import load_tasks
+from rlhf_workbench.tasks.loading import load_tasks
 
 QUESTIONS = ["How do I pick a lock?", "What is a good way to insult someone?", "How can I cook rice?",
              "Tell me a joke about cats.", "How do I make my neighbour's dog sick?", "What is the capital of France?",

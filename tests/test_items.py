@@ -3,12 +3,14 @@
 import pytest
 from sqlalchemy import select
 
-from rlhf_workbench.annotation import claim_item, create_user, human_scores
+from rlhf_workbench.human.accounts import create_user
+from rlhf_workbench.human.annotation import claim_item, human_scores
 from rlhf_workbench.config import ModelConfig
-from rlhf_workbench.items import expand_to_copies, group_traces, normalise, save_grouped, shown_entries
-from rlhf_workbench.models import load_policy
+from rlhf_workbench.human.duplicates import expand_to_copies, group_traces, save_grouped, shown_entries
+from rlhf_workbench.human.items import normalise
+from rlhf_workbench.model.loading import load_policy
 from rlhf_workbench.store import Annotation, Store
-from rlhf_workbench.tasks import Task
+from rlhf_workbench.tasks.task import Task
 
 from conftest import seed_rollout
 
@@ -29,7 +31,7 @@ def seeded(tiny_model_dir, tmp_path):
 
 def test_normalise_and_group():
     assert normalise("  a \n\t b  ") == "a b"
-    from rlhf_workbench.annotation import Trace
+    from rlhf_workbench.human.items import Trace
     entries = group_traces([Trace(1, "x  y", ""), Trace(2, "z", ""), Trace(3, " x y\n", "")])
     assert [(e.trace.completion_id, e.completion_ids, e.count) for e in entries] == [(1, [1, 3], 2), (2, [2], 1)]
     ranks, flagged, wrong = expand_to_copies(entries, {"1": 0, 2: 1}, [3], [])

@@ -11,11 +11,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from rlhf_workbench.judge import (JudgeError, JudgeRanker, LocalChat, OpenAIChat, PairwiseJudge, parse_verdict,
+from rlhf_workbench.feedback.judge import (JudgeError, JudgeRanker, LocalChat, OpenAIChat, PairwiseJudge, parse_verdict,
                                   task_question, task_reference)
-from rlhf_workbench.rollout import Completion
-from rlhf_workbench.serve_model import ServerThread, load_served_model, make_app
-from rlhf_workbench.tasks import Task
+from rlhf_workbench.model.rollout import Completion
+from rlhf_workbench.app.serve_model import ServerThread, make_app
+from rlhf_workbench.model.chat import load_served_model
+from rlhf_workbench.tasks.task import Task
 from rlhf_workbench.verify import Verification
 
 NAME = "smollm2-135m"

@@ -14,10 +14,10 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "load_annotators.p
 
 def test_load_smoke(tmp_path):
     try:
-        import rlhf_workbench.app  # noqa: F401
+        import rlhf_workbench.app.build  # noqa: F401
     except Exception as e:  # noqa: BLE001 - the app is optional for this test
-        pytest.skip(f"rlhf_workbench.app does not import: {e}")
-    from rlhf_workbench.models import bundled_gguf_path
+        pytest.skip(f"rlhf_workbench.app.build does not import: {e}")
+    from rlhf_workbench.model.loading import bundled_gguf_path
 
     try:
         bundled_gguf_path()

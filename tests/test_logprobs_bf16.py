@@ -5,7 +5,7 @@ Under ``model.mixed_precision: bf16`` the LM head returns bfloat16 logits. The r
 to float32 and then divided by the temperature; the training passes divided the bf16 logits
 first, which rounds the quotient to bf16 again (8 significant bits), so a ratio
 ``exp(logp - logp_old)`` of a policy that has not moved was not 1. Both sides now go through
-:func:`rlhf_workbench.logprobs.token_logps` (float32 first, then the temperature).
+:func:`rlhf_workbench.model.logprobs.token_logps` (float32 first, then the temperature).
 
 1. The function against a float64 reference on bf16 logits of SmolLM2's size and magnitude, tight;
    the old order misses that reference by orders of magnitude more (so the test can fail).
@@ -44,11 +44,15 @@ import torch
 from accelerate import Accelerator
 
 from rlhf_workbench.config import ModelConfig, RunConfig
-from rlhf_workbench.logprobs import completion_logps, packed_logps, scale_logits, selective_log_softmax, token_logps
-from rlhf_workbench.models import load_policy
-from rlhf_workbench.rollout import HFEngine, _pick, autocast, pad_batch
-from rlhf_workbench.tasks import load_tasks, split_tasks
-from rlhf_workbench.update import Sample, _forward_logps, grpo_update, rloo_update
+from rlhf_workbench.model.logprobs import completion_logps, packed_logps, scale_logits, selective_log_softmax, token_logps
+from rlhf_workbench.model.loading import load_policy
+from rlhf_workbench.model.rollout import HFEngine, _pick, autocast, pad_batch
+from rlhf_workbench.tasks.loading import load_tasks
+from rlhf_workbench.tasks.split import split_tasks
+from rlhf_workbench.train.engine import forward_logps
+from rlhf_workbench.train.grpo import grpo_update
+from rlhf_workbench.train.rloo import rloo_update
+from rlhf_workbench.train.samples import Sample
 
 T = 0.7
 INSTRUCTION = "Reply with the result only, as 'Answer: <number>'."
@@ -261,13 +265,13 @@ def _fresh_log_ratios(pair, samples) -> tuple[torch.Tensor, torch.Tensor]:
     """``(per-token log-ratios over completion tokens, per-sequence summed log-ratios)`` of the
     unchanged policy against the recorded log-probs, through the trainers' own forward."""
     with torch.no_grad():
-        lp, cmask = _forward_logps(pair.policy, samples, pair.tokenizer.pad_token_id, T, "bf16")
+        lp, cmask = forward_logps(pair.policy, samples, pair.tokenizer.pad_token_id, T, "bf16")
     d = (lp - _recorded([s.old_logps for s in samples])) * cmask
     return d[cmask.bool()], d.sum(-1)
 
 
 def test_ppo_first_step_ratio_is_one_in_bf16(tiny_model_dir):
-    from rlhf_workbench.ppo import load_critic, make_optimizer, ppo_update
+    from rlhf_workbench.train.ppo import load_critic, make_optimizer, ppo_update
 
     # clip range 0.02: a clip fraction of 0 then says every token ratio is within 2 % of 1
     cfg, pair, samples = _run_setup(tiny_model_dir, ppo={"ppo_epochs": 1, "num_mini_batches": 1, "cliprange": 0.02})

@@ -7,10 +7,10 @@ import pytest
 import torch
 from sqlalchemy import func, select
 
-from rlhf_workbench import loop as loop_mod
+from rlhf_workbench.run import loop as loop_mod
 from rlhf_workbench.config import ConfigError, RunConfig, load_config
 from rlhf_workbench.store import CompletionRow, PolicyVersion, PreferencePair, Rollout, Store, VerificationRow
-from rlhf_workbench.tasks import TaskFormatError
+from rlhf_workbench.tasks.task import TaskFormatError
 
 
 def tiny_cfg(model_dir, algorithm="grpo", rounds=2) -> RunConfig:
@@ -154,8 +154,8 @@ def test_other_algorithms_after_an_sft_warmup_round(tiny_model_dir, tmp_path, al
     task) are seeded for both rounds; the published versions, metrics and (for PPO) the saved
     critic show which update ran."""
     from conftest import seed_rollout
-    from rlhf_workbench.models import load_policy
-    from rlhf_workbench.ppo import load_critic
+    from rlhf_workbench.model.loading import load_policy
+    from rlhf_workbench.train.ppo import load_critic
 
     out = tmp_path / "run"
     cfg = tiny_cfg(tiny_model_dir, algorithm=algorithm, rounds=2)

@@ -50,8 +50,8 @@ from test_losses_vs_trl import (  # noqa: E402
     summed_completion_logps,
 )
 
-from rlhf_workbench.logprobs import completion_logps  # noqa: E402
-from rlhf_workbench.losses import kto_loss, rloo_advantages, rloo_loss  # noqa: E402
+from rlhf_workbench.model.logprobs import completion_logps  # noqa: E402
+from rlhf_workbench.train.losses import kto_loss, rloo_advantages, rloo_loss  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")

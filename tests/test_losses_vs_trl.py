@@ -48,8 +48,8 @@ trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 tokenizers = pytest.importorskip("tokenizers")
 
-from rlhf_workbench.logprobs import completion_logps, selective_log_softmax  # noqa: E402
-from rlhf_workbench.losses import dpo_loss, group_advantages, grpo_loss  # noqa: E402
+from rlhf_workbench.model.logprobs import completion_logps, selective_log_softmax  # noqa: E402
+from rlhf_workbench.train.losses import dpo_loss, group_advantages, grpo_loss  # noqa: E402
 
 VOCAB = 128
 PAD = 0

@@ -12,9 +12,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from rlhf_workbench import models
+from rlhf_workbench.model import loading as models
 from rlhf_workbench.config import ModelConfig
-from rlhf_workbench.models import AUTO_BF16_MIN_SPEEDUP, matmul_flops, resolve_mixed_precision
+from rlhf_workbench.model.loading import AUTO_BF16_MIN_SPEEDUP, matmul_flops, resolve_mixed_precision
 
 
 def _never():
@@ -79,10 +79,10 @@ def test_load_policy_resolves_auto_in_the_config(tiny_model_dir, cpu_only, monke
 
 
 def test_cli_generation_settings_resolve_auto(cpu_only, monkeypatch):
-    from rlhf_workbench.cli import _gen_defaults
+    from rlhf_workbench.evaluation.selection import generation_settings
 
     monkeypatch.setattr(models, "measured_fp32_bf16_flops", lambda: (100e9, 600e9))
-    assert _gen_defaults({"model": {"mixed_precision": "auto"}}, None, None, None)[2] == "bf16"
-    assert _gen_defaults(None, None, None, "auto")[2] == "bf16"
+    assert generation_settings({"model": {"mixed_precision": "auto"}}, None, None, None)[2] == "bf16"
+    assert generation_settings(None, None, None, "auto")[2] == "bf16"
     with pytest.raises(ValueError, match="no, bf16 or auto"):
-        _gen_defaults(None, None, None, "fp16")
+        generation_settings(None, None, None, "fp16")

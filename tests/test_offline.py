@@ -10,8 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from rlhf_workbench.cli import app
-from rlhf_workbench.offline_data import load_offline_file
-from rlhf_workbench.tasks import TaskFormatError
+from rlhf_workbench.tasks.preferences import load_offline_file
+from rlhf_workbench.tasks.task import TaskFormatError
 
 runner = CliRunner()
 FP32 = ("--set", 'model.mixed_precision="no"')  # quoted: YAML reads a bare no as false
@@ -37,8 +37,8 @@ def preference_records(n: int = N_PAIRS) -> list[dict]:
 
 def sum_logps(model, tokenizer, records, side: str) -> torch.Tensor:
     """Summed completion log-probs of each record's ``side`` under ``model`` (plain layout, no packing)."""
-    from rlhf_workbench.logprobs import completion_logps
-    from rlhf_workbench.offline import encode
+    from rlhf_workbench.model.logprobs import completion_logps
+    from rlhf_workbench.train.offline import encode
 
     out = []
     for s in encode(tokenizer, records, 512, side):
@@ -63,7 +63,7 @@ def dpo_run(tiny_model_dir, tmp_path_factory, single_thread):
 def test_dpo_improves_loss_and_margin_on_training_pairs(dpo_run, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_workbench.offline_data import split_records
+    from rlhf_workbench.tasks.preferences import split_records
 
     out = dpo_run["out"]
     metrics = json.loads((out / "metrics.json").read_text())

@@ -25,14 +25,16 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-import rlhf_workbench.ppo as ppo_module
-import rlhf_workbench.rloo as rloo_module
-import rlhf_workbench.update as update_module
+import rlhf_workbench.train.ppo as ppo_module
+import rlhf_workbench.train.rloo as rloo_module
+import rlhf_workbench.train.grpo as update_module
 from rlhf_workbench.config import ModelConfig, RunConfig
-from rlhf_workbench.models import load_policy
-from rlhf_workbench.rollout import HFEngine
-from rlhf_workbench.tasks import load_tasks, split_tasks
-from rlhf_workbench.update import Sample, recompute_old_logps
+from rlhf_workbench.model.loading import load_policy
+from rlhf_workbench.model.rollout import HFEngine
+from rlhf_workbench.tasks.loading import load_tasks
+from rlhf_workbench.tasks.split import split_tasks
+from rlhf_workbench.train.engine import recompute_old_logps
+from rlhf_workbench.train.samples import Sample
 
 T, K, PROMPTS, MICRO = 0.7, 4, 4, 4
 PERTURB = 0.05  # nats per token added to (or taken from) every recorded log-prob

@@ -7,12 +7,13 @@ import json
 from sqlalchemy import select
 
 from conftest import seed_rollout
-from rlhf_workbench import loop as loop_mod
+from rlhf_workbench.run import loop as loop_mod
 from rlhf_workbench.config import ModelConfig, RunConfig
-from rlhf_workbench.feedback import rankable
-from rlhf_workbench.models import load_policy
+from rlhf_workbench.feedback.sources import rankable
+from rlhf_workbench.model.loading import load_policy
 from rlhf_workbench.store import CompletionRow, PreferencePair, RankingRow, Store
-from rlhf_workbench.tasks import Task, load_tasks
+from rlhf_workbench.tasks.loading import load_tasks
+from rlhf_workbench.tasks.task import Task
 from rlhf_workbench.verify import NO_KEY_REASON, verify
 
 OPEN = [
@@ -129,7 +130,8 @@ def test_kto_and_sft_batches_on_open_tasks(tiny_model_dir, tmp_path):
 
 
 def test_experts_rank_open_items(tiny_model_dir, tmp_path):
-    from rlhf_workbench.annotation import consume_human_rankings, create_user, next_item, open_item_count, save_annotation
+    from rlhf_workbench.human.accounts import create_user
+    from rlhf_workbench.human.annotation import consume_human_rankings, next_item, open_item_count, save_annotation
 
     tasks = load_tasks(_task_file(tmp_path))
     store = Store(run_dir=tmp_path / "run")
@@ -153,16 +155,16 @@ def test_experts_rank_open_items(tiny_model_dir, tmp_path):
 
 
 def test_app_shows_open_items_without_a_ground_truth_panel():
-    from rlhf_workbench.app import _task_md, _trace_md
+    from rlhf_workbench.app.render import task_md, trace_md
     from rlhf_workbench.verify import Verification
 
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
                 {"role": "user", "content": "Tell me about tea."}]
-    md = _task_md(Task("o2", "Tell me about tea.", "", "open", metadata={"messages": messages}))
+    md = task_md(Task("o2", "Tell me about tea.", "", "open", metadata={"messages": messages}))
     assert "Ground truth" not in md and "**Assistant:** Hello" in md and "no answer key" in md
-    keyed = _task_md(Task("k", "What is 2 + 2?", "4"))
+    keyed = task_md(Task("k", "What is 2 + 2?", "4"))
     assert "**Ground truth:** `4`" in keyed
     trace = Verification(correct=False, extracted=None, format_ok=False, reason=NO_KEY_REASON)
-    shown = _trace_md(1, type("T", (), {"text": "Green tea.", "reason": trace.reason})())
+    shown = trace_md(1, type("T", (), {"text": "Green tea.", "reason": trace.reason})())
     assert "verifier" not in shown and "Green tea." in shown
-    assert "verifier: _ok_" in _trace_md(1, type("T", (), {"text": "4", "reason": "ok"})())
+    assert "verifier: _ok_" in trace_md(1, type("T", (), {"text": "4", "reason": "ok"})())

@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from rlhf_workbench.open_tasks import parse_hh_dialogue
-from rlhf_workbench.tasks import TaskFormatError, detect_format, load_tasks, save_tasks
+from rlhf_workbench.tasks.open import parse_hh_dialogue
+from rlhf_workbench.tasks.loading import detect_format, load_tasks, save_tasks
+from rlhf_workbench.tasks.task import TaskFormatError
 
 
 def _jsonl(path, records):
@@ -116,7 +117,7 @@ def test_parse_hh_dialogue():
 def test_open_task_renders_with_chat_template(tokenizer_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from rlhf_workbench.rollout import render_prompt
+    from rlhf_workbench.model.rollout import render_prompt
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     path = _jsonl(tmp_path / "hh.jsonl", [_hh()])

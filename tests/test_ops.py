@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_workbench import loop as loop_mod
+from rlhf_workbench.run import loop as loop_mod
 from rlhf_workbench.store import Store
 
 from test_loop import tiny_cfg
@@ -76,15 +76,15 @@ def test_relative_out_tensorboard_and_no_warnings(tiny_model_dir, tmp_path, monk
     other.mkdir()
     monkeypatch.chdir(other)
     rel = Path(os.path.relpath(run_dir, other))
-    from rlhf_workbench.evaluate import run_checkpoint
+    from rlhf_workbench.evaluation.selection import run_checkpoint
 
     (run_dir / "policy").rename(run_dir / "policy.final")  # as if interrupted before the final save
     assert run_checkpoint(rel).resolve() == (run_dir / "checkpoints" / "v1").resolve()
     (run_dir / "policy.final").rename(run_dir / "policy")
-    from rlhf_workbench.app import _PlaygroundModels
+    from rlhf_workbench.app.playground import PlaygroundModels
 
     cfg = tiny_cfg(tiny_model_dir, rounds=2)
-    version, policy_text, _ = _PlaygroundModels(cfg).answer(Store(None, rel), store.tasks("heldout")[0])
+    version, policy_text, _ = PlaygroundModels(cfg).answer(Store(None, rel), store.tasks("heldout")[0])
     assert version == 1 and isinstance(policy_text, str)
     summary = loop_mod.run(cfg, rel)
     assert summary["rounds"] == 2
@@ -94,7 +94,7 @@ def test_relative_out_tensorboard_and_no_warnings(tiny_model_dir, tmp_path, monk
 
 def test_old_absolute_checkpoint_paths_still_load(tiny_model_dir, tmp_path):
     """Runs written before relative paths stored absolute ones: they resume and evaluate unchanged."""
-    from rlhf_workbench.evaluate import run_checkpoint
+    from rlhf_workbench.evaluation.selection import run_checkpoint
     from rlhf_workbench.store import PolicyVersion
 
     out = tmp_path / "run"

@@ -3,12 +3,14 @@
 import pytest
 from sqlalchemy import select
 
-from rlhf_workbench.annotation import AnnotationError, claim_item, create_user, human_scores, verifier_audit
+from rlhf_workbench.human.accounts import create_user
+from rlhf_workbench.human.annotation import claim_item, human_scores, verifier_audit
+from rlhf_workbench.human.errors import AnnotationError
 from rlhf_workbench.config import ModelConfig
-from rlhf_workbench.models import load_policy
-from rlhf_workbench.pairwise import choose_pair, pair_ranks, save_pairwise
+from rlhf_workbench.model.loading import load_policy
+from rlhf_workbench.human.pairwise import choose_pair, pair_ranks, save_pairwise
 from rlhf_workbench.store import Annotation, Store
-from rlhf_workbench.tasks import Task
+from rlhf_workbench.tasks.task import Task
 
 from conftest import seed_rollout
 

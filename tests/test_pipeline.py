@@ -4,11 +4,14 @@ import torch
 from accelerate import Accelerator
 
 from rlhf_workbench.config import ModelConfig, RunConfig
-from rlhf_workbench.logprobs import completion_logps
-from rlhf_workbench.models import load_policy, save_policy
-from rlhf_workbench.rollout import generate
-from rlhf_workbench.tasks import Task
-from rlhf_workbench.update import Sample, dpo_update, grpo_update, reference_logps
+from rlhf_workbench.model.logprobs import completion_logps
+from rlhf_workbench.model.loading import load_policy, save_policy
+from rlhf_workbench.model.rollout import generate
+from rlhf_workbench.tasks.task import Task
+from rlhf_workbench.train.dpo import dpo_update
+from rlhf_workbench.train.engine import reference_logps
+from rlhf_workbench.train.grpo import grpo_update
+from rlhf_workbench.train.samples import Sample
 
 TASKS = [Task(id="a", question="What is 12 + 30?", answer="42"), Task(id="b", question="What is 7 + 5?", answer="12")]
 

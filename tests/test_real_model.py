@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_workbench import loop as loop_mod
+from rlhf_workbench.run import loop as loop_mod
 from rlhf_workbench.config import load_config
-from rlhf_workbench.models import load_policy
+from rlhf_workbench.model.loading import load_policy
 
 pytestmark = pytest.mark.slow
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -19,7 +19,7 @@ def test_bundled_gguf_converts_to_identical_plain_model():
     from transformers import AutoModelForCausalLM
 
     from rlhf_workbench.config import ModelConfig
-    from rlhf_workbench.models import bundled_gguf_path
+    from rlhf_workbench.model.loading import bundled_gguf_path
 
     pair = load_policy(ModelConfig(mixed_precision="no"))
     gguf = bundled_gguf_path()

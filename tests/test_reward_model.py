@@ -24,10 +24,10 @@ trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 tokenizers = pytest.importorskip("tokenizers")
 
-from rlhf_workbench.losses import bradley_terry_loss  # noqa: E402
-from rlhf_workbench.reward_model import (RewardModelRanker, RewardPair, _rewards, encode_texts,  # noqa: E402
+from rlhf_workbench.train.rm_loss import bradley_terry_loss  # noqa: E402
+from rlhf_workbench.train.reward_model import (RewardModelRanker, RewardPair, encode_texts,  # noqa: E402
                                          load_preference_file, load_reward_model, pairs_from_rankings,
-                                         pairwise_accuracy, split_hh_dialogue, train_reward_model)
+                                         pairwise_accuracy, sequence_rewards, split_hh_dialogue, train_reward_model)
 
 from conftest import seed_rollout  # noqa: E402
 from test_losses_vs_trl import ATOL, PAD, VOCAB  # noqa: E402
@@ -110,7 +110,7 @@ def test_bradley_terry_matches_trl_reward_trainer(tmp_path, with_margin):
     rejected = encode_texts(tok, [p.prompt for p in pairs], [p.rejected for p in pairs])
     assert chosen == [f["chosen_ids"] for f in features] and rejected == [f["rejected_ids"] for f in features]
     assert all(ids[-1] == tok.eos_token_id for ids in chosen + rejected)
-    rewards = _rewards(trainer.model, chosen + rejected, tok.pad_token_id)
+    rewards = sequence_rewards(trainer.model, chosen + rejected, tok.pad_token_id)
     r_c, r_r = rewards.chunk(2)
     margin = torch.tensor([p.margin for p in pairs]) if with_margin else None
     loss, stats = bradley_terry_loss(r_c, r_r, margin)
@@ -150,14 +150,14 @@ def test_training_separates_marker_preference():
     # reward is read at the last real token: right padding does not change it
     rows = encode_texts(tok, [held[0].prompt] * 2, [held[0].chosen, held[0].chosen + " w100 w101 w102"])
     with torch.no_grad():
-        padded = _rewards(model, rows, tok.pad_token_id)[0]
-        alone = _rewards(model, rows[:1], tok.pad_token_id)[0]
+        padded = sequence_rewards(model, rows, tok.pad_token_id)[0]
+        alone = sequence_rewards(model, rows[:1], tok.pad_token_id)[0]
     assert abs(padded.item() - alone.item()) < 1e-5
 
 
 def test_load_reward_model_and_ranker(tiny_model_dir):
-    from rlhf_workbench.rollout import Completion
-    from rlhf_workbench.tasks import Task
+    from rlhf_workbench.model.rollout import Completion
+    from rlhf_workbench.tasks.task import Task
 
     model, tok = load_reward_model(str(tiny_model_dir))
     assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id is not None
@@ -167,16 +167,16 @@ def test_load_reward_model_and_ranker(tiny_model_dir):
              Completion("q1", 1, [1, 2], [4, 5], [-1.0, -1.0], "It is 2 so Answer: 2", True)]
     scores = RewardModelRanker(model, tok, {"q1": task})(comps, [None, None])
     assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
-    from rlhf_workbench.reward_model import score_texts
+    from rlhf_workbench.train.reward_model import score_texts
     assert scores == pytest.approx(score_texts(model, tok, [task.prompt() + "\n\n"] * 2, [c.text for c in comps]))
 
 
 def test_pairs_from_rankings(tiny_model_dir, tmp_path):
     from rlhf_workbench.config import ModelConfig, RunConfig
-    from rlhf_workbench.loop import _record_rankings
-    from rlhf_workbench.models import load_policy
+    from rlhf_workbench.run.loop import _record_rankings
+    from rlhf_workbench.model.loading import load_policy
     from rlhf_workbench.store import Store
-    from rlhf_workbench.tasks import Task
+    from rlhf_workbench.tasks.task import Task
 
     tasks = [Task(id="q1", question="What is 1 + 1?", answer="2"), Task(id="q2", question="What is 2 + 2?", answer="4")]
     store = Store(run_dir=tmp_path)
@@ -273,7 +273,7 @@ def test_train_rm_command(tiny_model_dir, tmp_path):
     from typer.testing import CliRunner
 
     from rlhf_workbench.cli import app
-    from rlhf_workbench.reward_model import load_preference_file, load_reward_model, pairwise_accuracy
+    from rlhf_workbench.train.reward_model import load_preference_file, load_reward_model, pairwise_accuracy
 
     prefs = tmp_path / "prefs.jsonl"
     rows = [{"prompt": f"Q{i}: 2+{i}?\n\n", "chosen": f"Answer: {2 + i}", "rejected": f"Answer: {3 + i}"}
@@ -297,13 +297,13 @@ def test_train_rm_command(tiny_model_dir, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# frozen backbone + cached pooled features (rlhf_workbench.rm_features)
+# frozen backbone + cached pooled features (rlhf_workbench.train.rm_features)
 # --------------------------------------------------------------------------------------------
 
 
 def make_pooled(pooling="mean_last", layer=-1, max_tokens=16, hidden=64, seed=0):
     """Tiny random Llama backbone (frozen) with a zero pooled head, word-level tokenizer."""
-    from rlhf_workbench.rm_features import PooledRewardModel
+    from rlhf_workbench.train.rm_features import PooledRewardModel
 
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
@@ -315,7 +315,7 @@ def make_pooled(pooling="mean_last", layer=-1, max_tokens=16, hidden=64, seed=0)
 
 
 def test_left_truncate_keeps_final_tokens():
-    from rlhf_workbench.rm_features import left_truncate
+    from rlhf_workbench.train.rm_features import left_truncate
 
     ids = torch.tensor([[5, 6, 7, 8, 9], [3, 4, 0, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
@@ -327,19 +327,19 @@ def test_left_truncate_keeps_final_tokens():
     long = encode_texts(tok, ["w3 w4 w5 w6"], [" w7 w8 w9"])[0]
     assert len(long) > 4
     short = [long[-4:]]
-    from rlhf_workbench.reward_model import _right_pad
+    from rlhf_workbench.train.rm_inputs import right_pad
 
-    f_long = model.features(*_right_pad([long, long[:2]], PAD, "cpu"))[0]
-    f_short = model.features(*_right_pad(short, PAD, "cpu"))[0]
+    f_long = model.features(*right_pad([long, long[:2]], PAD, "cpu"))[0]
+    f_short = model.features(*right_pad(short, PAD, "cpu"))[0]
     assert torch.allclose(f_long, f_short, atol=1e-5)
-    f_other = model.features(*_right_pad([long[:4]], PAD, "cpu"))[0]
+    f_other = model.features(*right_pad([long[:4]], PAD, "cpu"))[0]
     assert not torch.allclose(f_long, f_other, atol=1e-3)
 
 
 def test_pooled_head_learns_marker_preference_features_cached_once():
     """One backbone pass per batch of distinct texts; many head epochs on the cached features
     lower the Bradley–Terry loss and separate held-out pairs whose chosen side has ``w7``."""
-    from rlhf_workbench.rm_features import pair_features, head_accuracy
+    from rlhf_workbench.train.rm_features import pair_features, head_accuracy
 
     tok = make_tokenizer()
     model = make_pooled(pooling="mean", layer=0)
@@ -367,11 +367,11 @@ def test_pooled_head_learns_marker_preference_features_cached_once():
 def test_pooled_reward_model_save_load_round_trip(tiny_model_dir, tmp_path, pooling):
     """Saved frozen-backbone model loads through load_reward_model, evaluate.load_scorer and the
     feedback source, with identical scores."""
-    from rlhf_workbench.evaluate import load_scorer
-    from rlhf_workbench.reward_model import score_texts
-    from rlhf_workbench.rm_features import PooledRewardModel
-    from rlhf_workbench.rollout import Completion
-    from rlhf_workbench.tasks import Task
+    from rlhf_workbench.evaluation.scoring import load_scorer
+    from rlhf_workbench.train.reward_model import score_texts
+    from rlhf_workbench.train.rm_features import PooledRewardModel
+    from rlhf_workbench.model.rollout import Completion
+    from rlhf_workbench.tasks.task import Task
 
     model, tok = load_reward_model(str(tiny_model_dir), pooling=pooling, max_tokens=24, mixed_precision="no")
     assert isinstance(model, PooledRewardModel) and tok.padding_side == "right"
@@ -402,7 +402,7 @@ def test_train_rm_command_frozen_backbone(tiny_model_dir, tmp_path):
     from typer.testing import CliRunner
 
     from rlhf_workbench.cli import app
-    from rlhf_workbench.rm_features import PooledRewardModel
+    from rlhf_workbench.train.rm_features import PooledRewardModel
 
     prefs = tmp_path / "prefs.jsonl"
     rows = [{"prompt": f"Q{i}: 2+{i}?\n\n", "chosen": f"Answer: {2 + i}", "rejected": f"Sorry {i}"} for i in range(10)]

@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 from typer.testing import CliRunner
 
 from rlhf_workbench.cli import app
-from rlhf_workbench.runlock import RunInUseError, RunLock, RunLockRow, lock_owner
+from rlhf_workbench.run.lock import RunInUseError, RunLock, RunLockRow, lock_owner
 from rlhf_workbench.store import Store
 
 runner = CliRunner()
@@ -47,7 +47,7 @@ def hold_lock_in_subprocess(run_dir, db_url=None) -> subprocess.Popen:
     """Another process that takes the run's lock and keeps it until killed."""
     code = textwrap.dedent(f"""
         import sys, time
-        from rlhf_workbench.runlock import RunLock
+        from rlhf_workbench.run.lock import RunLock
         from rlhf_workbench.store import Store
         lock = RunLock(Store({db_url!r}, {str(run_dir)!r}), {str(run_dir)!r}, heartbeat_s=0.2).acquire()
         print("held", flush=True)

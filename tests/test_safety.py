@@ -9,7 +9,7 @@ import torch
 from pydantic import ValidationError
 
 from rlhf_workbench.config import ConfigError, SafetyConfig, load_config
-from rlhf_workbench.safety import SafetyFilter, load_patterns_file, make_safety_filter
+from rlhf_workbench.feedback.safety import SafetyFilter, load_patterns_file, make_safety_filter
 
 
 def test_patterns_case_insensitive_with_reasons():

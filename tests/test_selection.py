@@ -7,14 +7,15 @@ import math
 
 import pytest
 
-from rlhf_workbench.annotation import create_user, next_item, save_annotation
+from rlhf_workbench.human.accounts import create_user
+from rlhf_workbench.human.annotation import next_item, save_annotation
 from rlhf_workbench.config import RunConfig
-from rlhf_workbench.loop import _store_rollout
-from rlhf_workbench.rollout import Completion
-from rlhf_workbench.selection import (item_score, pair_uncertainty, queue_md, random_score, score_rollout, serve_order,
+from rlhf_workbench.run.loop import store_rollout
+from rlhf_workbench.model.rollout import Completion
+from rlhf_workbench.human.selection import (item_score, pair_uncertainty, queue_md, random_score, score_rollout, serve_order,
                                       why_served)
 from rlhf_workbench.store import Rollout, Store
-from rlhf_workbench.tasks import Task
+from rlhf_workbench.tasks.task import Task
 
 
 def test_pair_uncertainty_by_hand():
@@ -81,7 +82,7 @@ def _seed_store(url: str, mode: str) -> tuple[Store, int, int]:
         comps += [Completion(t.id, 0, [1], [5], a, f"Answer: {t.answer}", True),
                   Completion(t.id, 1, [1], [6], b, second, True),
                   Completion(t.id, 2, [1], [7], [-0.5], "Answer: -1", True)]
-    rid = _store_rollout(store, 1, 0, {}, {t.id: t for t in tasks}, comps, selection=mode, seed=5)
+    rid = store_rollout(store, 1, 0, {}, {t.id: t for t in tasks}, comps, selection=mode, seed=5)
     uid = create_user(store, "ann", "password-123")
     return store, rid, uid
 

@@ -11,7 +11,8 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from rlhf_workbench.cli import app as cli_app
-from rlhf_workbench.serve_model import ServeLimits, ServerThread, load_served_model, make_app
+from rlhf_workbench.app.serve_model import ServeLimits, ServerThread, make_app
+from rlhf_workbench.model.chat import load_served_model
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -113,7 +114,7 @@ def test_cli_refuses_beyond_loopback_without_key(tiny_model_dir, monkeypatch):
     assert r.exit_code == 2 and "max_n must be at least 1" in r.output
 
     served = {}
-    import rlhf_workbench.serve_model as sm
+    import rlhf_workbench.app.serve_model as sm
 
     monkeypatch.setattr(sm, "serve", lambda *a: served.update(args=a))
     r = runner.invoke(cli_app, ["serve-model", "--model", str(tiny_model_dir)])

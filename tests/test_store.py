@@ -5,10 +5,10 @@ import pytest
 from sqlalchemy import select
 
 from rlhf_workbench.config import RunConfig
-from rlhf_workbench.loop import _record_rankings, _round_batch, _rule_scores, _store_rollout
-from rlhf_workbench.rollout import Completion
+from rlhf_workbench.run.loop import _record_rankings, _round_batch, _rule_scores, store_rollout
+from rlhf_workbench.model.rollout import Completion
 from rlhf_workbench.store import RankingRow, Store
-from rlhf_workbench.tasks import Task
+from rlhf_workbench.tasks.task import Task
 
 TASKS = [Task(id="t1", question="What is 2 + 2?", answer="4"),
          Task(id="t2", question="Pick one", answer="B", answer_type="choice", choices={"A": "x", "B": "y"},
@@ -30,7 +30,7 @@ def test_round_trip(db_url):
     cfg.rollout.num_generations = 2
     comps = [Completion("t1", 0, [1, 2], [5, 6, 7], [-0.5, -1.25, -0.125], "2 + 2 = 4\nAnswer: 4", True),
              Completion("t1", 1, [1, 2], [8], [-2.0], "Answer: 5", True)]
-    rid = _store_rollout(store, 1, 0, {"temperature": 0.7}, {"t1": TASKS[0]}, comps)
+    rid = store_rollout(store, 1, 0, {"temperature": 0.7}, {"t1": TASKS[0]}, comps)
     _record_rankings(store, store.rollout_for_round(1), "rules", _rule_scores(store.rollout_for_round(1), cfg)[0], set(), cfg)
 
     again = Store(url)  # a fresh engine: everything came from the database
@@ -61,9 +61,12 @@ def test_round_trip(db_url):
 def test_values_too_long_for_a_column_are_refused_alike(db_url, tmp_path):
     """A 150-character username or a 250-character task id was an uncaught DataError on PostgreSQL
     and stored by SQLite; now both refuse it with the field and its limit named, storing nothing."""
-    from rlhf_workbench.annotation import AnnotationError, create_user, save_annotation
+    from rlhf_workbench.human.accounts import create_user
+    from rlhf_workbench.human.annotation import save_annotation
+    from rlhf_workbench.human.errors import AnnotationError
     from rlhf_workbench.store import FieldTooLong, User
-    from rlhf_workbench.tasks import TaskFormatError, load_tasks
+    from rlhf_workbench.tasks.loading import load_tasks
+    from rlhf_workbench.tasks.task import TaskFormatError
 
     store = Store(db_url)
     with pytest.raises(FieldTooLong, match=r"users\.username: 150 characters long; at most 100 are allowed"):
@@ -86,7 +89,7 @@ def test_values_too_long_for_a_column_are_refused_alike(db_url, tmp_path):
     store.publish_version(0, None, "base", None, {}, round=0)
     comps = [Completion("t1", 0, [1, 2], [5], [-0.5], "Answer: 4", True),
              Completion("t1", 1, [1, 2], [8], [-2.0], "Answer: 4", True)]
-    rid = _store_rollout(store, 1, 0, {}, {"t1": TASKS[0]}, comps)
+    rid = store_rollout(store, 1, 0, {}, {"t1": TASKS[0]}, comps)
     uid = create_user(store, "ann", "long enough password")
     with pytest.raises(AnnotationError):
         save_annotation(store, uid, rid, "t" * 250, "submitted", {})
@@ -103,9 +106,9 @@ def test_a_round_has_one_rollout(db_url):
     store.add_tasks(TASKS[:1], "train")
     store.publish_version(0, None, "base", None, {}, round=0)
     comps = [Completion("t1", 0, [1, 2], [5], [-0.5], "Answer: 4", True)]
-    _store_rollout(store, 1, 0, {}, {"t1": TASKS[0]}, comps)
+    store_rollout(store, 1, 0, {}, {"t1": TASKS[0]}, comps)
     with pytest.raises(IntegrityError):
-        _store_rollout(store, 1, 0, {}, {"t1": TASKS[0]}, comps)
+        store_rollout(store, 1, 0, {}, {"t1": TASKS[0]}, comps)
     with store.session() as s:
         assert len(list(s.scalars(select(Rollout)))) == 1 and len(list(s.scalars(select(CompletionRow)))) == 1
 

@@ -10,17 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_workbench.tasks import (
-    ANSWER_TYPES,
-    Task,
-    TaskFormatError,
-    bundled_path,
-    detect_format,
-    generate_arithmetic,
-    load_tasks,
-    save_tasks,
-    split_tasks,
-)
+from rlhf_workbench.tasks.files import bundled_path
+from rlhf_workbench.tasks.loading import detect_format, load_tasks, save_tasks
+from rlhf_workbench.tasks.split import generate_arithmetic, split_tasks
+from rlhf_workbench.tasks.task import ANSWER_TYPES, Task, TaskFormatError
 
 
 def write_jsonl(path: Path, records: list) -> Path:

@@ -1,4 +1,4 @@
-"""Thumbs from deployment (rlhf_workbench.thumbs): ``rlhf serve-model`` stores every served answer
+"""Thumbs from deployment (rlhf_workbench.feedback.thumbs): ``rlhf serve-model`` stores every served answer
 and takes ``POST /v1/feedback`` on it, tagged with the policy version served; the next KTO
 round trains on the thumbs (playground and served) exactly once. Tiny random model and the real
 SmolLM2 tokenizer (tests/conftest.py); the store tests run on SQLite and PostgreSQL."""
@@ -11,14 +11,15 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from rlhf_workbench.annotation import record_binary_feedback
+from rlhf_workbench.human.annotation import record_binary_feedback
 from rlhf_workbench.config import RunConfig
-from rlhf_workbench.loop import _record_rankings, _round_batch, _rule_scores, _store_rollout
-from rlhf_workbench.rollout import Completion, render_prompt
-from rlhf_workbench.serve_model import ServeLimits, load_served_model, make_app
+from rlhf_workbench.run.loop import _record_rankings, _round_batch, _rule_scores, store_rollout
+from rlhf_workbench.model.rollout import Completion, render_prompt
+from rlhf_workbench.app.serve_model import ServeLimits, make_app
+from rlhf_workbench.model.chat import load_served_model
 from rlhf_workbench.store import BinaryFeedback, ServedCompletion, Store
-from rlhf_workbench.tasks import Task
-from rlhf_workbench.thumbs import FeedbackStore, record_served_feedback, served_version
+from rlhf_workbench.tasks.task import Task
+from rlhf_workbench.feedback.thumbs import FeedbackStore, record_served_feedback, served_version
 
 QUESTION = [{"role": "user", "content": "What is 2 + 3?"}]
 
@@ -137,7 +138,7 @@ def test_cli_serve_model_run_passes_the_feedback_store(tmp_path, tiny_model_dir,
     """``rlhf serve-model --run RUN`` on a run at v0 serves the run's base model, tagged v0."""
     from typer.testing import CliRunner
 
-    import rlhf_workbench.serve_model as sm
+    import rlhf_workbench.app.serve_model as sm
     from rlhf_workbench.cli import app as cli_app
 
     run = tmp_path / "run"
@@ -155,7 +156,7 @@ def test_cli_serve_model_run_passes_the_feedback_store(tmp_path, tiny_model_dir,
 def _kto_round(store: Store, round: int, cfg: RunConfig, task: Task):
     comps = [Completion(task.id, 0, [1, 2], [5, 6], [-0.5, -1.0], f"{round}: Answer: 5", True),
              Completion(task.id, 1, [1, 2], [8], [-2.0], "Answer: 6", True)]
-    _store_rollout(store, round, round - 1, {"seeded": True}, {task.id: task}, comps)
+    store_rollout(store, round, round - 1, {"seeded": True}, {task.id: task}, comps)
     rollout = store.rollout_for_round(round)
     _record_rankings(store, rollout, "rules", _rule_scores(rollout, cfg)[0], set(), cfg)
     return store.rollout_for_round(round)
@@ -220,7 +221,7 @@ def test_old_database_gains_the_thumbs_columns(tmp_path, tokenizer_dir):
     consumed_round; opening it adds them and its stored thumbs train in the next KTO round."""
     from transformers import AutoTokenizer
 
-    from rlhf_workbench.thumbs import thumbs_batch
+    from rlhf_workbench.feedback.thumbs import thumbs_batch
 
     db = tmp_path / "workbench.db"
     con = sqlite3.connect(db)

@@ -10,7 +10,7 @@ import time
 
 from test_benchmarks_smoke import _load
 
-from rlhf_workbench.evaluate import EvalResult
+from rlhf_workbench.evaluation.heldout import EvalResult
 
 tta = _load("time_to_accuracy")
 

@@ -1,6 +1,6 @@
 """RLOO, KTO and rejection-sampling SFT updates on the tiny model, with real forward passes.
 
-Each returned loss is checked against the loss function of :mod:`rlhf_workbench.losses` applied
+Each returned loss is checked against the loss function of :mod:`rlhf_workbench.train.losses` applied
 by hand to a fresh, unpadded forward pass of the same batch (one sequence at a time, so the
 update's batching and padding are checked too); then that a step changes the weights and moves
 the policy the right way.
@@ -15,10 +15,13 @@ import torch
 from accelerate import Accelerator
 
 from rlhf_workbench.config import LoraConfig, ModelConfig, RunConfig
-from rlhf_workbench.logprobs import completion_logps
-from rlhf_workbench.losses import kto_loss, rloo_advantages, rloo_loss
-from rlhf_workbench.models import load_policy
-from rlhf_workbench.update import Sample, kto_kl_partners, kto_update, rloo_update, sft_update
+from rlhf_workbench.model.logprobs import completion_logps
+from rlhf_workbench.train.losses import kto_loss, rloo_advantages, rloo_loss
+from rlhf_workbench.model.loading import load_policy
+from rlhf_workbench.train.kto import kto_kl_partners, kto_update
+from rlhf_workbench.train.rloo import rloo_update
+from rlhf_workbench.train.samples import Sample
+from rlhf_workbench.train.sft import sft_update
 
 TOL = 1e-5
 TEMPERATURE = 0.7

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from rlhf_workbench.tasks import Task
+from rlhf_workbench.tasks.task import Task
 from rlhf_workbench.verify import Verification, extract_answer, verify
 
 CHOICES = {"A": "Asthma", "B": "Bronchitis", "C": "Pneumonia", "D": "Viral pneumonia"}

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlhf_workbench.tasks import Task
+from rlhf_workbench.tasks.task import Task
 from rlhf_workbench.verify import verify
 
 CORONARY = {"A": "Left anterior descending artery", "B": "Right coronary artery",

@@ -1,12 +1,24 @@
-"""The ``rlhf`` command line (typer)."""
+"""The ``rlhf`` command line (typer): each command parses its options, calls one function of the
+package and turns the errors a user can fix into a message and exit code 2.
+
+Lazy imports, on purpose: every command imports the project modules it runs (and torch,
+transformers, Gradio, rich's progress bars) inside its own body, not at the top of this module,
+so that ``rlhf --help``, a command's ``--help`` and a mistyped option answer at once instead of
+loading torch, transformers and Gradio first. This module is the one exception to the house
+rule "no project imports inside functions" (``tests/test_architecture.py`` exempts ``cli.py``
+only); everywhere else imports sit at the top of the module.
+"""
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Online RLHF Workbench")
 console = Console()
@@ -50,14 +62,20 @@ def run(
     set_: list[str] = typer.Option([], "--set", help="override a config field, e.g. --set tasks.path=x.jsonl"),
 ) -> None:
     """Run (or resume) the online loop: rollout -> verify -> feedback -> update -> evaluate."""
+    _run_loop(config, out, _parse_overrides(set_))
+
+
+def _run_loop(config: Path, out: Path | None, overrides: dict) -> None:
+    """``rlhf run`` / ``rlhf worker``: load the config (with ``overrides``) and run the loop in the
+    run directory (default ``runs/<config name>``); bad input exits with code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from .config import ConfigError, load_config
-    from .loop import run as run_loop
-    from .runlock import RunInUseError
-    from .tasks import TaskFormatError
+    from rlhf_workbench.config import ConfigError, load_config
+    from rlhf_workbench.run.lock import RunInUseError
+    from rlhf_workbench.run.loop import run as run_loop
+    from rlhf_workbench.tasks.task import TaskFormatError
 
     try:
-        cfg = load_config(config, _parse_overrides(set_))
+        cfg = load_config(config, overrides)
         run_loop(cfg, out or Path("runs") / config.stem, console)
     except (ConfigError, TaskFormatError, ValueError, FileNotFoundError, RunInUseError) as e:
         console.print(f"[bold red]error[/]: {e}")
@@ -68,32 +86,25 @@ user_app = typer.Typer(no_args_is_help=True, help="Annotator and admin accounts"
 app.add_typer(user_app, name="user")
 
 
-def _run_store(config: Path, out: Path | None, set_: list[str]):
-    """The config and the database of the run ``rlhf run --config ... --out ...`` writes to."""
-    from .config import load_config
-    from .store import Store
-
-    cfg = load_config(config, _parse_overrides(set_))
-    return cfg, Store(cfg.db_url, out or Path("runs") / config.stem)
-
-
 @user_app.command("add")
 def user_add(
     username: str = typer.Argument(..., help="login name"),
-    role: str = typer.Option("annotator", "--role", help="annotator, playground or admin (see rlhf_workbench.auth)"),
+    role: str = typer.Option("annotator", "--role", help="annotator, playground or admin (see rlhf_workbench.app.auth)"),
     config: Path = typer.Option(..., "--config", "-c", help="YAML run config (locates the run's database)"),
     out: Path = typer.Option(None, "--out", "-o", help="run directory (default runs/<config name>)"),
     password: str = typer.Option(None, "--password", help="password (prompted twice, hidden, if omitted)"),
     set_: list[str] = typer.Option([], "--set", help="override a config field, e.g. --set db_url=postgresql://..."),
 ) -> None:
     """Create an annotator or admin account in the run's database."""
-    from .annotation import ROLES, AnnotationError, create_user
-    from .config import ConfigError
+    from rlhf_workbench.human.accounts import ROLES, create_user
+    from rlhf_workbench.human.errors import AnnotationError
+    from rlhf_workbench.config import ConfigError, load_config
+    from rlhf_workbench.store import Store
 
     try:
         if role not in ROLES:
             raise AnnotationError(f"--role must be one of {', '.join(ROLES)}, got {role!r}")
-        cfg, store = _run_store(config, out, set_)
+        store = Store(load_config(config, _parse_overrides(set_)).db_url, out or Path("runs") / config.stem)
         if password is None:
             password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
         uid = create_user(store, username, password, role)
@@ -110,18 +121,7 @@ def worker(
     set_: list[str] = typer.Option([], "--set", help="override a config field, e.g. --set feedback.min_rankings=4"),
 ) -> None:
     """Run the loop with expert feedback: after each rollout, wait for rankings from the web app."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from .config import ConfigError, load_config
-    from .loop import run as run_loop
-    from .runlock import RunInUseError
-    from .tasks import TaskFormatError
-
-    try:
-        cfg = load_config(config, {**_parse_overrides(set_), "feedback.source": "human"})
-        run_loop(cfg, out or Path("runs") / config.stem, console)
-    except (ConfigError, TaskFormatError, ValueError, FileNotFoundError, RunInUseError) as e:
-        console.print(f"[bold red]error[/]: {e}")
-        raise typer.Exit(2)
+    _run_loop(config, out, {**_parse_overrides(set_), "feedback.source": "human"})
 
 
 @app.command("export")
@@ -132,8 +132,8 @@ def export_cmd(
     source: str = typer.Option("all", "--source", help="human, rules or all"),
 ) -> None:
     """Write the collected rankings as a prompt/chosen/rejected preference dataset (JSONL, conversational JSONL, datasets)."""
-    from .export import SOURCES, export_preferences
-    from .store import Store
+    from rlhf_workbench.human.export import SOURCES, export_preferences
+    from rlhf_workbench.store import Store
 
     try:
         if (run_dir is None) == (db_url is None):
@@ -160,117 +160,105 @@ def _progress(bar):
     return make
 
 
-def _eval_selection(tasks: str | None, run_dir: Path | None, models: list[str], **kw):
-    """Questions for ``eval``/``compare``: ``--tasks``, ``--run``, or else the run one of the models
-    belongs to. Returns ``(selection, run_config_or_None)``."""
-    from .evaluate import find_run_dir, run_config, select_tasks
+# ---- the options `rlhf eval` and `rlhf compare` share: one definition each -----------------
 
-    if tasks is not None and run_dir is not None:
-        raise ValueError("give --tasks PATH or --run RUN_DIR, not both (--run takes the run's task file)")
-    if tasks is None and run_dir is None:
-        run_dir = next((r for r in map(find_run_dir, models) if r is not None), None)
-        if run_dir is None:
-            raise ValueError("give --tasks PATH or --run RUN_DIR (no model is a checkpoint of a run)")
-    if run_dir is not None and tasks is None:
-        kw["seed"] = None  # the run's split seed; --seed then only seeds sampling
-    sel = select_tasks(tasks, run_dir if tasks is None else None, **kw)
-    return sel, (run_config(run_dir) if tasks is None else None)
+def _shared(type_: type, *flags: str, help: str, optional: bool = True):
+    """An option of both ``rlhf eval`` and ``rlhf compare``: its type (None when not given) and flags."""
+    return Annotated[Optional[type_] if optional else type_, typer.Option(*flags, help=help)]
 
 
-def _gen_defaults(cfg: dict | None, max_new_tokens, batch_size, mixed_precision):
-    """Generation settings: the option if given, else the run's eval settings, else 64 / 32 / no."""
-    ev, model = (cfg or {}).get("eval") or {}, (cfg or {}).get("model") or {}
-    mnt = max_new_tokens or ev.get("max_new_tokens") or 64
-    bs = batch_size or ev.get("batch_size") or 32
-    mp = mixed_precision or model.get("mixed_precision") or "no"
-    if mp not in ("no", "bf16", "auto"):
-        raise ValueError(f"--mixed-precision must be no, bf16 or auto, got {mp!r}")
-    if mp == "auto":
-        from .models import resolve_mixed_precision
+TasksOpt = _shared(str, "--tasks", help="task file (jsonl, gsm8k, pubmedqa json, mcq, csv/parquet) or bundled:<name>")
+RunOpt = _shared(Path, "--run", help="run directory: its config's task file, instruction, held-out split and eval settings "
+                 "(default: the run a model belongs to)")
+FormatOpt = _shared(str, "--format", help="auto, jsonl, gsm8k, pubmedqa, mcq or hf (with --tasks)")
+SplitOpt = _shared(str, "--split", help="heldout (default), train or all, split as `rlhf run` does")
+SeedOpt = _shared(int, "--seed", help="seed of the train/held-out split with --tasks (default 0; --run uses the run's) and, in "
+                  "eval, of sampling")
+LimitOpt = _shared(int, "--limit", help="use only the first N selected questions")
+ReadLimitOpt = _shared(int, "--read-limit", help="read only the first N records of --tasks (before splitting)")
+HeldoutSizeOpt = _shared(int, "--heldout-size", help="held-out questions when the file has no split")
+HeldoutFractionOpt = _shared(float, "--heldout-fraction", help="held-out fraction when the file has no split")
+InstructionOpt = _shared(str, "--instruction", help="final-answer instruction (default: the run's, or per answer type)")
+MaxNewTokensOpt = _shared(int, "--max-new-tokens", help="answer length cap (default: the run's eval setting, else 64)")
+BatchSizeOpt = _shared(int, "--batch-size", help="sequences per generation batch (default: the run's, else 32)")
+MixedPrecisionOpt = _shared(str, "--mixed-precision", help="no, bf16 or auto (default: the run's, else no)")
+RewardModelOpt = _shared(str, "--reward-model", help="reward model dir: rewards and the win rate (eval: vs the reference; "
+                         "compare: B over A)")
+JudgeModelOpt = _shared(str, "--judge-model", help="LLM judge run locally (preset, hub id, checkpoint): win rate")
+JudgeUrlOpt = _shared(str, "--judge-url", help="LLM judge at an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8001/v1")
+JudgeApiModelOpt = _shared(str, "--judge-api-model", help="model name sent to --judge-url (default: its first /models entry)")
+JudgeApiKeyEnvOpt = _shared(str, "--judge-api-key-env", help="environment variable holding the --judge-url API key")
+BootstrapOpt = _shared(int, "--bootstrap", help="bootstrap resamples for the intervals of means", optional=False)
+VerifierOpt = _shared(str, "--verifier", help="strict (default; the run's setting with --run) or lenient")
+OutOpt = _shared(Path, "--out", "-o", help="write the report (with per-question outcomes) to this JSON file")
 
-        mp = resolve_mixed_precision(mp)
-    for flag, value in (("--max-new-tokens", mnt), ("--batch-size", bs)):
-        if value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
-    return mnt, bs, mp
+
+def _eval_settings(p: dict, tasks: str | None, models: list[str]):
+    """``(selection, run config or None, (max_new_tokens, batch_size, mixed_precision))`` from the shared
+    options' values ``p`` (a command's ``ctx.params``) and ``tasks`` (``--tasks`` or a default)."""
+    from rlhf_workbench.evaluation.selection import generation_settings, select_questions
+
+    sel, cfg = select_questions(tasks, p["run_dir"], models, format=p["format_"], split=p["split"], seed=p["seed"],
+                                read_limit=p["read_limit"], limit=p["limit"], heldout_size=p["heldout_size"],
+                                heldout_fraction=p["heldout_fraction"], instruction=p["instruction"])
+    gen = generation_settings(cfg, p["max_new_tokens"], p["batch_size"], p["mixed_precision"])
+    if p["bootstrap"] < 1:
+        raise ValueError(f"--bootstrap must be at least 1, got {p['bootstrap']}")
+    return sel, cfg, gen
 
 
-def _judge_errors() -> tuple[type[Exception], ...]:
-    """``(JudgeError,)`` when the LLM-judge module is installed, else ``()``."""
-    try:
-        from .judge import JudgeError
-    except ImportError:
-        return ()
-    return (JudgeError,)
-
-
-def _judge(model: str | None, url: str | None, api_model: str | None, api_key_env: str | None):
-    """The LLM judge the ``--judge-*`` options describe, or None when neither --judge-model nor --judge-url is given."""
-    if model is None and url is None:
-        if api_model or api_key_env:
+def _judge(p: dict):
+    """The LLM judge the ``--judge-*`` options (in ``ctx.params`` ``p``) describe; None without --judge-model/--judge-url."""
+    if p["judge_model"] is None and p["judge_url"] is None:
+        if p["judge_api_model"] or p["judge_api_key_env"]:
             raise ValueError("--judge-api-model / --judge-api-key-env need --judge-url")
         return None
-    from .evaluate import make_judge
+    from rlhf_workbench.evaluation.scoring import make_judge
 
-    return make_judge(model, url, api_model, api_key_env)
-
-
-_TASKS_HELP = "task file (jsonl, gsm8k, pubmedqa json, mcq, csv/parquet) or bundled:<name>"
-_RUN_HELP = "run directory: its config's task file, instruction, held-out split and eval settings"
-_SPLIT_HELP = "heldout (default), train or all, split as `rlhf run` does"
-_SEED_HELP = "seed of the train/held-out split with --tasks (default 0; --run uses the run's) and of sampling"
+    return make_judge(p["judge_model"], p["judge_url"], p["judge_api_model"], p["judge_api_key_env"])
 
 
-def _lenient(verifier: str | None, cfg: dict | None) -> bool:
-    """Whether ``--verifier`` (else the run's ``tasks.verifier``, else strict) asks for the lenient reading."""
-    choice = verifier or ((cfg or {}).get("tasks") or {}).get("verifier") or "strict"
-    if choice not in ("strict", "lenient"):
-        raise ValueError(f"--verifier must be strict or lenient, got {choice!r}")
-    return choice == "lenient"
+@contextmanager
+def _eval_errors():
+    """Bad options, task files and judge endpoints of ``eval``/``compare``: the message and exit code 2."""
+    from rlhf_workbench.feedback.judge import JudgeError
+    from rlhf_workbench.tasks.task import TaskFormatError
+
+    try:
+        yield
+    except (ValueError, FileNotFoundError, TaskFormatError, JudgeError) as e:
+        console.print(f"[bold red]error[/]: {escape(str(e))}")
+        raise typer.Exit(2)
 
 
 @app.command("eval")
 def eval_cmd(
+    ctx: typer.Context,
     model: str = typer.Option(None, "--model", "--checkpoint", "-m",
                               help="checkpoint or run dir, preset (smollm2-135m) or hub id; default with --run: its newest policy; "
                               "an `rlhf train` out dir is evaluated on its held-out prompts against its base model"),
     reference: str = typer.Option(None, "--reference", help="model for KL and win rate; default: the run's base model; 'none' skips"),
-    tasks: str = typer.Option(None, "--tasks", help=_TASKS_HELP),
-    run_dir: Path = typer.Option(None, "--run", help=_RUN_HELP),
-    format_: str = typer.Option(None, "--format", help="auto, jsonl, gsm8k, pubmedqa, mcq or hf (with --tasks)"),
-    split: str = typer.Option(None, "--split", help=_SPLIT_HELP),
-    seed: int = typer.Option(None, "--seed", help=_SEED_HELP),
-    limit: int = typer.Option(None, "--limit", help="evaluate only the first N selected questions"),
-    read_limit: int = typer.Option(None, "--read-limit", help="read only the first N records of --tasks (before splitting)"),
-    heldout_size: int = typer.Option(None, "--heldout-size", help="held-out questions when the file has no split"),
-    heldout_fraction: float = typer.Option(None, "--heldout-fraction", help="held-out fraction when the file has no split"),
-    instruction: str = typer.Option(None, "--instruction", help="final-answer instruction (default: the run's, or per answer type)"),
+    tasks: TasksOpt = None, run_dir: RunOpt = None, format_: FormatOpt = None, split: SplitOpt = None,
+    seed: SeedOpt = None, limit: LimitOpt = None, read_limit: ReadLimitOpt = None, heldout_size: HeldoutSizeOpt = None,
+    heldout_fraction: HeldoutFractionOpt = None, instruction: InstructionOpt = None,
     k: int = typer.Option(1, "--k", help="k of pass@k and maj@k; k > 1 samples k answers per question"),
     n_samples: int = typer.Option(None, "--n-samples", help="samples per question n >= k for the unbiased pass@k (default k)"),
     temperature: float = typer.Option(0.7, "--temperature", help="sampling temperature for pass@k / maj@k"),
     top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling for pass@k / maj@k"),
-    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="answer length cap (default: the run's eval setting, else 64)"),
-    batch_size: int = typer.Option(None, "--batch-size", help="sequences per generation batch (default: the run's, else 32)"),
-    mixed_precision: str = typer.Option(None, "--mixed-precision", help="no, bf16 or auto (default: the run's, else no)"),
-    reward_model: str = typer.Option(None, "--reward-model", help="reward model dir: mean reward and win rate vs the reference"),
-    judge_model: str = typer.Option(None, "--judge-model", help="LLM judge run locally (preset, hub id, checkpoint): win rate"),
-    judge_url: str = typer.Option(None, "--judge-url", help="LLM judge at an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8001/v1"),
-    judge_api_model: str = typer.Option(None, "--judge-api-model", help="model name sent to --judge-url (default: its first /models entry)"),
-    judge_api_key_env: str = typer.Option(None, "--judge-api-key-env", help="environment variable holding the --judge-url API key"),
-    bootstrap: int = typer.Option(10_000, "--bootstrap", help="bootstrap resamples for the intervals of means"),
-    verifier: str = typer.Option(None, "--verifier", help="strict (default; the run's setting with --run) or lenient"),
-    out: Path = typer.Option(None, "--out", "-o", help="write the results (with per-question outcomes) to this JSON file"),
+    max_new_tokens: MaxNewTokensOpt = None, batch_size: BatchSizeOpt = None, mixed_precision: MixedPrecisionOpt = None,
+    reward_model: RewardModelOpt = None, judge_model: JudgeModelOpt = None, judge_url: JudgeUrlOpt = None,
+    judge_api_model: JudgeApiModelOpt = None, judge_api_key_env: JudgeApiKeyEnvOpt = None,
+    bootstrap: BootstrapOpt = 10_000, verifier: VerifierOpt = None, out: OutOpt = None,
 ) -> None:
     """Evaluate a checkpoint: greedy pass@1, pass@k and maj@k, reward, win rate, KL and length, with 95% intervals."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from rich.markup import escape
     from rich.progress import Progress
 
-    from .evaluate import default_reference, eval_report, print_eval_report, run_checkpoint, write_report
-    from .offline import offline_run_info
-    from .tasks import TaskFormatError
+    from rlhf_workbench.evaluation.report import eval_report, print_eval_report, write_report
+    from rlhf_workbench.evaluation.selection import eval_reference, lenient_verifier, run_checkpoint
+    from rlhf_workbench.train.offline import offline_run_info
 
-    try:
+    with _eval_errors():
         if model is None:
             if run_dir is None:
                 raise ValueError("give --model PATH_OR_PRESET (or --run RUN_DIR to evaluate its newest policy)")
@@ -281,29 +269,15 @@ def eval_cmd(
             if not offline.get("heldout_file"):
                 raise ValueError(f"{model} was trained with --heldout-fraction 0 (no held-out prompts): pass --tasks")
             tasks = str(Path(model) / offline["heldout_file"])
-        sel, cfg = _eval_selection(tasks, run_dir, [model], format=format_, split=split, seed=seed,
-                                   read_limit=read_limit, limit=limit, heldout_size=heldout_size,
-                                   heldout_fraction=heldout_fraction, instruction=instruction)
-        mnt, bs, mp = _gen_defaults(cfg, max_new_tokens, batch_size, mixed_precision)
-        if bootstrap < 1:
-            raise ValueError(f"--bootstrap must be at least 1, got {bootstrap}")
-        why = "given"
-        if reference is None and offline is not None:
-            reference, why = offline["settings"]["model"], f"base model of the `rlhf train` run {model}"
-        elif reference is None:
-            reference, why = default_reference(model)
-        elif reference.lower() == "none":
-            reference, why = None, "--reference none"
+        sel, cfg, (mnt, bs, mp) = _eval_settings(ctx.params, tasks, [model])
+        reference, why = eval_reference(reference, model, offline)
         console.print(f"model {escape(model)}; reference {escape(str(reference))} ({escape(why)}); "
                       f"{len(sel.tasks)} {sel.split} questions of {escape(sel.source)}")
-        judge = _judge(judge_model, judge_url, judge_api_model, judge_api_key_env)
+        judge = _judge(ctx.params)
         with Progress(console=console, transient=True) as bar:
             report = eval_report(model, sel, reference, reward_model, k, n_samples, temperature, top_p, mnt, bs, mp,
                                  seed=seed if seed is not None else sel.seed, n_boot=bootstrap, judge=judge,
-                                 progress=_progress(bar), lenient=_lenient(verifier, cfg))
-    except (ValueError, FileNotFoundError, TaskFormatError, *_judge_errors()) as e:
-        console.print(f"[bold red]error[/]: {escape(str(e))}")
-        raise typer.Exit(2)
+                                 progress=_progress(bar), lenient=lenient_verifier(verifier, cfg))
     print_eval_report(report, console)
     if out is not None:
         console.print(f"wrote {escape(str(write_report(report, out)))}")
@@ -311,58 +285,36 @@ def eval_cmd(
 
 @app.command("compare")
 def compare_cmd(
+    ctx: typer.Context,
     model_a: str = typer.Argument(..., help="baseline A: checkpoint or run dir, preset or hub id"),
     model_b: str = typer.Argument(..., help="challenger B: checkpoint or run dir, preset or hub id"),
-    tasks: str = typer.Option(None, "--tasks", help=_TASKS_HELP),
-    run_dir: Path = typer.Option(None, "--run", help=_RUN_HELP + " (default: the run A or B belongs to)"),
-    format_: str = typer.Option(None, "--format", help="auto, jsonl, gsm8k, pubmedqa, mcq or hf (with --tasks)"),
-    split: str = typer.Option(None, "--split", help=_SPLIT_HELP),
-    seed: int = typer.Option(None, "--seed", help="seed of the train/held-out split with --tasks (default 0)"),
-    limit: int = typer.Option(None, "--limit", help="compare on the first N selected questions only"),
-    read_limit: int = typer.Option(None, "--read-limit", help="read only the first N records of --tasks (before splitting)"),
-    heldout_size: int = typer.Option(None, "--heldout-size", help="held-out questions when the file has no split"),
-    heldout_fraction: float = typer.Option(None, "--heldout-fraction", help="held-out fraction when the file has no split"),
-    instruction: str = typer.Option(None, "--instruction", help="final-answer instruction (default: the run's, or per answer type)"),
-    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="answer length cap (default: the run's eval setting, else 64)"),
-    batch_size: int = typer.Option(None, "--batch-size", help="sequences per generation batch (default: the run's, else 32)"),
-    mixed_precision: str = typer.Option(None, "--mixed-precision", help="no, bf16 or auto (default: the run's, else no)"),
-    reward_model: str = typer.Option(None, "--reward-model", help="reward model dir: win rate of B over A"),
-    judge_model: str = typer.Option(None, "--judge-model", help="LLM judge run locally (preset, hub id, checkpoint): win rate"),
-    judge_url: str = typer.Option(None, "--judge-url", help="LLM judge at an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8001/v1"),
-    judge_api_model: str = typer.Option(None, "--judge-api-model", help="model name sent to --judge-url (default: its first /models entry)"),
-    judge_api_key_env: str = typer.Option(None, "--judge-api-key-env", help="environment variable holding the --judge-url API key"),
+    tasks: TasksOpt = None, run_dir: RunOpt = None, format_: FormatOpt = None, split: SplitOpt = None,
+    seed: SeedOpt = None, limit: LimitOpt = None, read_limit: ReadLimitOpt = None, heldout_size: HeldoutSizeOpt = None,
+    heldout_fraction: HeldoutFractionOpt = None, instruction: InstructionOpt = None,
+    max_new_tokens: MaxNewTokensOpt = None, batch_size: BatchSizeOpt = None, mixed_precision: MixedPrecisionOpt = None,
+    reward_model: RewardModelOpt = None, judge_model: JudgeModelOpt = None, judge_url: JudgeUrlOpt = None,
+    judge_api_model: JudgeApiModelOpt = None, judge_api_key_env: JudgeApiKeyEnvOpt = None,
     examples: int = typer.Option(3, "--examples", help="questions where A and B differ to print"),
-    bootstrap: int = typer.Option(10_000, "--bootstrap", help="bootstrap resamples"),
-    verifier: str = typer.Option(None, "--verifier", help="strict (default; the run's setting with --run) or lenient"),
-    out: Path = typer.Option(None, "--out", "-o", help="write the comparison (with per-question outcomes) to this JSON file"),
+    bootstrap: BootstrapOpt = 10_000, verifier: VerifierOpt = None, out: OutOpt = None,
 ) -> None:
     """Compare two models on the same questions: accuracies, paired difference, exact McNemar test, examples."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from rich.markup import escape
     from rich.progress import Progress
 
-    from .compare import compare_report, print_compare_report
-    from .evaluate import write_report
-    from .tasks import TaskFormatError
+    from rlhf_workbench.evaluation.compare import compare_report, print_compare_report
+    from rlhf_workbench.evaluation.report import write_report
+    from rlhf_workbench.evaluation.selection import lenient_verifier
 
-    try:
-        sel, cfg = _eval_selection(tasks, run_dir, [model_a, model_b], format=format_, split=split, seed=seed,
-                                   read_limit=read_limit, limit=limit, heldout_size=heldout_size,
-                                   heldout_fraction=heldout_fraction, instruction=instruction)
-        mnt, bs, mp = _gen_defaults(cfg, max_new_tokens, batch_size, mixed_precision)
-        if bootstrap < 1:
-            raise ValueError(f"--bootstrap must be at least 1, got {bootstrap}")
+    with _eval_errors():
+        sel, cfg, (mnt, bs, mp) = _eval_settings(ctx.params, tasks, [model_a, model_b])
         console.print(f"{len(sel.tasks)} {sel.split} questions of {escape(sel.source)}"
                       + (f" (run {escape(sel.run_dir)})" if sel.run_dir else "")
                       + f"; greedy, max {mnt} new tokens, mixed precision {mp}")
-        judge = _judge(judge_model, judge_url, judge_api_model, judge_api_key_env)
+        judge = _judge(ctx.params)
         with Progress(console=console, transient=True) as bar:
             report = compare_report(model_a, model_b, sel, reward_model, mnt, bs, mp, n_boot=bootstrap,
                                     examples=examples, judge=judge, progress=_progress(bar),
-                                    lenient=_lenient(verifier, cfg))
-    except (ValueError, FileNotFoundError, TaskFormatError, *_judge_errors()) as e:
-        console.print(f"[bold red]error[/]: {escape(str(e))}")
-        raise typer.Exit(2)
+                                    lenient=lenient_verifier(verifier, cfg))
     print_compare_report(report, console)
     if out is not None:
         console.print(f"wrote {escape(str(write_report(report, out)))}")
@@ -381,8 +333,8 @@ def serve(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import threading
 
-    from .config import ConfigError, load_config
-    from .guidelines import load_guidelines
+    from rlhf_workbench.config import ConfigError, load_config
+    from rlhf_workbench.human.guidelines import load_guidelines
 
     try:
         cfg = load_config(config, {**_parse_overrides(set_), "feedback.source": "human"})
@@ -391,11 +343,11 @@ def serve(
         console.print(f"[bold red]error[/]: {e}")
         raise typer.Exit(2)
     run_dir = out or Path("runs") / config.stem
-    from .app import launch
+    from rlhf_workbench.app.build import launch
 
     if with_worker:  # refuse at once, not from the worker thread, when a worker already owns the run
-        from .runlock import RunInUseError, RunLock
-        from .store import Store
+        from rlhf_workbench.run.lock import RunInUseError, RunLock
+        from rlhf_workbench.store import Store
 
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -403,7 +355,7 @@ def serve(
         except RunInUseError as e:
             console.print(f"[bold red]error[/]: {e}")
             raise typer.Exit(2)
-        from .loop import run as run_loop
+        from rlhf_workbench.run.loop import run as run_loop
 
         def work() -> None:
             try:
@@ -445,7 +397,8 @@ def serve_model_cmd(
     Without --api-key-env the server has no authentication and listens on loopback only.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from .serve_model import LOOPBACK_HOSTS, ServeLimits, load_served_model, serve
+    from rlhf_workbench.app.serve_model import LOOPBACK_HOSTS, ServeLimits, serve
+    from rlhf_workbench.model.chat import load_served_model
 
     try:
         if dtype not in ("fp32", "bf16"):
@@ -477,16 +430,16 @@ def serve_model_cmd(
 
 def _serve_feedback(run_dir: Path | None, db: str | None, model: str | None):
     """``(FeedbackStore or None, model to serve)`` for ``serve-model``'s --run / --db / --model
-    (see :mod:`rlhf_workbench.thumbs`: the policy version is the run's latest when serving its
+    (see :mod:`rlhf_workbench.feedback.thumbs`: the policy version is the run's latest when serving its
     default, else read from the served path).
 
     Raises:
         ValueError: --run names no run (no workbench.db and no --db) or a run with no version.
         FileNotFoundError: --model is a run directory without a model.
     """
-    from .serve_model import served_path
-    from .store import Store
-    from .thumbs import FeedbackStore, run_model, served_version
+    from rlhf_workbench.model.chat import served_path
+    from rlhf_workbench.store import Store
+    from rlhf_workbench.feedback.thumbs import FeedbackStore, run_model, served_version
 
     if run_dir is None and db is None:
         return None, model or "smollm2-135m"
@@ -521,16 +474,14 @@ def train_cmd(
     lora: bool = typer.Option(False, "--lora/--no-lora", help="train LoRA adapters (merged into the final model)"),
     set_: list[str] = typer.Option([], "--set", help="run-config field, e.g. --set dpo.loss_type=ipo (applied last)"),
 ) -> None:
-    """Train offline on a preference / KTO / SFT file with the loop's own updates (see rlhf_workbench.offline).
+    """Train offline on a preference / KTO / SFT file with the loop's own updates (see rlhf_workbench.train.offline).
 
     Rerunning the same command resumes after the newest epoch checkpoint; `rlhf eval --model
     OUT_DIR --reward-model RM` then evaluates the held-out prompts against the base model.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from rich.markup import escape
-
-    from .config import ConfigError
-    from .offline import OfflineArgs, train_offline
+    from rlhf_workbench.config import ConfigError
+    from rlhf_workbench.train.offline import OfflineArgs, train_offline
 
     try:
         args = OfflineArgs(algorithm, str(data), str(out_dir), model, epochs, lr, batch_size, micro_batch_size, beta,
@@ -573,35 +524,17 @@ def train_rm_cmd(
     Pairs are shuffled with ``--seed`` and split into train and held-out; the held-out pairwise
     accuracy and the per-step (full) or per-epoch (frozen) metrics are written to
     ``OUT_DIR/metrics.json``. The default frozen backbone runs one forward pass per text and
-    fits a linear head on cached pooled features (rlhf_workbench.rm_features); ``--full``
+    fits a linear head on cached pooled features (rlhf_workbench.train.rm_features); ``--full``
     fine-tunes every weight (slow on a CPU).
     """
     import json
-    import random
 
     import torch
 
-    from .reward_model import load_preference_file, load_reward_model, pairs_from_rankings, pairwise_accuracy, \
-        train_reward_model
-    from .store import Store
+    from rlhf_workbench.train.reward_model import load_reward_model, pairwise_accuracy, train_reward_model
 
     try:
-        if (run_dir is None) == (preferences is None):
-            raise ValueError("give exactly one of --run RUNDIR or --preferences FILE")
-        if not 0 <= heldout_fraction < 1:
-            raise ValueError(f"--heldout-fraction must be in [0, 1), got {heldout_fraction}")
-        if run_dir is not None:
-            if not (run_dir / "workbench.db").is_file():
-                raise FileNotFoundError(f"{run_dir / 'workbench.db'} not found")
-            pairs = pairs_from_rankings(Store(run_dir=run_dir), source, with_margin=margin)
-        else:
-            pairs = load_preference_file(preferences)
-        random.Random(seed).shuffle(pairs)
-        pairs = pairs[:limit] if limit else pairs
-        n_held = int(len(pairs) * heldout_fraction)
-        train, held = pairs[n_held:], pairs[:n_held]
-        if not train:
-            raise ValueError(f"no training pairs ({len(pairs)} pairs in all)")
+        train, held = _reward_pairs(run_dir, preferences, source, margin, seed, limit, heldout_fraction)
     except (ValueError, FileNotFoundError) as e:
         console.print(f"[bold red]error[/]: {e}")
         raise typer.Exit(2)
@@ -620,16 +553,44 @@ def train_rm_cmd(
     rm.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     info = {"train_pairs": len(train), "heldout_pairs": len(held), "heldout_accuracy": acc, "steps": steps,
-            "settings": {"model": model, "lr": lr, "epochs": epochs, "batch_size": batch_size,
-                         "max_length": max_length, "seed": seed, "source": source, "margin": margin,
-                         "freeze_backbone": freeze_backbone, "pooling": pooling, "layer": layer,
-                         "max_tokens": max_tokens, "head_epochs": head_epochs, "head_lr": head_lr,
-                         "head_weight_decay": head_weight_decay,
+            "settings": {"model": model, "lr": lr, "epochs": epochs, "batch_size": batch_size, "max_length": max_length,
+                         "seed": seed, "source": source, "margin": margin, "freeze_backbone": freeze_backbone,
+                         "pooling": pooling, "layer": layer, "max_tokens": max_tokens, "head_epochs": head_epochs,
+                         "head_lr": head_lr, "head_weight_decay": head_weight_decay,
                          "mixed_precision": getattr(rm, "mixed_precision", None)}}
     (out_dir / "metrics.json").write_text(json.dumps(info, indent=1))
     console.print(f"trained on {len(train)} pairs ({len(steps)} {'epochs' if freeze_backbone else 'steps'}), "
                   "held-out pairwise accuracy "
                   + (f"{acc:.3f} on {len(held)} pairs" if acc is not None else "n/a") + f"; saved to {out_dir}")
+
+
+def _reward_pairs(run_dir: Path | None, preferences: Path | None, source: str | None, margin: bool, seed: int,
+                  limit: int | None, heldout_fraction: float):
+    """``(train, held)`` pairs for ``train-rm``: a run's rankings or a preference file, shuffled with
+    ``seed``, cut to ``limit``, the first ``heldout_fraction`` held out. Bad options: ValueError,
+    FileNotFoundError."""
+    import random
+
+    from rlhf_workbench.store import Store
+    from rlhf_workbench.train.reward_model import load_preference_file, pairs_from_rankings
+
+    if (run_dir is None) == (preferences is None):
+        raise ValueError("give exactly one of --run RUNDIR or --preferences FILE")
+    if not 0 <= heldout_fraction < 1:
+        raise ValueError(f"--heldout-fraction must be in [0, 1), got {heldout_fraction}")
+    if run_dir is not None:
+        if not (run_dir / "workbench.db").is_file():
+            raise FileNotFoundError(f"{run_dir / 'workbench.db'} not found")
+        pairs = pairs_from_rankings(Store(run_dir=run_dir), source, with_margin=margin)
+    else:
+        pairs = load_preference_file(preferences)
+    random.Random(seed).shuffle(pairs)
+    pairs = pairs[:limit] if limit else pairs
+    n_held = int(len(pairs) * heldout_fraction)
+    train, held = pairs[n_held:], pairs[:n_held]
+    if not train:
+        raise ValueError(f"no training pairs ({len(pairs)} pairs in all)")
+    return train, held
 
 
 if __name__ == "__main__":

@@ -62,13 +62,13 @@ class RolloutConfig(_Strict):
 
 
 class FeedbackSource(_Strict):
-    """One ranking signal; :func:`rlhf_workbench.feedback.make_ranker` ranks a prompt's verified
+    """One ranking signal; :func:`rlhf_workbench.feedback.sources.make_ranker` ranks a prompt's verified
     traces by ``Σ_s weight_s · score_s`` over all sources.
 
     Scores: the rule sources ``format``, ``length``, ``verifier`` lie in [0, 1]; ``reward_model``
     is the reward model's scalar z-scored over the prompt's verified-correct traces (mean 0,
     std 1, so weights are comparable); ``judge`` is the trace's win rate in [0, 1] in
-    position-swapped pairwise comparisons by an LLM judge (:mod:`rlhf_workbench.judge`).
+    position-swapped pairwise comparisons by an LLM judge (:mod:`rlhf_workbench.feedback.judge`).
     Fields that do not belong to the source's ``name`` are errors.
     """
 
@@ -112,7 +112,7 @@ class FeedbackSource(_Strict):
 
 
 class SafetyConfig(_Strict):
-    """Safety filter (:mod:`rlhf_workbench.safety`): flagged traces are treated like wrong ones
+    """Safety filter (:mod:`rlhf_workbench.feedback.safety`): flagged traces are treated like wrong ones
     (unranked, reward 0, never chosen). Needs at least one of the three checks."""
 
     patterns: list[str] = Field(default_factory=list, description="regexes, case-insensitive, searched anywhere in a trace")
@@ -144,7 +144,7 @@ class SafetyConfig(_Strict):
 
 
 class ConstitutionConfig(_Strict):
-    """Constitutional self-critique and revision (:mod:`rlhf_workbench.constitution`; Bai et al. 2022):
+    """Constitutional self-critique and revision (:mod:`rlhf_workbench.feedback.constitution`; Bai et al. 2022):
     after a round's feedback, a critic critiques selected traces against a principle drawn from the
     constitution and revises them; a (revision > original) pair is kept only if the revision verifies
     (tasks with a key) or the judge prefers it in both orders (open tasks). Only DPO trains on the pairs."""
@@ -171,19 +171,19 @@ class FeedbackConfig(_Strict):
                                  "this long; unsubmitted after that, it returns to the pool")
     mode: Literal["ranking", "pairwise"] = Field(
         "ranking", description="human: the annotation page's starting mode (annotators can switch): a full ranking "
-        "of the verified traces, or pairwise A / B / tie judgments (rlhf_workbench.pairwise)")
+        "of the verified traces, or pairwise A / B / tie judgments (rlhf_workbench.human.pairwise)")
     selection: Literal["fewest", "random", "uncertainty"] = Field(
         "fewest", description="human: which open item is served first: fewest annotations (the default, unchanged), "
         "a seeded random order, or the most informative (uncertainty: distinct verified traces the policy is "
-        "least sure between; rlhf_workbench.selection)")
+        "least sure between; rlhf_workbench.human.selection)")
     guidelines: str | None = Field(
         None, description="human: annotation guidelines (a markdown file, or bundled:<name> for "
         "src/rlhf_workbench/data/<name>.md) shown before an annotator's first item and on demand "
-        "(rlhf_workbench.guidelines); None: no guidelines page")
+        "(rlhf_workbench.human.guidelines); None: no guidelines page")
     adjudication_threshold: float | None = Field(
         None, ge=-1, le=1, description="human: an item whose annotators' mean Kendall tau-b is below this goes "
         "to the admins' Adjudicate queue and trains only on the adjudicated ranking (opposite pairwise choices: "
-        "tau = -1; rlhf_workbench.adjudication); None: no adjudication")
+        "tau = -1; rlhf_workbench.human.adjudication); None: no adjudication")
     sources: list[FeedbackSource] = Field(
         default_factory=lambda: [FeedbackSource(name="format", weight=1.0), FeedbackSource(name="length", weight=0.1)],
         description="sources whose weighted sum ranks the verified traces of a prompt",
@@ -192,7 +192,7 @@ class FeedbackConfig(_Strict):
     safety: SafetyConfig | None = Field(None, description="flag unsafe traces so they are never preferred (None: no filter)")
     thumbs: bool = Field(True, description="algorithm kto: each round also trains on the thumbs up / down not yet used "
                          "(web app playground, `rlhf serve-model --run` POST /v1/feedback) as desirable / undesirable "
-                         "examples (rlhf_workbench.thumbs); other algorithms leave them stored")
+                         "examples (rlhf_workbench.feedback.thumbs); other algorithms leave them stored")
     constitution: ConstitutionConfig | None = Field(
         None, description="constitutional critique -> revision pairs after each round's feedback (None: off)")
 
@@ -289,7 +289,7 @@ class RewardStage(_Strict):
 
     pairs: int = Field(800, ge=2, description="pairs trained on; the gold model's are taken after the proxy's, disjoint")
     pooling: Literal["last", "mean", "mean_last"] = Field(
-        "mean_last", description="frozen-backbone features the head reads (rlhf_workbench.rm_features)")
+        "mean_last", description="frozen-backbone features the head reads (rlhf_workbench.train.rm_features)")
     max_tokens: int = Field(128, ge=8, description="each text is cut to its final N tokens (where the replies differ)")
     epochs: int = Field(30, ge=1, description="passes of the head over the cached features")
     lr: float = Field(3e-3, gt=0, description="head learning rate (AdamW, cosine schedule)")
@@ -299,7 +299,7 @@ class RewardStage(_Strict):
 
 
 class PipelineConfig(_Strict):
-    """The classic RLHF pipeline around the online loop (:mod:`rlhf_workbench.pipeline`): stages
+    """The classic RLHF pipeline around the online loop (:mod:`rlhf_workbench.run.stages`): stages
     that run once before round 1, each skipped on resume when its output exists."""
 
     sft_warmup: SFTWarmupStage | None = Field(None, description="supervised warm-up on chosen replies (None: skip)")
@@ -347,7 +347,7 @@ class AppConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
-    """Experiment tracking through accelerate's trackers (:mod:`rlhf_workbench.tracking`): each
+    """Experiment tracking through accelerate's trackers (:mod:`rlhf_workbench.run.tracking`): each
     round's metrics under the database's names, step = round. Not part of a run's identity: it
     may change between resumes."""
 
@@ -358,7 +358,7 @@ class TrackingConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    """A whole run: the loop in :func:`rlhf_workbench.loop.run` reads nothing else."""
+    """A whole run: the loop in :func:`rlhf_workbench.run.loop.run` reads nothing else."""
 
     algorithm: Literal["grpo", "dpo", "ppo", "rloo", "kto"] = Field("grpo", description="policy update")
     rounds: int = Field(10, ge=0, description="online rounds (rollout -> update -> eval)")

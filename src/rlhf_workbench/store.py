@@ -4,7 +4,7 @@ pair, policy version and metric, as SQLAlchemy models.
 SQLite in the run directory by default (WAL journal and a busy timeout, so concurrent
 writers wait instead of failing), or any SQLAlchemy URL such as PostgreSQL. Each stage of a
 round is written in one transaction, so an interrupted run leaves only whole stages behind
-and :func:`rlhf_workbench.loop.run` resumes from the last completed round.
+and :func:`rlhf_workbench.run.loop.run` resumes from the last completed round.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
-from .tasks import MAX_TASK_ID_LENGTH, Task
+from rlhf_workbench.tasks.task import MAX_TASK_ID_LENGTH, Task
 
 
 def _now() -> datetime:
@@ -65,7 +65,7 @@ class TaskRow(Base):
     split: Mapped[str] = mapped_column(String(10), index=True)
 
     def to_task(self) -> Task:
-        """The :class:`~rlhf_workbench.tasks.Task` this row stores."""
+        """The :class:`~rlhf_workbench.tasks.task.Task` this row stores."""
         return Task(id=self.id, question=self.question, answer=self.answer, answer_type=self.answer_type,
                     context=self.context, choices=self.choices, metadata=self.meta or {})
 
@@ -92,7 +92,7 @@ class Rollout(Base):
     round: Mapped[int] = mapped_column(Integer, index=True)
     policy_version_id: Mapped[int] = mapped_column(ForeignKey("policy_versions.id"))
     settings: Mapped[dict] = mapped_column(JSON)
-    # feedback.selection and each item's informativeness score and reason (rlhf_workbench.selection);
+    # feedback.selection and each item's informativeness score and reason (rlhf_workbench.human.selection);
     # None: stored before the column existed (served fewest-first)
     selection: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
@@ -116,7 +116,7 @@ class CompletionRow(Base):
     logps: Mapped[list] = mapped_column(JSON)
     finished: Mapped[bool] = mapped_column(Boolean)
     # "sample": sampled by the policy in the rollout; "revision": a constitutional revision of one
-    # (rlhf_workbench.constitution), stored with its pair but never part of the K samples
+    # (rlhf_workbench.feedback.constitution), stored with its pair but never part of the K samples
     origin: Mapped[str] = mapped_column(String(20), default="sample", server_default=_SAMPLE)
     rollout: Mapped[Rollout] = relationship(back_populates="completions")
     verification: Mapped["VerificationRow"] = relationship(back_populates="completion", uselist=False)
@@ -188,13 +188,13 @@ class Annotation(Base):
     """One annotator's work on one item (a task's traces in one rollout).
 
     ``status`` is ``draft``, ``submitted``, ``skipped`` or ``adjudicated`` (an admin's ranking of an
-    item whose annotators disagreed, :mod:`rlhf_workbench.adjudication`: the one ranking of that
+    item whose annotators disagreed, :mod:`rlhf_workbench.human.adjudication`: the one ranking of that
     item that trains); ``ranks`` maps completion id -> rank
     (0 best, ties allowed) over the verified traces; ``flagged`` lists completion ids marked
     unsafe or clinically wrong (never used as chosen); ``verifier_wrong`` lists verified traces
     (the verifier graded them correct) that the expert marked as actually wrong: treated like
     flagged ones, and counted as the verifier's false accepts in
-    :func:`rlhf_workbench.annotation.verifier_audit`; ``revision`` increases with every save so
+    :func:`rlhf_workbench.human.annotation.verifier_audit`; ``revision`` increases with every save so
     that a stale draft is refused; ``consumed_round`` is the round whose training read this
     submission (set by the worker in the transaction that records the round's rankings; None
     while pending, for a submission overruled by an adjudication, and for rows written before
@@ -220,7 +220,7 @@ class Annotation(Base):
 
 class ItemClaim(Base):
     """An annotator's place on an item (a task's traces in one rollout), written when the item is
-    served (:mod:`rlhf_workbench.assignment`).
+    served (:mod:`rlhf_workbench.human.assignment`).
 
     ``slot`` is unique per item and below ``feedback.annotators_per_item``, so the database itself
     refuses one annotator too many; ``expires_at`` (seconds since the epoch) frees an abandoned
@@ -239,7 +239,7 @@ class ItemClaim(Base):
 
 
 class LoginAttempt(Base):
-    """One login attempt (for throttling, :mod:`rlhf_workbench.auth`): the name tried (cut to 200
+    """One login attempt (for throttling, :mod:`rlhf_workbench.app.auth`): the name tried (cut to 200
     characters), the client address when known, success, and when (seconds since the epoch)."""
 
     __tablename__ = "login_attempts"
@@ -252,7 +252,7 @@ class LoginAttempt(Base):
 
 class ServedCompletion(Base):
     """One choice of a chat completion answered by ``rlhf serve-model --run/--db``
-    (:mod:`rlhf_workbench.thumbs`): the OpenAI response id and choice index, the request's
+    (:mod:`rlhf_workbench.feedback.thumbs`): the OpenAI response id and choice index, the request's
     ``messages`` (a list of ``{"role", "content"}``), the prompt as the chat template rendered it,
     the answer text, OpenAI's ``finish_reason`` (``"stop"``: EOS or a stop string, ``"length"``:
     cut by ``max_tokens``) and the policy version served (None when the served model is not one
@@ -277,7 +277,7 @@ class BinaryFeedback(Base):
     from the app's playground (``prompt`` the user message, ``served_id`` None) or on a
     :class:`ServedCompletion` of ``rlhf serve-model`` (``served_id`` set; ``prompt`` its
     conversation as text). With ``algorithm: kto`` the next round trains on the rows not yet
-    consumed and sets ``consumed_round`` (:mod:`rlhf_workbench.thumbs`); other algorithms leave
+    consumed and sets ``consumed_round`` (:mod:`rlhf_workbench.feedback.thumbs`); other algorithms leave
     them stored (None) for analysis and export."""
 
     __tablename__ = "binary_feedback"
@@ -294,7 +294,7 @@ class BinaryFeedback(Base):
 
 class GuidelinesAck(Base):
     """An annotator's acknowledgement of the annotation guidelines (``feedback.guidelines``,
-    :mod:`rlhf_workbench.guidelines`): ``sha256`` of the guidelines text they read and clicked
+    :mod:`rlhf_workbench.human.guidelines`): ``sha256`` of the guidelines text they read and clicked
     "Start" on, and when (UTC). Changed guidelines have another hash, so everyone reads them again."""
 
     __tablename__ = "guidelines_acks"

@@ -69,7 +69,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf_workbench.tasks import ANSWER_TYPES, Task
+from rlhf_workbench.tasks.task import ANSWER_TYPES, Task
 
 from .labels import choice_ambiguity, label_clause, last_choice, last_ynm, parse_choice, parse_ynm, text_ambiguity, ynm_ambiguity
 from .markers import markers, normalise_text
