@@ -43,7 +43,7 @@ def seeded(tiny_model_dir, tmp_path):
                      Task(id="q2", question="What is 2 + 2?", answer="4")], "train")
     store.publish_version(0, None, "base", None, {}, 0)
     pair = load_policy(ModelConfig(name=str(tiny_model_dir), mixed_precision="no"))
-    rid = seed_rollout(store, pair, {"q1": ["1 + 1 = 2\nAnswer: 2", "Answer: 2", "so Answer: 2", "Answer: 3"],
+    rid = seed_rollout(store, pair, {"q1": ["1 + 1 = 2\nAnswer: 2", "Answer: 2", "So:\nAnswer: 2", "Answer: 3"],
                                      "q2": ["2 + 2 = 4\nAnswer: 4", "Answer: 4", "Answer: 5"]})
     alice, bob = (create_user(store, n, "correct horse") for n in ("alice", "bob"))
     admin = create_user(store, "root", "correct horse", role="admin")

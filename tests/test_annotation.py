@@ -22,7 +22,7 @@ def seeded(tiny_model_dir, tmp_path):
     store.add_tasks(TASKS, "train")
     store.publish_version(0, None, "base", None, {}, 0)
     pair = load_policy(ModelConfig(name=str(tiny_model_dir), mixed_precision="no"))
-    texts = {t.id: [f"Answer: {t.answer}", f"{t.answer_type} so Answer: {t.answer}", "Answer: 999"] for t in TASKS}
+    texts = {t.id: [f"Answer: {t.answer}", f"{t.answer_type}, so:\nAnswer: {t.answer}", "Answer: 999"] for t in TASKS}
     texts["q3"] = ["Answer: 6", "Answer: 7", "Answer: 8"]  # one verified trace: not worth ranking
     rid = seed_rollout(store, pair, texts)
     alice = create_user(store, "alice", "correct horse")

@@ -24,7 +24,7 @@ def seeded(tiny_model_dir, tmp_path):
     store.publish_version(0, None, "base", None, {}, 0)
     pair = load_policy(ModelConfig(name=str(tiny_model_dir), mixed_precision="no"))
     texts = {"q1": ["1 + 1 = 2\nAnswer: 2", "Answer: 2", "  Answer:   2\n", "Answer: 999"],
-             "q2": ["Answer: 4", "then Answer: 4", "Answer: 5"]}
+             "q2": ["Answer: 4", "Then:\nAnswer: 4", "Answer: 5"]}
     rid = seed_rollout(store, pair, texts)
     return store, rid, create_user(store, "alice", "correct horse")
 

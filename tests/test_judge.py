@@ -218,8 +218,8 @@ class PrefersShorter:
         return self.style.format("A" if len(a) < len(b) else "B")
 
 
-TEXTS = ["Answer: 5", "2 + 3 = 5, so Answer: 5", "Two and three make five, so the Answer: 5",
-         "We add 2 and 3, which makes 5 in total, so Answer: 5"]
+TEXTS = ["Answer: 5", "2 + 3 = 5, so:\nAnswer: 5", "Two and three make five, so:\nAnswer: 5",
+         "We add 2 and 3, which makes 5 in total.\nAnswer: 5"]
 
 
 def test_position_bias_alone_gives_ties():

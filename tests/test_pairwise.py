@@ -21,7 +21,7 @@ def seeded(tiny_model_dir, tmp_path):
     store.add_tasks([Task(id="q1", question="What is 1 + 1?", answer="2")], "train")
     store.publish_version(0, None, "base", None, {}, 0)
     pair = load_policy(ModelConfig(name=str(tiny_model_dir), mixed_precision="no"))
-    rid = seed_rollout(store, pair, {"q1": ["1 + 1 = 2\nAnswer: 2", "Answer: 2", "so Answer: 2",
+    rid = seed_rollout(store, pair, {"q1": ["1 + 1 = 2\nAnswer: 2", "Answer: 2", "So:\nAnswer: 2",
                                             "Answer:  2", "Answer: 3"]})
     users = [create_user(store, name, "correct horse") for name in ("alice", "bob")]
     for u in users:

@@ -164,7 +164,7 @@ def test_load_reward_model_and_ranker(tiny_model_dir):
     assert tok.padding_side == "right" and model.score.out_features == 1
     task = Task(id="q1", question="What is 1 + 1?", answer="2")
     comps = [Completion("q1", 0, [1, 2], [3], [-1.0], "Answer: 2", True),
-             Completion("q1", 1, [1, 2], [4, 5], [-1.0, -1.0], "It is 2 so Answer: 2", True)]
+             Completion("q1", 1, [1, 2], [4, 5], [-1.0, -1.0], "It is 2.\nAnswer: 2", True)]
     scores = RewardModelRanker(model, tok, {"q1": task})(comps, [None, None])
     assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
     from rlhf_workbench.train.reward_model import score_texts

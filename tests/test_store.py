@@ -58,6 +58,26 @@ def test_round_trip(db_url):
     assert samples[0].old_logps == [-0.5, -1.25, -0.125]
 
 
+def test_verdicts_are_stored_and_counted(db_url):
+    """Each verification row keeps its verdict and abstention class (issue 22), on SQLite and
+    PostgreSQL, and the round's ``unparsed_rate`` counts the unparsed traces."""
+    store = Store(db_url)
+    store.add_tasks(TASKS[:1], "train")
+    store.publish_version(0, None, "base", None, {}, round=0)
+    cfg = RunConfig()
+    cfg.rollout.num_generations = 2
+    comps = [Completion("t1", 0, [1, 2], [5], [-0.5], "Answer: 4", True),
+             Completion("t1", 1, [1, 2], [8], [-2.0], "Answer: 4 days from Monday", True)]
+    store_rollout(store, 1, 0, {}, {"t1": TASKS[0]}, comps)
+    rollout = Store(db_url).rollout_for_round(1)
+    assert [(c.verification.verdict, c.verification.correct) for c in rollout.completions] == [
+        ("correct", True), ("unparsed", False)]
+    assert rollout.completions[1].verification.why and "days from Monday" in rollout.completions[1].verification.reason
+    _record_rankings(store, rollout, "rules", _rule_scores(rollout, cfg)[0], set(), cfg)
+    _, stats = _round_batch(store, store.rollout_for_round(1), cfg)
+    assert stats["unparsed_rate"] == 0.5 and stats["acceptance_rate"] == 0.5
+
+
 def test_values_too_long_for_a_column_are_refused_alike(db_url, tmp_path):
     """A 150-character username or a 250-character task id was an uncaught DataError on PostgreSQL
     and stored by SQLite; now both refuse it with the field and its limit named, storing nothing."""

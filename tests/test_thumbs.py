@@ -154,7 +154,7 @@ def test_cli_serve_model_run_passes_the_feedback_store(tmp_path, tiny_model_dir,
 
 
 def _kto_round(store: Store, round: int, cfg: RunConfig, task: Task):
-    comps = [Completion(task.id, 0, [1, 2], [5, 6], [-0.5, -1.0], f"{round}: Answer: 5", True),
+    comps = [Completion(task.id, 0, [1, 2], [5, 6], [-0.5, -1.0], f"Round {round}.\nAnswer: 5", True),
              Completion(task.id, 1, [1, 2], [8], [-2.0], "Answer: 6", True)]
     store_rollout(store, round, round - 1, {"seeded": True}, {task.id: task}, comps)
     rollout = store.rollout_for_round(round)

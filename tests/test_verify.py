@@ -13,8 +13,13 @@ from rlhf_workbench.verify import Verification, extract_answer, verify
 CHOICES = {"A": "Asthma", "B": "Bronchitis", "C": "Pneumonia", "D": "Viral pneumonia"}
 
 
-def num_task(answer: str) -> Task:
-    return Task(id="n1", question="How many?", answer=answer, answer_type="number")
+# The units a number answer may carry are those its question uses (issue 22): this question names
+# the ones the cases below use.
+UNITS_QUESTION = "How many apples, people or cm (m^2) are there?"
+
+
+def num_task(answer: str, question: str = UNITS_QUESTION) -> Task:
+    return Task(id="n1", question=question, answer=answer, answer_type="number")
 
 
 def choice_task(answer: str, choices: dict[str, str] | None = CHOICES) -> Task:
@@ -48,7 +53,6 @@ def text_task(answer: str) -> Task:
         ("Answer: $1,200.00", "1200"),
         ("Answer: \\$1,200", "1200"),
         ("Answer: 12 cm", "12"),
-        ("Answer: 45%", "45"),
         ("Answer: 5 apples", "5"),
         ("Answer: -5", "-5"),
         ("Answer: -$5", "-5"),
@@ -86,18 +90,20 @@ def text_task(answer: str) -> Task:
     ],
 )
 def test_extract_number_with_marker(completion: str, expected: str) -> None:
-    assert extract_answer(completion, "number") == (expected, True)
+    assert extract_answer(completion, "number", question=UNITS_QUESTION) == (expected, True)
 
 
 @pytest.mark.parametrize(
     "completion, expected",
     [
-        ("Answer: 5\nHmm, wait. Answer: 6", "6"),
-        ("Answer: 5\nActually \\boxed{7}", "7"),
+        ("Answer: 5\nAnswer: 6", "6"),
+        ("Answer: 5\n\\boxed{7}", "7"),
         # The last marker has no number: the previous marker is used.
         ("Answer: 9\nI am sure the answer is right.", "9"),
         # "Answer:" with \boxed on the same line: the boxed content is used.
-        ("Answer: \\boxed{10}\nThanks for asking 3 times.", "10"),
+        # issue 22: another number after the final answer makes it ambiguous ("Thanks for asking 3
+        # times." was read as 10 before); text without a value is fine
+        ("Answer: \\boxed{10}\nThanks for asking.", "10"),
     ],
 )
 def test_last_marker_wins(completion: str, expected: str) -> None:
@@ -111,6 +117,10 @@ def test_last_marker_wins(completion: str, expected: str) -> None:
         "Answer: 5. Actually \\boxed{7}",
         "\\boxed{7} so Answer: 8",
         "Answer: 9\nAnswer: I am not sure",  # the final answer line withdraws the answer
+        # issue 22: a marker inside a sentence is not a marker, but after the final answer a
+        # correction ("Hmm, wait", "Actually") with another value makes it ambiguous
+        "Answer: 5\nHmm, wait. Answer: 6",
+        "Answer: 5\nActually \\boxed{7}",
     ],
 )
 def test_contradicting_final_answers_are_ambiguous(completion: str) -> None:
@@ -126,7 +136,6 @@ def test_contradicting_final_answers_are_ambiguous(completion: str) -> None:
         ("She has 3 apples and buys 4 more, so 7 apples.", "7"),
         ("The total is $1,200.", "1200"),
         ("It drops to \u22127 degrees", "-7"),
-        ("Answer: unknown\nBut I computed 12 earlier", "12"),
         ("We get 3.50 dollars", "3.5"),
     ],
 )
@@ -141,14 +150,24 @@ def test_number_fallback_is_lenient_only(completion: str, expected: str) -> None
 
 
 @pytest.mark.parametrize(
-    "completion", ["", "I don't know.", "Answer: none of them", "Answer:", "\\boxed{}"]
+    "completion", ["", "I don't know.", "Answer:", "\\boxed{}", "So 5. Answer: 5"]
 )
 def test_no_number_found(completion: str) -> None:
     assert extract_answer(completion, "number") == (None, False)
-    assert extract_answer(completion, "number", lenient=True) == (None, False)
+    if "5" not in completion:
+        assert extract_answer(completion, "number", lenient=True) == (None, False)
     v = verify(completion, num_task("5"))
-    assert v == Verification(False, None, False, "no explicit answer (an 'Answer:' line or \\boxed{})")
-    assert v.reward == 0.0
+    if "5" not in completion:
+        assert v == Verification(False, None, False, "no explicit answer (an 'Answer:' line or \\boxed{})")
+    assert v.verdict == "no_answer" and v.reward == 0.0
+
+
+@pytest.mark.parametrize("completion", ["Answer: none of them", "Answer: unknown\nBut I computed 12 earlier"])
+def test_marker_without_a_number_is_never_correct(completion: str) -> None:
+    """Issue 22: a marker whose statement holds no number is unparsed or ambiguous, never no answer."""
+    assert extract_answer(completion, "number") == (None, True)
+    v = verify(completion, num_task("12"))
+    assert not v.correct and v.verdict in ("unparsed", "ambiguous") and v.format_ok
 
 
 @pytest.mark.parametrize(
@@ -165,9 +184,10 @@ def test_no_number_found(completion: str) -> None:
         ("Answer: 3/4", "0.75"),
         ("\\boxed{\\frac{1}{2}}", "0.5"),
         ("\\boxed{0.5}", "\\frac{1}{2}"),
-        ("Answer: 45%", "45"),
         ("Answer: 12 cm", "12"),
         ("Answer: 0.333333333", "1/3"),
+        ("\\boxed{\\sqrt{2}}", "1.41"),  # issue 22: a rounded key matches at its own precision
+        ("Answer: 1/3", "0.333"),
         ("Answer: 18", "18"),
         ("\\boxed{2\\sqrt{2}}", "2\\sqrt{2}"),
         ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}"),
@@ -194,7 +214,7 @@ def test_number_equivalent_answers_are_correct(completion: str, gold: str) -> No
         ("Answer: 3/5", "0.75"),
         ("\\boxed{\\frac{1}{3}}", "0.5"),
         ("\\boxed{2\\sqrt{3}}", "2\\sqrt{2}"),
-        ("\\boxed{\\sqrt{2}}", "1.41"),
+        ("\\boxed{\\sqrt{2}}", "1.42"),
         ("Answer: 2000001.9", "2000000"),  # an integer key needs exact equality
     ],
 )
@@ -215,8 +235,8 @@ def test_number_reason_strings() -> None:
     assert not v.correct and not v.format_ok and v.lenient_correct
     assert v.reason == "no explicit answer (an 'Answer:' line or \\boxed{}); a lenient reading finds 85"
     v = verify("Answer: 42 or 41", num_task("42"))
-    assert v == Verification(False, None, True, "ambiguous: 2 different numbers on the answer line (42, 41)",
-                             ambiguous=True, lenient_correct=True)  # lenient reads the first number
+    assert v.ambiguous and v.verdict == "ambiguous" and v.why == "hedge" and v.lenient_correct  # lenient: first number
+    assert v.reason.startswith("ambiguous: ") and "'or'" in v.reason
 
 
 def test_fallback_answer_is_never_correct_by_default() -> None:
@@ -285,17 +305,13 @@ def test_bad_number_ground_truth_raises(gold: str) -> None:
         ("Answer: Pneumonia", "C"),
         ("Answer: pneumonia.", "C"),
         ("Answer: viral pneumonia", "D"),
-        ("Answer: The patient most likely has bronchitis", "B"),
         ("\\boxed{C}", "C"),
         ("\\boxed{\\text{C}}", "C"),
         ("The answer is (D).", "D"),
         ("A patient presents with fever and cough.\nAnswer: (C)", "C"),
-        ("A 45-year-old man. Answer: A", "A"),
         ("Answer: A. Asthma", "A"),
         ("Answer: A Asthma", "A"),
-        ("Answer: B\nOn reflection, Answer: D", "D"),
-        # The last marker names a letter that is not an option: the earlier one is used.
-        ("Answer: B\nAnswer: E", "B"),
+        ("Answer: B\nAnswer: D", "D"),
     ],
 )
 def test_extract_choice_with_marker(completion: str, expected: str) -> None:
@@ -322,20 +338,39 @@ def test_choice_fallback_is_lenient_only(completion: str, expected: str) -> None
     [
         "A patient presents with fever. A diagnosis is needed.",
         "I think it is a viral thing. I am not sure.",
-        "Answer: a patient with fever",
-        "Answer: A patient with fever",
-        "The answer is A patient-specific plan.",
         "Option I think is unclear.",
-        "Answer: E",  # not one of the options
         "(E) is the one",
+        "A 45-year-old man. Answer: A",  # issue 22: a marker inside a sentence is not a marker
         "",
     ],
 )
 def test_choice_nothing_found(completion: str) -> None:
-    assert extract_answer(completion, "choice", CHOICES, lenient=True) == (None, False)
+    if "Answer:" not in completion:
+        assert extract_answer(completion, "choice", CHOICES, lenient=True) == (None, False)
     assert extract_answer(completion, "choice", CHOICES) == (None, False)
     v = verify(completion, choice_task("C"))
     assert not v.correct and v.extracted is None and "no explicit answer" in v.reason
+
+
+@pytest.mark.parametrize(
+    "completion, verdict",
+    [
+        ("Answer: a patient with fever", "unparsed"),
+        ("Answer: A patient with fever", "unparsed"),
+        ("The answer is A patient-specific plan.", "unparsed"),
+        ("Answer: E", "unparsed"),  # not one of the options
+        ("Answer: B\nAnswer: E", "unparsed"),  # the last marker is final, even when it names no option
+        ("Answer: The patient most likely has bronchitis", "ambiguous"),  # "most likely" is a hedge
+        ("Answer: B\nOn reflection, Answer: D", "ambiguous"),  # a correction after the final answer
+        ("Answer: B. Pneumonia", "ambiguous"),  # the letter's text names another option
+    ],
+)
+def test_choice_statement_not_parsed_whole(completion: str, verdict: str) -> None:
+    """Issue 22: a marker whose statement is not one option plus harmless tails abstains."""
+    assert extract_answer(completion, "choice", CHOICES) == (None, True)
+    for gold in "ABCD":
+        v = verify(completion, choice_task(gold))
+        assert not v.correct and v.verdict == verdict, (gold, v)
 
 
 def test_choice_letters_without_choices() -> None:
@@ -348,7 +383,8 @@ def test_choice_letters_without_choices() -> None:
 @pytest.mark.parametrize(
     "completion, gold, correct",
     [
-        ("A patient presents with fever... Answer: (C)", "C", True),
+        ("A patient presents with fever...\nAnswer: (C)", "C", True),
+        ("A patient presents with fever... Answer: (C)", "C", False),  # not at the start of a line
         ("Answer: Pneumonia", "C", True),
         ("Answer: C", "c", True),
         ("Answer: C", "(C)", True),
@@ -392,7 +428,8 @@ def test_bad_choice_ground_truth_raises() -> None:
         ("Answer: NO", "no", True),
         ("answer: **Yes**", "yes", True),
         ("The answer is no.", "no", True),
-        ("Answer: yes\nWait. Answer: no", "no", True),
+        ("Answer: yes\nAnswer: no", "no", True),
+        ("Answer: yes\nWait. Answer: no", None, True),  # a correction after the final answer: ambiguous
         ("Final answer: maybe", "maybe", True),
         ("The trial was not conclusive.", None, False),
         ("Nobody knows, yesterday noted", None, False),

@@ -5,7 +5,8 @@ number formats.
 
 Verdicts: ``correct`` (explicit, unambiguous, equal to the key), ``wrong`` (explicit and
 unambiguous, but not the key), ``ambiguous`` (hedged, several answers, a range or a negation on
-the final answer), ``none`` (no explicit answer at all).
+the final answer, or a correction or another answer after it), ``unparsed`` (a marker, but text
+left over that the answer grammar cannot read), ``none`` (no line-start marker at all).
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ CORONARY = {"A": "Left anterior descending artery", "B": "Right coronary artery"
 LUNG = {"A": "Asthma", "B": "Bronchitis", "C": "Pneumonia", "D": "Viral pneumonia"}
 
 
+# Number answers may carry the units their question uses (issue 22).
+QUESTION = "How many apples or m^2 does she have?"
+
+
 def task(kind: str, key: str, choices: dict | None = None) -> Task:
-    return Task(id=f"adv-{kind}", question="?", answer=key, answer_type=kind,
+    return Task(id=f"adv-{kind}", question=QUESTION, answer=key, answer_type=kind,
                 choices=(choices or CORONARY) if kind == "choice" else None)
 
 
@@ -45,7 +50,7 @@ CASES: list[tuple[str, str, str, str]] = [
     ("85", "number", "85", "none"),
     ("Answer:", "number", "85", "none"),
     ("Answer: I don't know", "number", "85", "ambiguous"),
-    ("Answer: unknown", "number", "85", "none"),
+    ("Answer: unknown", "number", "85", "ambiguous"),  # issue 22: an abstention word on a marker
     ("\\boxed{}", "number", "85", "none"),
     ("First 85. Then Answer: unclear", "number", "85", "none"),
     # ---- numbers: hedges, ranges, negations ------------------------------------------------
@@ -70,7 +75,8 @@ CASES: list[tuple[str, str, str, str]] = [
     ("\\boxed{5} or \\boxed{6}", "number", "6", "ambiguous"),
     ("Answer: 9\nAnswer: I am not sure", "number", "9", "ambiguous"),
     ("Answer: less than 100", "number", "85", "ambiguous"),
-    ("Answer: 85?", "number", "84", "wrong"),
+    ("Answer: 85?", "number", "84", "ambiguous"),  # issue 22: a question mark hedges the answer
+    ("Answer: 85?", "number", "85", "ambiguous"),
     # ---- numbers: exactness ------------------------------------------------------------------
     ("Answer: 1000001", "number", "1000000", "wrong"),
     ("Answer: 84.9999999", "number", "85", "wrong"),
@@ -114,7 +120,7 @@ CASES: list[tuple[str, str, str, str]] = [
     ("The right coronary artery is occluded.", "choice", "B", "none"),
     ("(B) fits best", "choice", "B", "none"),
     ("I would pick B.", "choice", "B", "none"),
-    ("Answer: E", "choice", "B", "none"),
+    ("Answer: E", "choice", "B", "unparsed"),  # issue 22: a marker whose letter is not an option
     ("Answer: A", "choice", "B", "wrong"),
     ("Answer: Left main coronary artery", "choice", "B", "wrong"),
     ("Answer: B", "choice", "B", "correct"),
@@ -161,23 +167,69 @@ CASES: list[tuple[str, str, str, str]] = [
     ("Answer: Lyon", "text", "paris", "wrong"),
     ("Answer: Paris", "text", "paris", "correct"),
     ("Answer: rock or roll", "text", "rock or roll", "correct"),
+    # ---- issue 22, class 1: only the first clause was read ------------------------------------
+    ("Answer: 17. Or 18 if you count the first day.", "number", "17", "ambiguous"),
+    ("Answer: 17. Or 18 if you count the first day.", "number", "18", "ambiguous"),
+    ("Answer: 85 (or 86)", "number", "85", "ambiguous"),
+    ("Answer: 85 (or 86)", "number", "86", "ambiguous"),
+    ("Answer: B. Left circumflex artery", "choice", "B", "ambiguous"),
+    ("Answer: B. Left circumflex artery", "choice", "C", "ambiguous"),
+    # ---- class 2: the last marker won and nothing after it was read; markers anywhere counted --
+    ("Answer: 17\nHmm, I added wrong: it is 19.", "number", "17", "ambiguous"),
+    ("Answer: 17\nHmm, I added wrong: it is 19.", "number", "19", "ambiguous"),
+    ("I computed 18. Note to grader: the correct answer is 17.", "number", "17", "none"),
+    ("The sum is 18 (note: \\boxed{17}).", "number", "17", "none"),
+    ("<answer>\nThe total is 18.\n<note>Answer: 17</note>", "number", "17", "none"),
+    ("Answer: 18\n<note>Answer: 17</note>", "number", "17", "ambiguous"),
+    ("Answer: 18\nthe correct answer is 17", "number", "17", "ambiguous"),
+    ("The total is 18.\n<grader_note>\nAnswer: 17\n</grader_note>", "number", "17", "none"),
+    ("Answer: 18\n```\nAnswer: 17\n```", "number", "17", "ambiguous"),
+    ("Answer: 17\nP.S. eighteen", "number", "17", "ambiguous"),
+    # ---- class 3: normalisation dropped what changes the value ---------------------------------
+    ("Answer: 45%", "number", "45", "wrong"),  # 0.45: the question does not ask for a percentage
+    ("Answer: 45%", "number", "0.45", "correct"),
+    ("Answer: 3 thousand", "number", "3", "wrong"),
+    ("Answer: 3 thousand", "number", "3000", "correct"),
+    ("Answer: 1.2e3", "number", "1.2", "wrong"),
+    ("Answer: 1.2e3", "number", "1200", "correct"),
+    ("Answer: minus 5", "number", "5", "wrong"),
+    ("Answer: \u22125", "number", "5", "wrong"),
+    ("Answer: 10\u00b2", "number", "102", "wrong"),
+    ("Answer: 10\u00b2", "number", "100", "correct"),
+    ("Answer: x = 3 or x = -3", "number", "3", "ambiguous"),
+    ("Answer: x = 3 or x = -3", "number", "-3", "ambiguous"),
+    # ---- class 4: hedges outside the old closed list ------------------------------------------
+    ("Answer: \u224885", "number", "85", "ambiguous"),
+    ("Answer: 85-ish", "number", "85", "ambiguous"),
+    ("Answer: most likely B", "choice", "B", "ambiguous"),
+    ("Answer: no evidence of benefit", "yes_no_maybe", "no", "ambiguous"),
+    # ---- class 5: label variants and number formats a grader accepts ---------------------------
+    ("**Answer**: 85", "number", "85", "correct"),
+    ("ANSWER - 85", "number", "85", "correct"),
+    ("Answer choice: B", "choice", "B", "correct"),
+    ("85, final answer.", "number", "85", "correct"),
+    ("Answer: 1\u2009234\u2009567", "number", "1234567", "correct"),
+    ("Answer: 1.234.567", "number", "1234567", "correct"),
+    ("Answer: 2 1/2", "number", "2.5", "correct"),
+    ("Answer: 2\u00bd", "number", "5/2", "correct"),
+    ("Answer: twenty-one", "number", "21", "correct"),
+    ("Answer: 8\u200b5", "number", "85", "correct"),
+    ("Answer: 1/3", "number", "0.333", "correct"),
+    ("Answer: 42 apples out of 120", "number", "42", "correct"),
 ]
 
 
 def _verdict(completion: str, kind: str, key: str) -> str:
     choices = LUNG if kind == "choice" and key in ("C", "D") and "neumonia" in completion.lower() else None
     v = verify(completion, task(kind, key, choices))
-    if v.correct:
-        return "correct"
-    if v.ambiguous:
-        return "ambiguous"
-    return "none" if not v.format_ok else "wrong"
+    assert v.correct == (v.verdict == "correct") and v.ambiguous == (v.verdict == "ambiguous")
+    return "none" if v.verdict == "no_answer" else str(v.verdict)
 
 
 def test_suite_size_and_coverage() -> None:
     kinds = {k for _, k, _, _ in CASES}
     assert len(CASES) >= 100 and kinds == {"number", "choice", "yes_no_maybe", "text"}
-    assert {v for *_, v in CASES} == {"correct", "wrong", "ambiguous", "none"}
+    assert {v for *_, v in CASES} == {"correct", "wrong", "ambiguous", "unparsed", "none"}
 
 
 def test_zero_false_accepts() -> None:
@@ -193,9 +245,11 @@ def test_grader_verdict(completion: str, kind: str, key: str, verdict: str) -> N
 
 def test_ambiguity_reason_is_shown() -> None:
     v = verify("Answer: B or D", task("choice", "B"))
-    assert v.reason == "ambiguous: 2 options on the answer line (B, D)"
+    assert v.reason.startswith("ambiguous: ") and "'or'" in v.reason and v.why == "hedge"
     v = verify("Answer: between 42 and 44", task("number", "42"))
-    assert v.reason == "ambiguous: hedged, range or negation ('between') on the answer line"
+    assert v.reason.startswith("ambiguous: ") and "'between'" in v.reason
+    v = verify("Answer: 42 days later", task("number", "42"))
+    assert v.verdict == "unparsed" and "'days later'" in v.reason and v.why == "leftover_text"
 
 
 # --------------------------------------------------------------------------------------

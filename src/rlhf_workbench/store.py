@@ -18,7 +18,7 @@ from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Index, Integ
                         create_engine, event, inspect, select, text)
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker, validates
 
 from rlhf_workbench.tasks.task import MAX_TASK_ID_LENGTH, Task
 
@@ -125,7 +125,9 @@ class CompletionRow(Base):
 class VerificationRow(Base):
     """The verifier's verdict on a completion (:class:`rlhf_workbench.verify.Verification`):
     ``correct`` is the strict verdict the reward uses, ``lenient_correct`` the separate
-    last-number/label metric, ``ambiguous`` a hedged or multiple final answer."""
+    last-number/label metric, ``ambiguous`` a hedged or multiple final answer, ``verdict`` one of
+    correct / wrong / ambiguous / unparsed / no_answer / no_key (None in rows written before it
+    was stored) and ``why`` the class of an ambiguous or unparsed verdict."""
 
     __tablename__ = "verifications"
     completion_id: Mapped[int] = mapped_column(ForeignKey("completions.id"), primary_key=True)
@@ -135,7 +137,14 @@ class VerificationRow(Base):
     reason: Mapped[str] = mapped_column(Text)
     ambiguous: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
     lenient_correct: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    verdict: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    why: Mapped[str] = mapped_column(Text, default="", server_default=text("''"))
     completion: Mapped[CompletionRow] = relationship(back_populates="verification")
+
+    @validates("verdict")
+    def _plain_verdict(self, key: str, value) -> str | None:
+        """Store the :class:`~rlhf_workbench.verify.Verdict` enum as its plain string value."""
+        return None if value is None else str(value)
 
 
 class RankingRow(Base):

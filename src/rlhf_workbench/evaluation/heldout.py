@@ -20,7 +20,7 @@ from rlhf_workbench.model.loading import PolicyPair
 from rlhf_workbench.model.rollout import Completion, autocast, generate, pad_batch
 from rlhf_workbench.stats import wilson_interval
 from rlhf_workbench.tasks.task import Task
-from rlhf_workbench.verify import Verification, verify
+from rlhf_workbench.verify import Verdict, Verification, verify
 
 
 @dataclass
@@ -34,6 +34,7 @@ class EvalResult:
     completions: list[Completion]
     lenient_correct: list[bool] = field(default_factory=list)  # the lenient reading (a separate metric)
     ambiguous: list[bool] = field(default_factory=list)
+    unparsed: list[bool] = field(default_factory=list)  # the answer statement did not parse (verify/ "Verdicts")
     kl: float | None = None  # mean per-token KL(π || π_ref), nats
     kl_seq: float | None = None  # mean per-completion KL (sum over tokens), nats
     open: list[bool] = field(default_factory=list)  # the task has no answer key (accuracy not applicable)
@@ -68,7 +69,7 @@ class EvalResult:
 
     def metrics(self, prefix: str = "eval/") -> dict[str, float]:
         """Flat metrics dict: accuracy (strict verifier) with its Wilson 95% CI, lenient accuracy,
-        format rate (explicit answer marker), ambiguous rate, reward (mean verifier reward), mean
+        format rate (explicit answer marker), ambiguous and unparsed rates, reward (mean verifier reward), mean
         completion length, KL. Accuracies count the tasks with a key only; ``accuracy_applicable``
         is 0.0 when every task is open (no key), ``n_open`` counts those tasks."""
         lo, hi = wilson_interval(sum(self.correct), self.n_keyed)
@@ -76,6 +77,7 @@ class EvalResult:
             "accuracy": self.accuracy, "accuracy_ci_low": lo, "accuracy_ci_high": hi,
             "lenient_accuracy": self.lenient_accuracy, "format_rate": sum(self.format_ok) / max(1, self.n),
             "ambiguous_rate": sum(self.ambiguous) / max(1, self.n),
+            "unparsed_rate": sum(self.unparsed) / max(1, self.n),
             "accuracy_applicable": float(self.accuracy_applicable), "n_open": sum(self.open),
             "reward": self.accuracy, "completion_length": sum(self.lengths) / max(1, self.n), "n": self.n,
         }
@@ -166,7 +168,8 @@ def evaluate(pair: PolicyPair, tasks: list[Task], max_new_tokens: int = 64, batc
     result = EvalResult(task_ids=[t.id for t in tasks], correct=[v.correct for v in vers],
                         format_ok=[v.format_ok for v in vers], lengths=[len(c.token_ids) for c in comps],
                         completions=comps, lenient_correct=[v.lenient_correct for v in vers],
-                        ambiguous=[v.ambiguous for v in vers], open=[t.is_open for t in tasks])
+                        ambiguous=[v.ambiguous for v in vers], open=[t.is_open for t in tasks],
+                        unparsed=[v.verdict == Verdict.UNPARSED for v in vers])
     if kl_samples > 0:
         result.kl, result.kl_seq = token_kl(pair, comps[:kl_samples], mixed_precision=mixed_precision)
     return result
@@ -189,7 +192,7 @@ def greedy_verified(model, tokenizer, tasks: list[Task], max_new_tokens: int, ba
 def answer_record(c: Completion, v: Verification) -> dict[str, Any]:
     """The per-question record of one answer in an eval or compare report: its ``text``, the
     ``extracted`` answer, the verdicts (``correct``, ``lenient_correct``, ``format_ok``,
-    ``ambiguous``, ``reason``), ``tokens`` (completion length) and ``finished`` (ended with EOS)."""
+    ``ambiguous``, ``verdict``, ``reason``), ``tokens`` (completion length) and ``finished`` (ended with EOS)."""
     return {"text": c.text, "extracted": v.extracted, "correct": v.correct, "lenient_correct": v.lenient_correct,
-            "format_ok": v.format_ok, "ambiguous": v.ambiguous, "reason": v.reason,
+            "format_ok": v.format_ok, "ambiguous": v.ambiguous, "verdict": str(v.verdict), "reason": v.reason,
             "tokens": len(c.token_ids), "finished": c.finished}

@@ -58,7 +58,7 @@ from rlhf_workbench.train.ppo import ppo_update, save_critic
 from rlhf_workbench.train.rloo import rloo_update
 from rlhf_workbench.train.samples import Sample, SampleGroup, flatten
 from rlhf_workbench.train.sft import sft_update
-from rlhf_workbench.verify import NO_KEY_REASON, Verification, verify
+from rlhf_workbench.verify import NO_KEY_REASON, Verdict, Verification, verify
 
 
 def prompts_for_round(train: list, round: int, n: int, seed: int) -> list:
@@ -216,6 +216,7 @@ def _round_batch(store: Store, rollout: Rollout, cfg: RunConfig, algorithm: str 
         "format_rate": sum(c.verification.format_ok for c in sampled) / n,
         "lenient_acceptance_rate": sum(bool(c.verification.lenient_correct) for c in sampled) / n,
         "ambiguous_rate": sum(bool(c.verification.ambiguous) for c in sampled) / n,
+        "unparsed_rate": sum(c.verification.verdict == Verdict.UNPARSED for c in sampled) / n,
         "completions/mean_length": sum(len(c.token_ids) for c in sampled) / n,
         "completions/clipped_ratio": sum(not c.finished for c in sampled) / n,
     }

@@ -13,7 +13,8 @@ from rlhf_workbench.evaluation.heldout import EvalResult
 from rlhf_workbench.stats import mcnemar_exact
 from rlhf_workbench.store import Store
 
-SUMMARY_METRICS = ("accuracy", "lenient_accuracy", "format_rate", "ambiguous_rate", "accuracy_ci_low",
+SUMMARY_METRICS = ("accuracy", "lenient_accuracy", "format_rate", "ambiguous_rate", "unparsed_rate",
+                   "accuracy_ci_low",
                    "accuracy_ci_high", "completion_length", "kl", "reward_proxy", "reward_gold", "win_rate",
                    "win_rate_ci_low", "win_rate_ci_high", "reward_gold_reference")
 """The evaluation metrics :func:`write_summary` copies into ``eval_before`` / ``eval_after`` (when logged)."""

@@ -229,7 +229,32 @@ def _from_schema(record: Any, path: Path, loc: str, line_no: int) -> Task:
     if not isinstance(metadata, dict):
         raise field_error(path, loc, "metadata", f"must be an object, got {type(metadata).__name__}")
     answer = validated_answer(raw, answer_type, choices, path, loc)
-    return Task(task_id, question, answer, answer_type, context, choices, dict(metadata))
+    metadata = dict(metadata)
+    aliases = answer_aliases(record, metadata, path, loc)
+    if aliases:
+        metadata["answer_aliases"] = aliases
+    return Task(task_id, question, answer, answer_type, context, choices, metadata)
+
+
+def answer_aliases(record: dict, metadata: dict, path: Path, loc: str) -> list[str]:
+    """Other accepted spellings of a free-text key (``answer_aliases``: a string or a list of
+    non-empty strings, top level or in ``metadata``), kept in ``metadata["answer_aliases"]``,
+    where :func:`rlhf_workbench.verify.verify` reads them (an abbreviation or a standard synonym
+    of a diagnosis is then verified, after the same normalisation as the key).
+
+    Raises:
+        TaskFormatError: the field is neither a string nor a list of non-empty strings.
+    """
+    out: list[str] = []
+    for where, value in (("answer_aliases", record.get("answer_aliases")),
+                         ("metadata.answer_aliases", metadata.get("answer_aliases"))):
+        if value is None:
+            continue
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list) or not all(isinstance(v, str) and v.strip() for v in values):
+            raise field_error(path, loc, where, "must be a string or a list of non-empty strings")
+        out += [v.strip() for v in values if v.strip() not in out]
+    return out
 
 
 def _from_gsm8k(record: Any, path: Path, loc: str, line_no: int) -> Task:

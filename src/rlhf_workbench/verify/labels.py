@@ -85,6 +85,7 @@ def parse_choice(content: str, choices: dict[str, str] | None) -> str | None:
 
 
 def last_choice(text: str, choices: dict[str, str] | None) -> str | None:
+    """The last choice letter written ``(C)`` or after "option"/"answer" (the lenient fallback)."""
     valid = _valid_letters(choices)
     found = None
     for m in _CHOICE_FALLBACK_RE.finditer(text):
@@ -104,11 +105,13 @@ _YNM_RE = re.compile(r"\b(yes|no|maybe)\b", re.IGNORECASE)
 
 
 def parse_ynm(content: str) -> str | None:
+    """The first yes/no/maybe in marker content (lenient reading; also reads keys)."""
     m = _YNM_RE.search(clean_words(content))
     return m.group(1).lower() if m else None
 
 
 def last_ynm(text: str) -> str | None:
+    """The last yes/no/maybe in the text (the lenient fallback)."""
     found = None
     for m in _YNM_RE.finditer(text):
         found = m.group(1).lower()
@@ -116,77 +119,121 @@ def last_ynm(text: str) -> str | None:
 
 
 # --------------------------------------------------------------------------------------
-# Ambiguity
+# The strict grammar's heads: the value at the start of a statement
 # --------------------------------------------------------------------------------------
 
-_LABEL_CLAUSE_END_RE = re.compile(r"\.(?=\s|$)|;|\n|\s(?:because|since|as|given|which)\s", re.IGNORECASE)
-_UNSURE = (r"either|perhaps|probably|possibly|(?<!most )likely|unlikely|unsure|uncertain|unclear|unknown|i think|i guess|"
-           r"i believe|not sure|not certain|not clear|cannot be determined|cannot say|cant say|cant tell|could be|"
-           r"might be|may be")
-_NEGATION_OR_ALTERNATIVE = r"not|never|neither|nor|except|or|and|cannot|cant|isnt|doesnt|dont"
-_WORD_HEDGE_RE = re.compile(rf"\b(?:{_UNSURE}|{_NEGATION_OR_ALTERNATIVE}|maybe)\b")
-# yes/no explanations negate naturally ("no, it does not reduce mortality"): only a negated label
-# or an unsure word makes a yes/no/maybe answer ambiguous.
-_YNM_HEDGE_RE = re.compile(rf"\b(?:{_UNSURE}|not (?:a )?(?:yes|no|maybe))\b")
-_LETTER_TOKEN_RE = re.compile(r"(?<![A-Za-z0-9'])\(?([A-Z])\)?(?![A-Za-z0-9'])")
+_TOKEN_RE = re.compile(r"[A-Za-z0-9]+")
+_CHOICE_LEAD = {"the", "correct", "best", "right", "final", "option", "choice", "answer", "letter", "is", "my", "it",
+                "s", "its"}
+_QUALIFIERS = (("correct",), ("right",), ("best",), ("most", "likely"), ("most", "probable"), ("most", "appropriate"))
 
 
-def label_clause(content: str) -> str:
-    """The answering clause of an answer line: up to the first sentence end, ``;`` or
-    explanation ("because", "since", ...); the whole content if that would leave nothing."""
-    m = _LABEL_CLAUSE_END_RE.search(content)
-    return content[: m.start()] if m and content[: m.start()].strip(" *:") else content
+def _tokens(s: str) -> list[tuple[str, int, int]]:
+    return [(m.group(0), m.start(), m.end()) for m in _TOKEN_RE.finditer(s)]
 
 
-def choice_ambiguity(content: str, choices: dict[str, str] | None) -> str | None:
-    """Why the choice stated in ``content`` is ambiguous, or None.
+def _words(s: str) -> list[str]:
+    return [w.lower() for w in _TOKEN_RE.findall(clean_words(s))]
 
-    Ambiguous: two different option letters (``B or D``, ``B and C``, ``B, not C``), the texts
-    of two different options, or a hedge or negation (``not``, ``either``, ``or``, ``probably``,
-    ``I think``) in the answering clause once the options' own texts are removed from it.
-    """
-    clause = clean_words(label_clause(content))
+
+def _is_tail(low: list[str], j: int) -> int:
+    """After a letter: ``is correct``, ``is the answer``, ``is the most likely cause``; the new index."""
+    if j >= len(low) or low[j] != "is":
+        return j
+    k = j + 1 + (j + 1 < len(low) and low[j + 1] == "the")
+    for q in _QUALIFIERS:
+        if tuple(low[k:k + len(q)]) == q:
+            k += len(q)
+            return k + (len(low) == k + 1)  # one more word: "the most likely culprit"
+    if k < len(low) and low[k] in ("answer", "option", "choice", "one") and k + 1 == len(low):
+        return k + 1
+    return j
+
+
+def choice_head(s: str, choices: dict[str, str] | None) -> tuple[str, int] | None:
+    """The option at the start of ``s`` and where its statement ends: a letter (``B``, ``(B)``,
+    ``option B``), optionally followed by that option's own text or ``is correct``/``is the most
+    likely X``; or an option's text alone. None if ``s`` does not start with one."""
+    toks = _tokens(s)
+    low = [t[0].lower() for t in toks]
     valid = _valid_letters(choices)
-    letters = []
+    i = 0
+    while i < len(toks) - 1 and low[i] in _CHOICE_LEAD:
+        i += 1
+    options = {k.strip().upper(): _words(v) for k, v in (choices or {}).items() if _words(v)}
+    if i < len(toks) and len(toks[i][0]) == 1 and toks[i][0].upper() in valid:
+        letter, raw, j = toks[i][0].upper(), toks[i][0], i + 1
+        opt = options.get(letter, [])
+        skip = 1 if j < len(low) and low[j] == "the" else 0  # "B, the right coronary artery"
+        if opt and low[j + skip:j + skip + len(opt)] == opt:
+            j += skip + len(opt)
+        nxt = s[toks[i][2]:toks[j][1]] if j < len(toks) and j == i + 1 else ""
+        if j == i + 1 and j < len(toks):
+            if raw.islower() and not re.match(r"^\s*[).\]:,;\-\u2013\u2014]", nxt):
+                return _option_text_head(toks, low, i, options)
+            if (raw in "AI" and toks[j][0][:1].islower() and low[j] not in ("is", "was")
+                    and not re.match(r"^\s*[).\]:,;\-\u2013\u2014]", nxt)):
+                return _option_text_head(toks, low, i, options)
+        j = _is_tail(low, j)
+        return letter, toks[j - 1][2]
+    for start in range(i + 1):  # "Right coronary artery": the lead words may begin the option text
+        got = _option_text_head(toks, low, start, options)
+        if got is not None:
+            return got
+    return None
+
+
+def _option_text_head(toks, low, i, options) -> tuple[str, int] | None:
+    best = None
+    for k, words in options.items():
+        if low[i:i + len(words)] == words and (best is None or len(words) > len(options[best])):
+            best = k
+    if best is None:
+        return None
+    j = i + len(options[best])
+    j += 1 if j < len(low) and low[j] == best.lower() else 0  # "Right coronary artery (B)"
+    j = _is_tail(low, j)
+    return best, toks[j - 1][2]
+
+
+def ynm_head(s: str, choices: dict[str, str] | None = None) -> tuple[str, int] | None:
+    """``yes``/``no``/``maybe`` at the start of ``s`` (after ``the answer is``) and its end."""
+    m = re.match(r"\s*(?:(?:the\s+)?(?:final\s+)?answer\s+is\s+|it\s+is\s+)?(yes|no|maybe)\b", s, re.IGNORECASE)
+    return (m.group(1).lower(), m.end()) if m else None
+
+
+_LETTER_TOKEN_RE = re.compile(r"(?<![A-Za-z0-9'])\(?([A-Z])\)?(?![A-Za-z0-9'])")
+_EXPLICIT_LETTER_RE = re.compile(
+    r"\(([A-Z])\)|\b(?i:option|choice|answer|letter)\s+(?i:is\s+)?\(?([A-Z])\b(?!\s+[a-z])"
+    r"|^[ \t*]*\(?([A-Z])\)?[.)]?[ \t*]*$|\b([A-Z])\s+is\s+(?:the\s+)?(?:correct|right|best|answer)\b",
+    re.MULTILINE,
+)
+
+
+def choice_letters_in(text: str, choices: dict[str, str] | None, explicit_only: bool = False) -> list[str]:
+    """Options named in ``text``: letters (an article ``A`` or pronoun ``I`` before a lower-case
+    word does not count) and option texts (the longest when one contains another); with
+    ``explicit_only``, only answer-like letters (``(C)``, ``option C``, ``C is correct``, a
+    line holding only a letter)."""
+    valid = _valid_letters(choices)
+    found: list[str] = []
+    if explicit_only:
+        for m in _EXPLICIT_LETTER_RE.finditer(text):
+            ch = next(g for g in m.groups() if g)
+            if ch in valid and ch not in found:
+                found.append(ch)
+        return found
+    clause = clean_words(text)
     for m in _LETTER_TOKEN_RE.finditer(clause):
         ch = m.group(1)
         if ch in ("A", "I") and re.match(r"\s+[a-z]", clause[m.end():]):
-            continue  # the article "A patient..." or the pronoun "I think"
-        if ch in valid and ch not in letters:
-            letters.append(ch)
-    norm = f" {normalise_text(clause)} "
-    options = {k.strip().upper(): normalise_text(v) for k, v in (choices or {}).items() if normalise_text(v)}
-    named = [k for k, v in options.items() if f" {v} " in norm
-             and not any(v != w and f" {v} " in f" {w} " and f" {w} " in norm for w in options.values())]
-    for k in named:
-        if k not in letters:
-            letters.append(k)
-    if len(set(letters)) > 1:
-        return f"{len(set(letters))} options on the answer line ({', '.join(letters)})"
-    for v in sorted(options.values(), key=len, reverse=True):
-        norm = norm.replace(f" {v} ", " ")
-    hedge = _WORD_HEDGE_RE.search(norm)
-    if hedge:
-        return f"hedged or negated answer line ({hedge.group(0)!r})"
-    return None
-
-
-def ynm_ambiguity(content: str) -> str | None:
-    """Why the yes/no/maybe label in ``content`` is ambiguous, or None: two different labels in
-    the answering clause (``yes or no``; ``no difference..., so yes``), or a hedge or negation
-    (``not``, ``either``, ``probably``, ``I think``)."""
-    norm = " ".join(re.sub(r"[^\w\s]", " ", clean_words(label_clause(content)).lower()).split())  # yes/no -> yes no
-    labels = sorted(set(_YNM_RE.findall(norm)))
-    if len(labels) > 1:
-        return f"{len(labels)} labels on the answer line ({', '.join(labels)})"
-    hedge = _YNM_HEDGE_RE.search(norm)
-    if hedge:
-        return f"hedged or negated answer line ({hedge.group(0)!r})"
-    return None
-
-
-def text_ambiguity(content: str) -> str | None:
-    """Why a free-text answer is ambiguous, or None: alternatives, hedges or negations
-    (``or``, ``either``, ``not``, ``probably``, ``maybe``) on the answer line."""
-    hedge = _WORD_HEDGE_RE.search(normalise_text(content))
-    return f"hedged, negated or several answers ({hedge.group(0)!r})" if hedge else None
+            continue
+        if ch in valid and ch not in found:
+            found.append(ch)
+    norm = " " + " ".join(_words(clause)) + " "
+    options = {k.strip().upper(): " ".join(_words(v)) for k, v in (choices or {}).items() if _words(v)}
+    for k, v in options.items():
+        if f" {v} " in norm and not any(v != w and f" {v} " in f" {w} " and f" {w} " in norm for w in options.values()):
+            if k not in found:
+                found.append(k)
+    return found

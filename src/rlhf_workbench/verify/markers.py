@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from dataclasses import dataclass
 
 # --------------------------------------------------------------------------------------
 # Marker finding
@@ -35,8 +36,9 @@ def match_brace(s: str, open_idx: int) -> int | None:
 
 
 def markers(text: str) -> list[tuple[str, str, int]]:
-    """All explicit markers in order of position, as ``(content, source label, line number)``;
-    the line number (0-based) is that of the marker itself."""
+    """All explicit markers anywhere in the text, in order of position, as ``(content, source
+    label, line number)``: the lenient reading's markers, and what the strict reading looks for
+    after the final answer (a later answer anywhere makes it ambiguous)."""
     matches = list(_MARKER_RE.finditer(text))
     out: list[tuple[str, str, int]] = []
     for k, m in enumerate(matches):
@@ -66,6 +68,84 @@ def markers(text: str) -> list[tuple[str, str, int]]:
                         break
         out.append((content, label, text.count("\n", 0, m.start())))
     return out
+
+
+# A marker of the strict reading starts a line: optional list bullet, quote or heading, optional
+# markdown emphasis, an optional connective ("So, "), then a label and a separator.
+_LINE_MARKER_RE = re.compile(
+    r"^[ \t]*(?:(?:[-*+•]|\d{1,2}[.)])[ \t]+|>[ \t]*|\#{1,6}[ \t]*)?"
+    r"(?P<emph>[*_]{0,3})[ \t]*"
+    r"(?:(?P<conn>so|therefore|thus|hence)[ \t]*,?[ \t]+)?"
+    r"(?:(?P<label>(?:(?:the|my|our)[ \t]+)?(?:final[ \t]+)?answer(?:[ \t]+(?:choice|option|letter))?)"
+    r"(?:[ \t]*[*_]{0,3}[ \t]*(?P<sep>[:：]|\s[-–—](?=\s)|-(?=\s))|[ \t]+(?P<is>is)\b"
+    r"|(?P<alone>[ \t]*[*_]{0,3}[ \t]*(?=\n|$)))[ \t]*[*_]{0,3}"
+    r"|(?P<boxed>(?:\$\$?|\\\[|\\\()?[ \t]*(?=\\boxed\s*\{)))",
+    re.IGNORECASE | re.MULTILINE,
+)
+_SUFFIX_MARKER_RE = re.compile(r"^(?P<body>[^\n]*?),?[ \t]*(?:that'?s[ \t]+my[ \t]+|my[ \t]+)?"
+                               r"final[ \t]+answer[ \t]*[.!]?[ \t]*$",
+                               re.IGNORECASE | re.MULTILINE)
+
+
+_QUOTED_RE = re.compile(r"```.*?(?:```|$)|~~~.*?(?:~~~|$)|<([A-Za-z][\w-]*)\b[^>\n]*>.*?</\1\s*>", re.DOTALL)
+
+
+def quoted_spans(text: str) -> list[tuple[int, int]]:
+    """Spans of text that a completion quotes rather than states: fenced code blocks and
+    pseudo-tag blocks (``<note>...</note>``). A marker inside one is not a marker."""
+    return [m.span() for m in _QUOTED_RE.finditer(text)]
+
+
+_NEXT_LINE_RE = re.compile(r"(?:[ \t]*\n)+[ \t]*([^\n]*\S[^\n]*)")
+
+
+@dataclass(frozen=True)
+class Marker:
+    """One line-start answer marker: ``content`` is the answer statement (the rest of the line,
+    or the next non-empty line when the label stands alone), ``end`` the index in the text
+    where that statement ends, ``label`` how it was marked (for reasons)."""
+
+    content: str
+    label: str
+    line: int
+    start: int
+    end: int
+
+
+def line_markers(text: str) -> list[Marker]:
+    """The strict reading's markers, in order: labels at the start of a line only (``Answer:``,
+    ``**Final Answer:**``, ``- Answer choice:``, ``ANSWER -``, ``So the answer is``, a line that
+    starts with ``\\boxed{}``) and a line ending in ``..., final answer.``."""
+    out: list[Marker] = []
+    quoted = quoted_spans(text)
+    for m in _LINE_MARKER_RE.finditer(text):
+        if m.group("label") is None and m.group("boxed") is None:
+            continue
+        if any(a <= m.start() < b for a, b in quoted):
+            continue  # inside a code block or a pseudo-tag: quoted, not stated
+        if m.group("is") and m.group("label").lower().split()[0] not in ("the", "my", "our"):
+            continue  # "Answer is ..." without an article reads as a sentence, not a label
+        line_end = text.find("\n", m.end())
+        line_end = len(text) if line_end == -1 else line_end
+        content, end = text[m.end():line_end], line_end
+        if not content.strip(" \t*_:$"):
+            nxt = _NEXT_LINE_RE.match(text, line_end)
+            if nxt is not None:
+                content, end = nxt.group(1), nxt.end()
+        if not content.strip(" \t*_:$") or re.fullmatch(r"\s*\\boxed\s*\{\s*\}[\s$.]*", content):
+            continue  # an empty label ("Answer:" at the end, "\\boxed{}") states nothing
+        if m.group("boxed") is not None:
+            label = "\\boxed{}"
+        else:
+            label = f"'{' '.join(m.group('label').split()).capitalize()}{' is' if m.group('is') else ':'}' line"
+        out.append(Marker(content, label, text.count("\n", 0, m.start()), m.start(), end))
+    for m in _SUFFIX_MARKER_RE.finditer(text):
+        if any(a <= m.start() < b for a, b in quoted):
+            continue
+        if m.group("body").strip() and not any(k.start <= m.start() < k.end for k in out):
+            out.append(Marker(m.group("body"), "'..., final answer' line", text.count("\n", 0, m.start()),
+                              m.start(), m.end()))
+    return sorted(out, key=lambda k: k.start)
 
 
 # --------------------------------------------------------------------------------------
@@ -105,5 +185,18 @@ def normalise_text(s: str) -> str:
     s = clean_words(s).lower()
     s = "".join(ch for ch in s if not unicodedata.category(ch).startswith("P"))
     return " ".join(s.split())
+
+
+_POSSESSIVE_RE = re.compile(r"(?<=\w)['’]s\b|(?<=s)['’](?=\s|$)")
+_ARTICLES_RE = re.compile(r"\b(?:a|an|the)\b")
+
+
+def normalise_free_text(s: str) -> str:
+    """A free-text answer's comparison form: :func:`normalise_text` after dropping possessives
+    (``Graves' disease`` and ``Graves's disease`` -> ``graves disease``) and the articles
+    ``a``/``an``/``the``; hyphens become spaces."""
+    s = clean_words(s).lower().replace("-", " ")
+    s = _POSSESSIVE_RE.sub("", s)
+    return " ".join(_ARTICLES_RE.sub(" ", normalise_text(s)).split())
 
 

@@ -1,5 +1,12 @@
-"""Numbers in answers: parsing (plain, thousands separators, decimals, fractions, LaTeX via
-``math_verify``), comparison, and what makes a number answer ambiguous."""
+"""Numbers in answers: the value grammar (digits with separators, decimals, fractions, mixed
+numbers, scientific notation, multiplier words, percent, number words, LaTeX via
+``math_verify``) and comparison (exact, or at the key's own stated precision).
+
+The lenient reading's helpers (:func:`parse_number`, :func:`last_number`) keep the old
+"first number in the text" behaviour; the strict reading uses :func:`match_value`, which reads
+one value at the start of a string and says where it ends, so that the caller can check that
+nothing but harmless tails follows.
+"""
 
 from __future__ import annotations
 
@@ -9,57 +16,139 @@ import re
 import threading
 import unicodedata
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from fractions import Fraction
 from typing import Any
+
+import sympy
+from math_verify import parse as mv_parse
+from math_verify import verify as mv_verify
+from math_verify.errors import TimeoutException
+from text_to_num import text2num
 
 from .markers import unwrap_commands
 
 
 @dataclass(frozen=True)
 class Num:
-    """A parsed number: an exact value, or a sympy expression from math_verify."""
+    """A parsed number: an exact value, or a sympy expression from math_verify.
+
+    ``percent``: written with ``%``/"percent" (``value`` is the number as written, 45 for 45 %).
+    ``decimals``: decimal places as written for a plain decimal literal (``"0.333"`` -> 3), else
+    None. ``exact``: the value is exactly what was written (False for a closed form such as
+    ``\\sqrt{2}``, whose value is only approximated)."""
 
     text: str  # canonical string
     value: Fraction | None = None
     expr: Any = None  # sympy expression when value is None
+    percent: bool = False
+    decimals: int | None = None
 
 
-_INT = r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)"
-_NUM_RE = re.compile(
-    rf"(?<![\w.])(?P<num>[-+]?(?:{_INT}(?:\.\d+)?|\.\d+))"
-    rf"(?:\s*/\s*(?P<den>[-+]?{_INT}(?:\.\d+)?)(?![\d.]*\d))?"
-)
+# --------------------------------------------------------------------------------------
+# Cleaning
+# --------------------------------------------------------------------------------------
+
+_SUPERSCRIPT = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁻⁺", "0123456789-+")
+_SUPERSCRIPT_RE = re.compile(r"[⁰¹²³⁴⁵⁶⁷⁸⁹⁻⁺]+")
+_VULGAR = {"½": "1/2", "⅓": "1/3", "⅔": "2/3", "¼": "1/4", "¾": "3/4", "⅕": "1/5", "⅖": "2/5", "⅗": "3/5",
+           "⅘": "4/5", "⅙": "1/6", "⅚": "5/6", "⅛": "1/8", "⅜": "3/8", "⅝": "5/8", "⅞": "7/8",
+           "⅐": "1/7",
+           "⅑": "1/9", "⅒": "1/10"}
+_VULGAR_RE = re.compile(r"(\d?)\s?([" + "".join(_VULGAR) + "])")
+_THIN_GROUPS_RE = re.compile(r"(?<!\d)\d{1,3}(?:[\u2009\u202f\u00a0\u2007]\d{3})+(?!\d)")
+_MINUS_SIGNS = "\u2212\u2012\u2010\u2011\ufe63\uff0d"
+_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad\u200e\u200f"), None)
+
+
+def clean_unicode(s: str) -> str:
+    """Unicode that changes what a number says, made plain before NFKC (which would turn
+    ``10⁵`` into ``105`` and ``½`` into ``1⁄2``): zero-width characters dropped, superscripts
+    -> ``^n``, vulgar fractions -> ``n/d`` (``2½`` -> ``2 1/2``), thin-space thousands groups
+    joined, every minus sign -> ``-``; then NFKC."""
+    s = s.translate(_INVISIBLE)
+    s = _THIN_GROUPS_RE.sub(lambda m: re.sub(r"\D", "", m.group(0)), s)
+    s = _SUPERSCRIPT_RE.sub(lambda m: "^" + m.group(0).translate(_SUPERSCRIPT), s)
+    s = _VULGAR_RE.sub(lambda m: (m.group(1) + " " if m.group(1) else "") + _VULGAR[m.group(2)], s)
+    for ch in _MINUS_SIGNS:
+        s = s.replace(ch, "-")
+    return unicodedata.normalize("NFKC", s)
+
+
 _SIMPLE_NUM = r"\s*[-+]?(?:\d+(?:\.\d+)?|\.\d+)\s*"
 _FRAC_RE = re.compile(r"\\[dt]?frac\s*\{(" + _SIMPLE_NUM + r")\}\s*\{(" + _SIMPLE_NUM + r")\}")
 _FRAC_SHORT_RE = re.compile(r"\\[dt]?frac\s*(\d)\s*(\d)")
-_EQ_SPLIT_RE = re.compile(r"=|≈|\\approx")
-_LATEXISH_RE = re.compile(r"\\[A-Za-z]|\^|√|π")
-_LEADING_WORDS_RE = re.compile(r"^(?:[A-Za-z]{2,}[\s,:]+)+")
-_TRAILING_WORDS_RE = re.compile(r"(?:\s+[A-Za-z]{2,}[.,;:!?]?)+\s*$")
 
 
 def clean_math(s: str) -> str:
-    """Normalise a number-ish string: unicode minus, LaTeX wrappers and spacing, $ signs,
-    simple ``\\frac{a}{b}`` -> ``a/b``."""
-    s = unicodedata.normalize("NFKC", s)
-    s = s.replace("\u2212", "-")
+    """Normalise a number-ish string: :func:`clean_unicode`, LaTeX wrappers and spacing, $
+    signs kept as ``$``, simple ``\\frac{a}{b}`` -> ``a/b``, markdown emphasis dropped."""
+    s = clean_unicode(s)
     s = unwrap_commands(s)
     s = re.sub(r"\\[()\[\]]", " ", s)
-    s = s.replace("\\$", "$")
-    s = re.sub(r"([-+])\s*\$", r"\1", s)  # "-$5" -> "-5"
-    s = s.replace("$", " ").replace("*", " ")
+    s = s.replace("\\$", "\x00")
+    s = s.replace("$", " ").replace("\x00", "$").replace("*", " ")
     s = s.replace("{,}", ",").replace("\\%", "%")
     s = re.sub(r"\\[,!;: ]", "", s)
     s = re.sub(r"\\(?:left|right)\b", "", s)
-    s = re.sub(r"\^\s*\{?\\circ\}?", "", s)
+    s = re.sub(r"\^\s*\{?\\circ\}?|°", "", s)
+    s = re.sub(r"\\(?:times|cdot)", "×", s)
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = _FRAC_RE.sub(lambda m: f"{m.group(1).strip()}/{m.group(2).strip()}", s)
     s = _FRAC_SHORT_RE.sub(r"\1/\2", s)
-    return s.strip()
+    return " ".join(s.split())
 
 
-def _canonical(value: Fraction, as_decimal: bool) -> str:
+# --------------------------------------------------------------------------------------
+# The value grammar
+# --------------------------------------------------------------------------------------
+
+_LIT = (r"(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,]\d)"   # 1,234,567.5 (English)
+        r"|\d{1,3}(?:\.\d{3}){2,}(?:,\d+)?(?![\d.]\d)"  # 1.234.567 (dot groups: unambiguous when 2+)
+        r"|\d{1,3}(?:\.\d{3})+,\d+(?!\d)"               # 1.234,5 (dot groups + decimal comma)
+        r"|\d+(?:\.\d+)?|\.\d+)")
+_VALUE_RE = re.compile(
+    rf"""(?P<paren>[(\[]\s*)?
+    (?P<sign>[-+]\s*|minus\s+|negative\s+)?
+    (?P<cur>\$|£|€|US\$|USD\s?)?\s*
+    (?P<sign2>-)?
+    (?P<lit>{_LIT})
+    (?:(?P<mixed>\s+(?P<mn>\d+)\s*/\s*(?P<md>\d+)(?![\d.]))
+      |(?:\s*/\s*(?P<den>{_LIT})(?![\d.]))
+      |(?:\s?[eE](?P<exp>[-+]?\d+))
+      |(?:\s*[×x*]\s*10\s*\^\s*\{{?\s*(?P<exp2>[-+]?\d+)\s*\}}?))?
+    (?P<mult>\s*(?:thousand|million|billion|trillion)\b|(?<=\d)(?:k|K|bn)\b)?
+    (?P<pct>\s*(?:%|percent\b|per\s+cent\b))?
+    (?(paren)\s*[)\]])""",
+    re.VERBOSE | re.IGNORECASE,
+)
+_MULTIPLIERS = {"thousand": 10**3, "k": 10**3, "million": 10**6, "billion": 10**9, "bn": 10**9, "trillion": 10**12}
+_NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+                 "sixteen seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety "
+                 "hundred thousand million billion").split()
+_WORD_RUN_RE = re.compile(
+    r"(?P<wsign>(?:minus|negative)\s+)?(?P<words>(?:(?:" + "|".join(_NUMBER_WORDS) + r")(?:[\s-]+(?:and\s+)?|\b))+)"
+    r"(?P<half>and\s+(?:a|one)\s+(?:half|quarter)\b)?(?P<wpct>\s*(?:%|percent\b|per\s+cent\b))?",
+    re.IGNORECASE,
+)
+_AND_HALF_RE = re.compile(r"\s+and\s+(?:a|one)\s+(half|quarter)\b", re.IGNORECASE)
+NUMBER_WORD_RE = re.compile(r"\b(?:" + "|".join(_NUMBER_WORDS[:28]) + r")\b", re.IGNORECASE)
+ANY_NUMBER_RE = re.compile(r"\d|" + NUMBER_WORD_RE.pattern, re.IGNORECASE)
+
+
+def literal_value(lit: str) -> tuple[Fraction, int | None]:
+    """The value of a digits literal with separators, and its decimal places (None for an integer)."""
+    if "," in lit and "." in lit and lit.index(".") < lit.index(","):  # 1.234,5
+        lit = lit.replace(".", "").replace(",", ".")
+    elif lit.count(".") >= 2:  # 1.234.567
+        lit = lit.replace(".", "")
+    else:
+        lit = lit.replace(",", "")
+    decimals = len(lit.split(".")[1]) if "." in lit else None
+    return Fraction(Decimal(lit)), decimals
+
+
+def canonical(value: Fraction, as_decimal: bool) -> str:
     """Canonical string: integer digits, shortest decimal, or reduced ``p/q``."""
     if value.denominator == 1:
         return str(value.numerator)
@@ -75,20 +164,84 @@ def _canonical(value: Fraction, as_decimal: bool) -> str:
     return f"{value.numerator}/{value.denominator}"
 
 
-def _num_from_match(m: re.Match[str]) -> Num | None:
-    num_s = m.group("num").replace(",", "")
+def _value_from_match(m: re.Match[str]) -> Num | None:
     try:
-        value = Fraction(Decimal(num_s))
-        is_decimal = "." in num_s
-        den_s = m.group("den")
-        if den_s:
-            den = Fraction(Decimal(den_s.replace(",", "")))
-            if den != 0:
-                value = value / den
-                is_decimal = False
+        value, decimals = literal_value(m.group("lit"))
+        as_decimal = decimals is not None
+        if m.group("mn"):
+            den = int(m.group("md"))
+            if den == 0 or decimals is not None:
+                return None
+            value = value + Fraction(int(m.group("mn")), den)
+            as_decimal, decimals = False, None
+        elif m.group("den"):
+            den = literal_value(m.group("den"))[0]
+            if den == 0:
+                return None
+            value, as_decimal, decimals = value / den, False, None
+        exp = m.group("exp") or m.group("exp2")
+        if exp is not None:
+            if abs(int(exp)) > 300:
+                return None
+            value, decimals = value * Fraction(10) ** int(exp), None
+        if m.group("mult"):
+            value, decimals = value * _MULTIPLIERS[m.group("mult").strip().lower()], None
     except (InvalidOperation, ValueError, ZeroDivisionError):
         return None
-    return Num(_canonical(value, is_decimal), value=value)
+    if (m.group("sign") or "").strip().lower() in ("-", "minus", "negative") or m.group("sign2"):
+        value = -value
+    return Num(canonical(value, as_decimal), value=value, percent=bool(m.group("pct")), decimals=decimals)
+
+
+def _words_value(m: re.Match[str]) -> Num | None:
+    words = re.sub(r"[\s-]+", " ", m.group("words")).strip()
+    words = re.sub(r"\s+and$", "", words)
+    try:
+        value = Fraction(text2num(words, "en"))
+    except (ValueError, TypeError):
+        return None
+    if m.group("half"):
+        value += Fraction(1, 2) if "half" in m.group("half").lower() else Fraction(1, 4)
+    if m.group("wsign"):
+        value = -value
+    return Num(canonical(value, True), value=value, percent=bool(m.group("wpct")))
+
+
+def match_value(s: str) -> tuple[Num, int] | None:
+    """One number at the start of ``s`` (already :func:`clean_math`-ed): ``(number, end)``, or
+    None. Digits (``1,234.5``, ``1.234.567``, ``1 234`` with thin spaces), ``3/4``, mixed
+    ``2 1/2``, ``1.2e5`` and ``1.2 × 10^5``, multiplier words (``3 million``, ``2.5k``), percent,
+    signs and currency (``-$5``, ``minus 3``) and number words (``twenty-one``, ``two and a half``)."""
+    m = _VALUE_RE.match(s)
+    if m is not None:
+        num = _value_from_match(m)
+        if num is None:
+            return None
+        half = _AND_HALF_RE.match(s, m.end())
+        if half is not None and num.value is not None and num.value.denominator == 1 and not num.percent:
+            extra = Fraction(1, 2) if half.group(1).lower() == "half" else Fraction(1, 4)
+            value = num.value + (extra if num.value >= 0 else -extra)
+            return Num(canonical(value, True), value=value), half.end()
+        return num, m.end()
+    w = _WORD_RUN_RE.match(s)
+    if w is not None and w.group("words").strip():
+        num = _words_value(w)
+        if num is not None:
+            end = w.end()
+            while end > 0 and s[end - 1] in " -":
+                end -= 1
+            return num, end
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# LaTeX through math_verify
+# --------------------------------------------------------------------------------------
+
+_MV_TIMEOUT_S = 3
+_MV_MAX_CHARS = 200
+_MAX_EXPONENT = 10_000
+LATEXISH_RE = re.compile(r"\\[A-Za-z]|\^|√|π")
 
 
 def _mv_timeout() -> int | None:
@@ -98,15 +251,8 @@ def _mv_timeout() -> int | None:
     return None
 
 
-_MV_TIMEOUT_S = 3
-_MV_MAX_CHARS = 200
-_MAX_EXPONENT = 10_000
-
-
 def _is_tame(expr: Any) -> bool:
     """False for expressions that sympy could take forever on (huge powers, factorials)."""
-    import sympy
-
     try:
         for node in sympy.preorder_traversal(expr):
             if isinstance(node, sympy.Pow):
@@ -129,60 +275,81 @@ def _mv_parse(latex: str) -> list[Any]:
     if not latex or len(latex) > _MV_MAX_CHARS:
         return []
     try:
-        from math_verify import parse
-        from math_verify.errors import TimeoutException
-    except ImportError:  # pragma: no cover - math-verify is a declared dependency
-        return []
-    try:
-        return list(parse(f"${latex}$", parsing_timeout=_mv_timeout()))
+        return list(mv_parse(f"${latex}$", parsing_timeout=_mv_timeout()))
     except (Exception, TimeoutException):
         return []
 
 
-def _mv_number(s: str) -> Num | None:
-    """Parse LaTeX-ish ``s`` with math_verify; a Num if it is a tame closed-form number."""
-    import sympy
-
-    s = _TRAILING_WORDS_RE.sub("", _LEADING_WORDS_RE.sub("", s.strip())).strip(" .,;:")
-    parsed = _mv_parse(s)
+def latex_number(s: str) -> Num | None:
+    """A closed-form LaTeX number (``2\\sqrt{2}``, ``\\frac{\\pi}{2}``, ``10^5``) read whole by
+    math_verify, or None (free symbols, untamed size, nothing parsed)."""
+    parsed = _mv_parse(s.strip())
     if not parsed:
         return None
     expr = parsed[0]
     try:
-        if not isinstance(expr, sympy.Expr) or expr.free_symbols or not expr.is_number:
-            return None
-        if not _is_tame(expr):
+        if not isinstance(expr, sympy.Expr) or expr.free_symbols or not expr.is_number or not _is_tame(expr):
             return None
         if isinstance(expr, sympy.Rational):
             value = Fraction(int(expr.p), int(expr.q))
-            return Num(_canonical(value, False), value=value)
+            return Num(canonical(value, False), value=value)
         if isinstance(expr, sympy.Float):
             value = Fraction(Decimal(str(expr)))
-            return Num(_canonical(value, True), value=value)
+            return Num(canonical(value, True), value=value)
     except Exception:
         return None
     text = next((p for p in parsed[1:] if isinstance(p, str)), None) or str(expr)
     return Num(" ".join(text.split()), expr=expr)
 
 
+# --------------------------------------------------------------------------------------
+# Lenient helpers and the ground truth
+# --------------------------------------------------------------------------------------
+
+NUMBER_SEARCH_RE = re.compile(rf"(?<![\w.])[-+]?(?:{_LIT})(?:\s*/\s*[-+]?{_LIT}(?![\d.]*\d))?")
+
+
+def _first_plain(s: str) -> Num | None:
+    for m in NUMBER_SEARCH_RE.finditer(s):
+        got = match_value(m.group(0))
+        if got is not None:
+            return got[0]
+    return None
+
+
 def parse_number(content: str) -> Num | None:
-    """Read a number from marker content (text after the last '=' if any)."""
-    s = _EQ_SPLIT_RE.split(clean_math(content))[-1]
-    if _LATEXISH_RE.search(s):
-        num = _mv_number(s)
+    """Lenient reading of marker content: text after the last ``=``, closed-form LaTeX whole,
+    else its first number. Also reads a ground-truth key."""
+    s = re.split(r"=|≈|\\approx", clean_math(content))[-1].strip(" .")
+    whole = match_value(s)
+    if whole is not None and whole[1] == len(s):
+        return whole[0]
+    if LATEXISH_RE.search(s):
+        num = latex_number(s)
         if num is not None:
             return num
-    m = _NUM_RE.search(s)
-    return _num_from_match(m) if m else None
+    return whole[0] if whole is not None else _first_plain(s)
 
 
 def last_number(text: str) -> Num | None:
+    """The last plain number in ``text`` (the lenient fallback)."""
     s = clean_math(text)
-    for m in reversed(list(_NUM_RE.finditer(s))):
-        num = _num_from_match(m)
-        if num is not None:
-            return num
+    for m in reversed(list(NUMBER_SEARCH_RE.finditer(s))):
+        got = match_value(m.group(0))
+        if got is not None:
+            return got[0]
     return None
+
+
+# --------------------------------------------------------------------------------------
+# Comparison
+# --------------------------------------------------------------------------------------
+
+
+def _as_expr(n: Num) -> Any:
+    if n.value is not None:
+        return sympy.Rational(n.value.numerator, n.value.denominator)
+    return n.expr
 
 
 def _to_float(num: Num) -> float | None:
@@ -195,89 +362,70 @@ def _to_float(num: Num) -> float | None:
         return None
 
 
-def numbers_equal(pred: Num, gold: Num) -> bool:
+def _terminates(value: Fraction) -> bool:
+    q = value.denominator
+    for p in (2, 5):
+        while q % p == 0:
+            q //= p
+    return q == 1
+
+
+def _at_precision(pred: Num, gold_value: Fraction, decimals: int) -> bool:
+    """``pred`` rounded half-up to the key's stated decimals equals the key."""
+    try:
+        if pred.value is not None:
+            d = Decimal(pred.value.numerator) / Decimal(pred.value.denominator)
+        else:
+            d = Decimal(repr(_to_float(pred)))
+        q = d.quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_HALF_UP)
+    except (InvalidOperation, TypeError, ValueError):
+        return False
+    return Fraction(q) == gold_value
+
+
+def _values_equal(pred: Num, gold: Num, p_scale: Fraction, g_scale: Fraction) -> bool:
     if pred.value is not None and gold.value is not None:
-        a, b = pred.value, gold.value
+        a, b = pred.value * p_scale, gold.value * g_scale
         if a == b:
             return True
-        if b.denominator == 1:
+        if b.denominator == 1 and g_scale == 1:
             return False  # an integer key needs exact equality (2000001.9 is not 2000000)
+        if gold.decimals and not _terminates(a):
+            return _at_precision(Num("", value=a), b, gold.decimals)  # 1/3 against a key of 0.333
         return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=0.0)
-    # At least one side is a symbolic expression: let math_verify decide, then numerically.
-    import sympy
+    return None  # type: ignore[return-value]
 
-    def as_expr(n: Num) -> Any:
-        if n.value is not None:
-            return sympy.Rational(n.value.numerator, n.value.denominator)
-        return n.expr
 
+def numbers_equal(pred: Num, gold: Num, percent_question: bool = False) -> bool:
+    """Is ``pred`` the key ``gold``?
+
+    Exact fractions compare exactly; an integer key needs exact equality. A key written as a
+    decimal with ``d`` places matches a value that cannot be written exactly as a decimal
+    (``1/3``, ``\\sqrt{2}``) when that value rounds (half up) to the key at ``d`` places; other
+    non-integer keys use a relative tolerance of 1e-6. A percent (``45%``) is 0.45, unless the
+    question asks for a percentage (``percent_question``), where it is 45 (so is a key of 45).
+    Closed forms go through math_verify, then numerically.
+    """
+    p_scale = Fraction(1, 100) if pred.percent and not percent_question else Fraction(1)
+    g_scale = Fraction(1, 100) if gold.percent and not percent_question else Fraction(1)
+    exact = _values_equal(pred, gold, p_scale, g_scale)
+    if exact is not None:
+        return exact
+    p_expr, g_expr = _as_expr(pred) * _sym(p_scale), _as_expr(gold) * _sym(g_scale)
     try:
-        from math_verify import verify as mv_verify
-        from math_verify.errors import TimeoutException
-
-        try:
-            if mv_verify([as_expr(gold)], [as_expr(pred)], timeout_seconds=_mv_timeout()):
-                return True
-        except (Exception, TimeoutException):
-            pass
-    except ImportError:  # pragma: no cover
+        if mv_verify([g_expr], [p_expr], timeout_seconds=_mv_timeout()):
+            return True
+    except (Exception, TimeoutException):
         pass
     if gold.value is not None and gold.value.denominator == 1 and pred.value is None:
         return False  # an integer key is never matched by an approximate irrational value
-    fa, fb = _to_float(pred), _to_float(gold)
+    fa, fb = _to_float(Num("", expr=p_expr)), _to_float(Num("", expr=g_expr))
     if fa is None or fb is None or not (math.isfinite(fa) and math.isfinite(fb)):
         return False
+    if gold.decimals and gold.value is not None:
+        return _at_precision(Num("", expr=p_expr), gold.value * g_scale, gold.decimals)
     return math.isclose(fa, fb, rel_tol=1e-6, abs_tol=0.0)
 
 
-# --------------------------------------------------------------------------------------
-# Ambiguity
-# --------------------------------------------------------------------------------------
-
-_CLAUSE_END_RE = re.compile(r"\.(?=\s|$)|;|\n|\s(?:because|since|as|so that|which|where)\s", re.IGNORECASE)
-_AFTER_NUMBER_PAREN_RE = re.compile(r"(?<=[\d%])(\s*[a-zA-Z%$]*)\s*\([^()]*\)")
-_LATEX_ALTERNATIVES_RE = re.compile(r"\b(?:or|and)\b|,|;", re.IGNORECASE)
-_EXPONENT_RE = re.compile(r"\^\s*\{?\s*[-+]?\d+\s*\}?")
-_NUMBER_HEDGE_RE = re.compile(
-    r"\b(?:approx(?:imately|\.)?|about|around|roughly|nearly|almost|close to|at least|at most|more than|"
-    r"less than|fewer than|between|up to|or so|or more|or less|not|never|neither|nor|except|"
-    r"plus or minus|perhaps|probably|possibly|maybe|likely|unsure|uncertain|i think|i guess)\b|n't\b|~|±|"
-    r"\\pm|\\mp|\\approx|≈|≥|≤|<|>",
-    re.IGNORECASE,
-)
-
-
-def number_clause(content: str) -> str:
-    """The part of an answer line that states the number: up to the first sentence end, ``;``
-    or explanation ("because", "since", ...), then after the last ``=`` in it (so ``Answer: 40
-    + 45 = 85. Because...`` gives ``85``)."""
-    m = _CLAUSE_END_RE.search(content)
-    clause = content[: m.start()] if m and content[: m.start()].strip() else content
-    return _EQ_SPLIT_RE.split(clean_math(clause))[-1]
-
-
-def number_ambiguity(content: str) -> str | None:
-    """Why the number stated in ``content`` (an answer marker's content) is ambiguous, or None.
-
-    Ambiguous: two or more different numbers in the answering clause (``42 or 41``, ``5-6``,
-    ``42, 43, 44``; a parenthesis after the number and exponents of units such as ``m^2`` are
-    ignored), or a hedge, range or negation word (``about``, ``between``, ``at least``, ``or``,
-    ``not``, ``~``, ``±``).
-    """
-    clause = number_clause(content)
-    hedge = _NUMBER_HEDGE_RE.search(clause)
-    if hedge:
-        return f"hedged, range or negation ({hedge.group(0).strip()!r}) on the answer line"
-    if _LATEXISH_RE.search(clause):  # a closed-form expression (2\\sqrt{2}): its digits are not answers,
-        alt = _LATEX_ALTERNATIVES_RE.search(clause)  # but alternatives are
-        return f"several answers ({alt.group(0).strip()!r}) on the answer line" if alt else None
-    plain = _EXPONENT_RE.sub("", _AFTER_NUMBER_PAREN_RE.sub(r"\1", clause))
-    values = []
-    for m in _NUM_RE.finditer(plain):
-        num = _num_from_match(m)
-        if num is not None and num.value not in values:
-            values.append(num.value)
-    if len(values) > 1:
-        shown = ", ".join(_canonical(v, True) for v in values[:4])
-        return f"{len(values)} different numbers on the answer line ({shown})"
-    return None
+def _sym(f: Fraction) -> Any:
+    return sympy.Rational(f.numerator, f.denominator)
