@@ -4,14 +4,20 @@ tokens, and which role may do what."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import pytest
 
 from rlhf_workbench.human.accounts import authenticate, create_user
 from rlhf_workbench.human.errors import AnnotationError
-from rlhf_workbench.app.auth import ExpiringTokens, LoginPolicy, LoginThrottled, NotAllowed, allowed, login, require
+from rlhf_workbench.app.auth import (ExpiringTokens, LoginPolicy, LoginThrottled, NotAllowed, allowed, cookie_id,
+                                    login, require)
 from rlhf_workbench.store import Store
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 @pytest.fixture()
@@ -74,22 +80,67 @@ def test_login_is_throttled_per_address(store):
     assert login(store, "ann", "correct horse", "10.8.8.8", policy, now=t0 + 1401).username == "ann"
 
 
-def test_session_tokens_expire(monkeypatch):
+def test_session_tokens_expire(monkeypatch, store):
     clock = [100.0]
     monkeypatch.setattr(time, "time", lambda: clock[0])
-    tokens = ExpiringTokens(max_age=60, initial={"old": "ann"})
+    tokens = ExpiringTokens(max_age=60, store=store, initial={"old": "ann"})
     tokens["t1"] = "boss"
     assert tokens.get("t1") == "boss" and "t1" in tokens and tokens["old"] == "ann"
     clock[0] = 161.0
     tokens["t3"] = "pg"
-    assert [t for t in list(tokens.keys()) if tokens[t] == "pg"] == ["t3"]  # as Gradio's logout walks it
-    assert len(tokens) == 1 and dict(tokens.items()) == {"t3": "pg"}
+    assert [t for t in list(tokens.keys()) if tokens[t] == "pg"] == [f"sha256:{_digest('t3')}"]  # Gradio's logout
+    for t in [t for t in list(tokens.keys()) if tokens[t] == "pg"]:
+        del tokens[t]
+    assert "t3" not in tokens
+    tokens["t3"] = "pg"
+    assert len(tokens) == 1 and list(tokens.values()) == ["pg"]
     assert tokens.get("t1") is None and "t1" not in tokens and "old" not in tokens
     with pytest.raises(KeyError):
         tokens["t1"]
     tokens["t2"] = "ann"  # a new login gets its own full age
     clock[0] = 200.0
     assert tokens.get("t2") == "ann"
+
+
+def test_sessions_are_shared_through_the_database_and_store_no_token(store):
+    """Sessions lived in one process: a second table over the same database (another app process,
+    or the app after a restart) now sees them, still expiring; only a hash of the token is stored."""
+    from rlhf_workbench.store import WebSession
+
+    ExpiringTokens(max_age=60, store=store)["secret-token"] = "boss"
+    other = ExpiringTokens(max_age=60, store=Store(store.url))
+    assert other.get("secret-token") == "boss" and other.get("other-token") is None
+    with store.session() as s:
+        assert [r.token_sha256 for r in s.query(WebSession)] == [_digest("secret-token")]
+    assert ExpiringTokens(max_age=0.000001, store=Store(store.url)).get("secret-token") is None
+    assert cookie_id(store) == cookie_id(Store(store.url))  # the same cookie name in every process
+
+
+def test_failures_from_elsewhere_cannot_lock_the_owner_out(store):
+    """Five wrong passwords from five addresses locked any user for 300 s, repeatable forever; the
+    owner now logs in from an address they used before, while a new address still waits."""
+    policy = LoginPolicy(max_failures=5, window_s=300, lockout_s=300)
+    t0 = 3_000_000.0
+    assert login(store, "ann", "correct horse", "10.1.1.1", policy, now=t0).username == "ann"  # her usual address
+    for round_ in range(3):  # the attacker repeats the lock-out
+        now = t0 + 10 + 400 * round_
+        for i in range(5):
+            assert login(store, "ann", f"guess {i}", f"10.6.6.{i}", policy, now=now + i) is None
+        with pytest.raises(LoginThrottled, match="for user 'ann'"):
+            login(store, "ann", "correct horse", "10.7.7.7", policy, now=now + 6)  # an unknown address waits
+        assert login(store, "ann", "correct horse", "10.1.1.1", policy, now=now + 7).username == "ann"
+
+
+def test_a_password_spray_from_one_address_is_throttled(store):
+    """One wrong password for each of 20 users from one address: the sixth try on is refused."""
+    policy = LoginPolicy(max_failures=5, window_s=300, lockout_s=300)
+    outcomes = []
+    for i in range(20):
+        try:
+            outcomes.append(login(store, f"user{i}", "Summer2026!", "10.5.5.5", policy, now=4_000_000.0 + i))
+        except LoginThrottled:
+            outcomes.append("throttled")
+    assert outcomes == [None] * 5 + ["throttled"] * 15
 
 
 def test_roles(store):

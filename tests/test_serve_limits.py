@@ -2,6 +2,7 @@
 per-request limits on n, max_tokens and the prompt length (serve_model.ServeLimits), on the tiny
 model through FastAPI's TestClient and over real HTTP on loopback."""
 
+import json
 import threading
 import time
 
@@ -125,3 +126,98 @@ def test_cli_refuses_beyond_loopback_without_key(tiny_model_dir, monkeypatch):
                                 "--api-key-env", "RLHF_TEST_KEY", "--max-queue", "3"])
     assert r.exit_code == 0 and "no authentication" not in r.output
     assert served["args"][-1] == ServeLimits(api_key="k3y", max_queue=3)
+
+
+# --- hostile requests (issue 24, findings 1 and 6): refused before the model lock is taken ---------
+HOSTILE_BODIES = [  # (body, status, param, text): add a case here to cover a new abuse
+    ({"stop": ["x" * 100_000] * 4}, 400, "stop.0", "at most 64 characters per stop string"),
+    ({"stop": "y" * 65}, 400, "stop.0", "got 65"),
+    ({"seed": 2**70}, 400, "seed", "less than or equal to 9223372036854775807"),
+    ({"seed": -1}, 400, "seed", "greater than or equal to 0"),
+    ({"messages": [{"role": "user", "content": "a\ud800b"}]}, 400, "messages.0.content", "lone surrogate"),
+    ({"stop": ["\udfff"]}, 400, "stop.0", "lone surrogate"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud83d"}]}]}, 400,
+     "messages.0.content", "lone surrogate"),
+]
+
+
+@pytest.mark.parametrize("body,status,param,text", HOSTILE_BODIES)
+def test_hostile_requests_are_refused_before_the_model_lock(tiny, body, status, param, text):
+    """Four 100,000-character stop strings held the model for > 10 min; seed = 2**70 and a lone
+    surrogate were 500s. Each is now a 400 naming the field, with the model lock held by someone
+    else (so nothing waited for it) and in well under a second."""
+    c = TestClient(client(tiny).app, raise_server_exceptions=False)
+    c.app.state.chat.lock.acquire()
+    threading.Timer(2.0, c.app.state.chat.lock.release).start()  # busy for 2 s, then free
+    t0 = time.perf_counter()
+    r = c.post("/v1/chat/completions", content=json.dumps({"messages": HI, "max_tokens": 2, **body}),
+               headers={"content-type": "application/json"})  # ASCII JSON: lone surrogates as \\udXXX
+    elapsed = time.perf_counter() - t0
+    time.sleep(max(0.0, 2.1 - elapsed))
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param and text in r.json()["error"]["message"], r.text
+    assert elapsed < 1.0 and c.app.state.admission.inside == 0
+
+
+def test_an_oversized_body_is_refused_with_413(tiny):
+    """A body over ``max_body_bytes`` is refused whether it declares its length or streams in."""
+    c = client(tiny, max_body_bytes=10_000)
+    big = {"messages": [{"role": "user", "content": "z" * 20_000}]}
+    r = c.post("/v1/chat/completions", json=big)
+    assert r.status_code == 413 and r.json()["error"]["param"] == "body", r.text
+    assert "limit of 10000 bytes" in r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: chunked transfer
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(30):
+            yield b"z" * 1000
+        yield b'"}]}'
+
+    r = c.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text
+    ok = c.post("/v1/chat/completions", json={"messages": HI, "temperature": 0, "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def test_abuse_over_http_stays_fast_flat_and_shuts_down(tiny):
+    """Over real HTTP: 10 requests with four 100,000-character stop strings and 10 with
+    seed = 2**70 each get 400 in < 1 s, RSS stays flat, a normal request afterwards answers at
+    once, and the server stops within the shutdown grace even with a request in flight."""
+    model, tok = tiny
+    app = make_app(model, tok, "tiny")
+    srv = ServerThread(app).start()
+    http = httpx.Client(base_url=srv.base_url + "/", timeout=60, trust_env=False)
+    try:
+        http.post("chat/completions", json={"messages": HI, "temperature": 0, "max_tokens": 2})  # warm up
+        rss0, worst = _rss_mb(), 0.0
+        for extra in [{"stop": ["x" * 100_000] * 4}] * 10 + [{"seed": 2**70}] * 10:
+            t0 = time.perf_counter()
+            r = http.post("chat/completions", json={"messages": HI, "max_tokens": 8, **extra})
+            worst = max(worst, time.perf_counter() - t0)
+            assert r.status_code == 400, r.text
+        growth = _rss_mb() - rss0
+        t0 = time.perf_counter()
+        ok = http.post("chat/completions", json={"messages": HI, "temperature": 0, "max_tokens": 2})
+        normal = time.perf_counter() - t0
+        print(f"\nserve-model abuse: slowest 400 {worst * 1000:.0f} ms, RSS growth {growth:.1f} MB over 20 "
+              f"requests, normal request after {normal * 1000:.0f} ms")
+        assert worst < 1.0 and growth < 50 and ok.status_code == 200 and normal < 5
+        app.state.chat.lock.acquire()  # a request in flight that will not finish by itself
+        stuck = threading.Thread(target=lambda: http.post(
+            "chat/completions", json={"messages": HI, "temperature": 0, "max_tokens": 2}), daemon=True)
+        stuck.start()
+        while app.state.admission.inside < 1:
+            time.sleep(0.01)
+    finally:
+        t0 = time.perf_counter()
+        srv.stop(timeout=30)
+        stopped = time.perf_counter() - t0
+        if app.state.chat.lock.locked():
+            app.state.chat.lock.release()
+    print(f"serve-model shutdown with a request in flight: {stopped:.1f} s")
+    assert not srv.thread.is_alive() and stopped < 15

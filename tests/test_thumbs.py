@@ -237,3 +237,62 @@ def test_old_database_gains_the_thumbs_columns(tmp_path, tokenizer_dir):
     assert tok.decode(samples[0].token_ids, skip_special_tokens=True) == "Hello!" and samples[0].label is True
     with store.session() as s:
         assert s.get(BinaryFeedback, 1).consumed_round == 4
+
+
+# --- one vote per answer (issue 24, finding 3): a unique index, an upsert ---------------------------
+def _served(store: Store, rid: str = "chatcmpl-race") -> None:
+    with store.session() as s, s.begin():
+        s.add(ServedCompletion(response_id=rid, index=0, model="tiny", messages=QUESTION, rendered_prompt="p",
+                               completion="Answer: 5", finish_reason="stop", policy_version_id=1))
+
+
+def _race(fn, n: int = 10) -> list:
+    """Run ``fn(i)`` on ``n`` threads released at the same moment; their results (or exceptions)."""
+    import threading
+
+    barrier, out = threading.Barrier(n), [None] * n
+
+    def run(i):
+        barrier.wait()
+        try:
+            out[i] = fn(i)
+        except Exception as e:  # noqa: BLE001 - reported by the assertion
+            out[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+def test_concurrent_first_votes_on_a_served_answer_store_one_row(db_url):
+    """Ten concurrent first thumbs on one served answer stored 1-5 rows with contradictory labels;
+    now exactly one row, every caller gets its id, and its label is one of the votes."""
+    store = _store_with_versions(db_url)
+    _served(store)
+    ids = _race(lambda i: record_served_feedback(store, "chatcmpl-race", 0, i % 2 == 0))
+    assert all(isinstance(x, int) for x in ids), ids
+    with store.session() as s:
+        rows = list(s.scalars(select(BinaryFeedback)))
+    assert len(rows) == 1 and set(ids) == {rows[0].id}
+
+
+def test_repeated_playground_clicks_store_one_row_per_user_and_answer(db_url):
+    """Twenty clicks on one Playground answer stored twenty rows (KTO trained on each); now one per
+    user and answer, holding the last label, while another user's or another answer's vote is its own."""
+    from rlhf_workbench.human.accounts import create_user
+
+    store = _store_with_versions(db_url)
+    a = create_user(store, "pg-a", "long-password-1", "playground")
+    b = create_user(store, "pg-b", "long-password-2", "playground")
+    out = _race(lambda i: record_binary_feedback(store, a, 1, "What is 2 + 3?", "Answer: 5", True), 10)
+    assert all(isinstance(x, int) for x in out) and len(set(out)) == 1, out
+    for label in (False, True, False):
+        record_binary_feedback(store, a, 1, "What is 2 + 3?", "Answer: 5", label)
+    record_binary_feedback(store, b, 1, "What is 2 + 3?", "Answer: 5", True)
+    record_binary_feedback(store, a, 0, "What is 2 + 3?", "Answer: 5", True)  # the reference's answer
+    with store.session() as s:
+        rows = sorted((r.user_id, r.policy_version_id, r.label) for r in s.scalars(select(BinaryFeedback)))
+    assert rows == sorted([(a, 1, False), (b, 1, True), (a, 0, True)])

@@ -96,7 +96,7 @@ def user_add(
     set_: list[str] = typer.Option([], "--set", help="override a config field, e.g. --set db_url=postgresql://..."),
 ) -> None:
     """Create an annotator or admin account in the run's database."""
-    from rlhf_workbench.human.accounts import ROLES, create_user
+    from rlhf_workbench.human.accounts import ROLES, check_new_account, create_user
     from rlhf_workbench.human.errors import AnnotationError
     from rlhf_workbench.config import ConfigError, load_config
     from rlhf_workbench.store import Store
@@ -104,9 +104,11 @@ def user_add(
     try:
         if role not in ROLES:
             raise AnnotationError(f"--role must be one of {', '.join(ROLES)}, got {role!r}")
-        store = Store(load_config(config, _parse_overrides(set_)).db_url, out or Path("runs") / config.stem)
+        cfg = load_config(config, _parse_overrides(set_))
         if password is None:
             password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+        check_new_account(username, password, role)  # before the run directory or database exists
+        store = Store(cfg.db_url, out or Path("runs") / config.stem)
         uid = create_user(store, username, password, role)
     except (ConfigError, AnnotationError, ValueError) as e:
         console.print(f"[bold red]error[/]: {e}")

@@ -344,6 +344,9 @@ class AppConfig(_Strict):
     login_window_s: float = Field(300.0, gt=0, description="window (seconds) in which failed logins are counted")
     login_lockout_s: float = Field(300.0, gt=0, description="how long (seconds) logins are refused after too many "
                                    "failures")
+    trusted_proxies: list[str] = Field(default_factory=list, description="addresses or networks of reverse proxies "
+                                       "whose X-Forwarded-For header names the client (none: the TCP peer is the "
+                                       "client, whatever the header says)")
 
 
 class TrackingConfig(_Strict):

@@ -287,9 +287,15 @@ class BinaryFeedback(Base):
     :class:`ServedCompletion` of ``rlhf serve-model`` (``served_id`` set; ``prompt`` its
     conversation as text). With ``algorithm: kto`` the next round trains on the rows not yet
     consumed and sets ``consumed_round`` (:mod:`rlhf_workbench.feedback.thumbs`); other algorithms leave
-    them stored (None) for analysis and export."""
+    them stored (None) for analysis and export.
+
+    One vote per answer, enforced by unique indexes (so concurrent first votes cannot store two
+    rows): one row per served choice (``served_id``), and one per user and playground answer
+    (``user_id``, ``answer_key``: a hash of the version, prompt and answer; None on served rows)."""
 
     __tablename__ = "binary_feedback"
+    __table_args__ = (Index("uq_binary_feedback_served", "served_id", unique=True),
+                      Index("uq_binary_feedback_user_answer", "user_id", "answer_key", unique=True))
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
     policy_version_id: Mapped[int | None] = mapped_column(ForeignKey("policy_versions.id"), nullable=True)
@@ -297,8 +303,21 @@ class BinaryFeedback(Base):
     completion: Mapped[str] = mapped_column(Text)
     label: Mapped[bool] = mapped_column(Boolean)
     served_id: Mapped[int | None] = mapped_column(ForeignKey("served_completions.id"), nullable=True, index=True)
+    answer_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
     consumed_round: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class WebSession(Base):
+    """A logged-in web-app session (:mod:`rlhf_workbench.app.auth`): the SHA-256 of the cookie
+    token (the token itself is never stored), the username and when it was issued (seconds since
+    the epoch). In the database, so a session is valid on every app process over it and survives a
+    restart; it expires ``app.session_max_age_s`` after ``issued_at``."""
+
+    __tablename__ = "web_sessions"
+    token_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    username: Mapped[str] = mapped_column(String(100), index=True)
+    issued_at: Mapped[float] = mapped_column(Float, index=True)
 
 
 class GuidelinesAck(Base):
@@ -363,22 +382,30 @@ def _add_missing_columns(engine: Engine) -> None:
                 conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {ddl}{clause}'))
 
 
-def _add_unique_round_index(engine: Engine) -> None:
-    """Give a database created before rounds were unique its ``uq_rollouts_round`` index
-    (``create_all`` adds no index to an existing table). A database that already holds two
-    rollouts of one round (written by two concurrent runs before the run lock) keeps working
-    without the index, with a warning."""
-    try:
-        with engine.begin() as conn:
-            conn.execute(text("CREATE UNIQUE INDEX IF NOT EXISTS uq_rollouts_round ON rollouts (round)"))
-    except DBAPIError as e:
-        import warnings
+UNIQUE_INDEXES = (  # (name, table, columns) that create_all adds only to new tables
+    ("uq_rollouts_round", "rollouts", "round"),
+    ("uq_binary_feedback_served", "binary_feedback", "served_id"),
+    ("uq_binary_feedback_user_answer", "binary_feedback", "user_id, answer_key"),
+)
 
-        if any(ix["name"] == "uq_rollouts_round" for ix in inspect(engine).get_indexes("rollouts")):
-            return  # another process created it at the same moment
-        warnings.warn(f"{engine.url.render_as_string(hide_password=True)}: rollouts holds two rollouts of one round "
-                      f"(written by two concurrent runs); rounds are not unique there ({type(e.orig).__name__})",
-                      stacklevel=3)
+
+def _add_unique_indexes(engine: Engine) -> None:
+    """Give a database created before them the :data:`UNIQUE_INDEXES` (``create_all`` adds no
+    index to an existing table). A database that already holds duplicates (two rollouts of one
+    round written by two concurrent runs before the run lock; two votes on one answer stored
+    before votes were unique) keeps working without that index, with a warning."""
+    for name, table, columns in UNIQUE_INDEXES:
+        try:
+            with engine.begin() as conn:
+                conn.execute(text(f"CREATE UNIQUE INDEX IF NOT EXISTS {name} ON {table} ({columns})"))
+        except DBAPIError as e:
+            import warnings
+
+            if any(ix["name"] == name for ix in inspect(engine).get_indexes(table)):
+                continue  # another process created it at the same moment
+            warnings.warn(f"{engine.url.render_as_string(hide_password=True)}: {table} holds duplicate "
+                          f"({columns}) rows written by an older version; they are not unique there "
+                          f"({type(e.orig).__name__})", stacklevel=3)
 
 
 class Store:
@@ -400,7 +427,7 @@ class Store:
         self.engine = make_engine(url)
         Base.metadata.create_all(self.engine)
         _add_missing_columns(self.engine)
-        _add_unique_round_index(self.engine)
+        _add_unique_indexes(self.engine)
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
 
     def session(self) -> Session:

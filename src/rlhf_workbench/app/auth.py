@@ -12,12 +12,17 @@
   refused for ``app.login_lockout_s`` with a message that says so (HTTP 429), even with the right
   password. Attempts are recorded in the database (``login_attempts``), so the limit holds
   across app processes. A success clears the username's count, not the address's. The address
-  is the TCP peer (:class:`SessionMiddleware` hands it to the login check): behind a reverse
-  proxy every client shares the proxy's address, so set the limit with that in mind.
+  is the TCP peer (:class:`SessionMiddleware` hands it to the login check); ``X-Forwarded-For``
+  is read only from a peer listed in ``app.trusted_proxies`` (none by default), so a client
+  cannot claim another address. The per-username lock does not apply to an address from which
+  that user has logged in before, so failures from elsewhere cannot lock the owner out (a
+  password spray from one address is stopped by the per-address lock).
 - **Unknown usernames** take as long as wrong passwords
   (:func:`rlhf_workbench.human.accounts.authenticate` checks a dummy hash).
-- **Session expiry**: a login is valid for ``app.session_max_age_s``; after that every call of
-  the session is answered 401 and the page shows the login form again
+- **Sessions** live in the database (``web_sessions``, the SHA-256 of each cookie token), so a
+  login is valid on every app process over the same database and survives a restart (the
+  cookie's name is kept in ``run_meta`` too). A login is valid for ``app.session_max_age_s``;
+  after that every call of the session is answered 401 and the page shows the login form again
   (:class:`ExpiringTokens`, installed by :class:`SessionMiddleware` in place of Gradio's token
   table).
 - **Every route but the login page needs a session** (:class:`SessionMiddleware`), whatever
@@ -27,14 +32,19 @@
 from __future__ import annotations
 
 import contextvars
+import re
 import time
 from dataclasses import dataclass
 
+import hashlib
+import secrets
+
 from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 
 from rlhf_workbench.human.accounts import authenticate
 from rlhf_workbench.human.errors import AnnotationError
-from rlhf_workbench.store import LoginAttempt, Store, User
+from rlhf_workbench.store import LoginAttempt, RunMeta, Store, User, WebSession
 
 PERMISSIONS = {
     "annotate": ("annotator", "admin"),
@@ -151,7 +161,9 @@ def login(store: Store, username: str, password: str, address: str | None = None
     with store.session() as s:
         last_ok = s.scalar(select(LoginAttempt.at).where(LoginAttempt.username == name, LoginAttempt.ok.is_(True))
                            .order_by(LoginAttempt.at.desc()).limit(1)) or 0.0
-        until = _locked_until(s, LoginAttempt.username, name, policy, last_ok)
+        known = address is not None and s.scalar(select(LoginAttempt.id).where(
+            LoginAttempt.username == name, LoginAttempt.address == address[:100], LoginAttempt.ok.is_(True)).limit(1))
+        until = None if known else _locked_until(s, LoginAttempt.username, name, policy, last_ok)
         what = f"user {name!r}"
         if (until is None or until <= now) and address:
             until = _locked_until(s, LoginAttempt.address, address, policy, 0.0)
@@ -169,71 +181,97 @@ def login(store: Store, username: str, password: str, address: str | None = None
 
 
 # --- sessions --------------------------------------------------------------------------------------------
-class ExpiringTokens(dict):
-    """Gradio's session table (cookie token -> username) whose entries expire ``max_age`` seconds
-    after the login that made them: an expired token reads as absent, so Gradio answers 401."""
+def _digest(token: str) -> str:
+    return hashlib.sha256(str(token).encode("utf-8", "replace")).hexdigest()
 
-    def __init__(self, max_age: float, initial: dict | None = None):
+
+class ExpiringTokens(dict):
+    """Gradio's session table (cookie token -> username) kept in the database (``web_sessions``):
+    shared by every app process over it, surviving a restart. Entries expire ``max_age`` seconds
+    after the login that made them: an expired token reads as absent, so Gradio answers 401.
+    Only each token's SHA-256 is stored; :meth:`keys` yields ``"sha256:<hex>"`` names, which
+    indexing and deleting take as well as the tokens themselves (Gradio's logout walks them).
+
+    Args:
+        max_age: seconds a login stays valid.
+        store: the run's database.
+        initial: tokens to add (Gradio's table before this one replaced it).
+    """
+
+    def __init__(self, max_age: float, store: Store, initial: dict | None = None):
         super().__init__()
-        self.max_age = max_age
-        self.issued: dict[str, float] = {}
+        self.max_age, self.store = max_age, store
         for k, v in (initial or {}).items():
             self[k] = v
 
-    def __setitem__(self, token, username) -> None:
-        self.issued[token] = time.time()
-        super().__setitem__(token, username)
+    @staticmethod
+    def _key(token) -> str:
+        token = str(token)
+        return token[7:] if token.startswith("sha256:") else _digest(token)
 
-    def _expired(self, token) -> bool:
-        issued = self.issued.get(token)
-        if issued is not None and time.time() - issued > self.max_age:
-            super().pop(token, None)
-            self.issued.pop(token, None)
-            return True
-        return False
+    def __setitem__(self, token, username) -> None:
+        with self.store.session() as s, s.begin():
+            s.merge(WebSession(token_sha256=self._key(token), username=str(username)[:100], issued_at=time.time()))
+
+    def _live(self, s):
+        return select(WebSession).where(WebSession.issued_at >= time.time() - self.max_age)
 
     def get(self, token, default=None):
         """The username of a live token, else ``default``."""
-        return default if self._expired(token) else super().get(token, default)
+        if not token:
+            return default
+        with self.store.session() as s:
+            row = s.scalar(self._live(s).where(WebSession.token_sha256 == self._key(token)))
+        return row.username if row is not None else default
 
     def __getitem__(self, token):
-        if self._expired(token):
+        user = self.get(token)
+        if user is None:
             raise KeyError(token)
-        return super().__getitem__(token)
+        return user
 
     def __contains__(self, token) -> bool:
-        return not self._expired(token) and super().__contains__(token)
+        return self.get(token) is not None
 
     def __delitem__(self, token) -> None:
-        self.issued.pop(token, None)
-        super().__delitem__(token)
-
-    def _purge(self) -> None:
-        for token in [t for t in super().keys() if t in self.issued]:
-            self._expired(token)
-
-    def keys(self):
-        """Live tokens (Gradio's logout walks them and indexes each)."""
-        self._purge()
-        return super().keys()
+        with self.store.session() as s, s.begin():
+            s.execute(delete(WebSession).where(WebSession.token_sha256 == self._key(token)))
 
     def items(self):
-        """Live (token, username) pairs."""
-        self._purge()
-        return super().items()
+        """Live ``("sha256:<hex>", username)`` pairs (expired sessions are deleted)."""
+        with self.store.session() as s, s.begin():
+            s.execute(delete(WebSession).where(WebSession.issued_at < time.time() - self.max_age))
+            return [(f"sha256:{r.token_sha256}", r.username) for r in s.scalars(self._live(s))]
+
+    def keys(self):
+        """Names of live sessions (``"sha256:<hex>"``)."""
+        return [k for k, _ in self.items()]
 
     def values(self):
-        """Usernames of live tokens."""
-        self._purge()
-        return super().values()
+        """Usernames of live sessions."""
+        return [v for _, v in self.items()]
 
     def __iter__(self):
-        self._purge()
-        return super().__iter__()
+        return iter(self.keys())
 
     def __len__(self) -> int:
-        self._purge()
-        return super().__len__()
+        return len(self.items())
+
+
+def cookie_id(store: Store) -> str:
+    """The name suffix of the session cookie, kept in ``run_meta`` (``web_cookie_id``) so that
+    every app process over the database reads the same cookie (Gradio draws a new one per process)."""
+    for _ in range(2):
+        with store.session() as s:
+            row = s.get(RunMeta, "web_cookie_id")
+        if row is not None:
+            return str(row.value)
+        try:
+            with store.session() as s, s.begin():
+                s.add(RunMeta(key="web_cookie_id", value=secrets.token_urlsafe(32)))
+        except IntegrityError:
+            pass  # another process stored it first
+    raise RuntimeError("run_meta: could not store the session cookie id")
 
 
 # Shows a too-many-failures answer (HTTP 429, with the reason) on Gradio's login form, which by
@@ -271,6 +309,14 @@ PUBLIC_PATHS = frozenset({"/", "/login", "/login/", "/logout", "/config", "/conf
                           "/manifest.json", "/robots.txt", "/theme.css", "/gradio_api/theme.css",
                           "/gradio_api/startup-events"})
 PUBLIC_PREFIXES = ("/assets/", "/static/", "/svelte/", "/pwa_icon")
+# Routes only an admin may read: Gradio's monitoring (whose key Gradio logs when the route is
+# hit). The API description (/gradio_api/info, openapi) needs a session like every other route,
+# but any role may read it: scripted annotators' gradio_client fetches it before each call
+# (README "HTTP API"); the copy Gradio embeds in the page is removed for visitors without a
+# session (the login page). Uploads are refused to everyone: the app has no upload component.
+ADMIN_PREFIXES = ("/monitoring", "/gradio_api/monitoring")
+REFUSED_PREFIXES = ("/gradio_api/upload", "/upload")
+CALL_PREFIX = "/gradio_api/call/"
 
 
 class SessionMiddleware:
@@ -285,57 +331,98 @@ class SessionMiddleware:
       Gradio's ``auth=`` callback gets only a username and a password).
     - Adds :data:`LOGIN_PAGE_JS` to the page, so that the login form says why a throttled login
       was refused.
+    - Refuses uploads (403, :data:`REFUSED_PREFIXES`), answers 404 for a
+      ``/gradio_api/call/<name>`` naming no handler, keeps :data:`ADMIN_PREFIXES` (monitoring)
+      for admins (403 for other roles) and leaves the API description out of the login page.
+
+    Args:
+        app: the ASGI app.
+        max_age: seconds a login stays valid.
+        store: the run's database, holding the sessions (:class:`ExpiringTokens`).
     """
 
-    def __init__(self, app, max_age: float):
+    def __init__(self, app, max_age: float, store: Store):
         self.app = app
         self.max_age = max_age
+        self.store = store
 
-    def _logged_in(self, gradio_app, scope) -> bool:
+    def _user(self, gradio_app, scope) -> str | None:
+        """The username of the request's live session, else None."""
         from starlette.requests import HTTPConnection
 
         cookies = HTTPConnection(scope).cookies
-        cookie_id = getattr(gradio_app, "cookie_id", None)
-        for name in (f"access-token-{cookie_id}", f"access-token-unsecure-{cookie_id}"):
+        cookie = getattr(gradio_app, "cookie_id", None)
+        for name in (f"access-token-{cookie}", f"access-token-unsecure-{cookie}"):
             token = cookies.get(name)
-            if token and gradio_app.tokens.get(token) is not None:
-                return True
-        return False
+            user = gradio_app.tokens.get(token) if token else None
+            if user is not None:
+                return user
+        return None
+
+    def _install(self, gradio_app) -> None:
+        """Sessions in the database, under a cookie name shared by every process over it."""
+        if gradio_app is not None and hasattr(gradio_app, "tokens") \
+                and not isinstance(gradio_app.tokens, ExpiringTokens):
+            gradio_app.cookie_id = cookie_id(self.store)
+            gradio_app.tokens = ExpiringTokens(self.max_age, self.store, gradio_app.tokens)
+
+    def _refusal(self, gradio_app, path: str, user: str | None):
+        """``(status, message)`` for a request the app does not serve to ``user``, else None."""
+        if path.startswith(REFUSED_PREFIXES):
+            return 403, "uploads are not accepted by this app"
+        if path.startswith(ADMIN_PREFIXES) and role_of(self.store, user) != "admin":
+            return 403, "not allowed: this route needs the role admin"
+        if path.startswith(CALL_PREFIX) and gradio_app is not None:
+            name = path[len(CALL_PREFIX):].split("/")[0]
+            blocks = getattr(gradio_app, "blocks", None)
+            names = {getattr(fn, "api_name", None) for fn in getattr(blocks, "fns", {}).values()}
+            if name not in names:
+                return 404, f"no handler named {name[:100]!r}"
+        return None
 
     async def __call__(self, scope, receive, send):
         """Handle one ASGI connection."""
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
+        from starlette.responses import JSONResponse
+
         gradio_app = scope.get("app")
-        if gradio_app is not None and hasattr(gradio_app, "tokens") \
-                and not isinstance(gradio_app.tokens, ExpiringTokens):
-            gradio_app.tokens = ExpiringTokens(self.max_age, gradio_app.tokens)
+        self._install(gradio_app)
         path = scope.get("path", "")
         public = path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
-        if not public and gradio_app is not None and getattr(gradio_app, "auth", None) is not None \
-                and not self._logged_in(gradio_app, scope):
+        user = None if public or gradio_app is None else self._user(gradio_app, scope)
+        if not public and gradio_app is not None and getattr(gradio_app, "auth", None) is not None and user is None:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
                 return
-            from starlette.responses import JSONResponse
-
             await JSONResponse({"detail": {"error": "Not authenticated", "auth_message": NO_SESSION}},
                                status_code=401)(scope, receive, send)
+            return
+        refusal = None if public else self._refusal(gradio_app, path, user)
+        if refusal is not None:
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await JSONResponse({"detail": refusal[1]}, status_code=refusal[0])(scope, receive, send)
             return
         client = scope.get("client")
         reset = CLIENT_ADDRESS.set(client[0] if client else None)
         try:
             if path == "/" and scope.get("method") == "GET":
-                await self.app(scope, receive, _with_login_script(send))
+                await self.app(scope, receive, _with_login_script(send, keep_api_info=user is not None))
             else:
                 await self.app(scope, receive, send)
         finally:
             CLIENT_ADDRESS.reset(reset)
 
 
-def _with_login_script(send):
-    """``send`` for the page's HTML, with :data:`LOGIN_PAGE_JS` added to its head."""
+API_INFO = re.compile(rb"window\.gradio_api_info\s*=\s*\{.*?\};?\s*</script>", re.S)
+
+
+def _with_login_script(send, keep_api_info: bool = False):
+    """``send`` for the page's HTML, with :data:`LOGIN_PAGE_JS` added to its head and, unless
+    ``keep_api_info`` (a logged-in user's page), the embedded API description emptied."""
     from starlette.datastructures import MutableHeaders
 
     start, body = None, []
@@ -355,6 +442,9 @@ def _with_login_script(send):
         data = b"".join(body)
         if "text/html" in headers.get("content-type", "") and "content-encoding" not in headers:
             data = data.replace(b"</head>", LOGIN_PAGE_JS.encode() + b"</head>", 1)
+            if not keep_api_info:
+                data = API_INFO.sub(b'window.gradio_api_info = {"named_endpoints": {}, "unnamed_endpoints": {}};'
+                                    b"</script>", data)
             headers["content-length"] = str(len(data))
         await send({**start, "headers": headers.raw})
         await send({"type": "http.response.body", "body": data})

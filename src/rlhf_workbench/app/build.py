@@ -132,6 +132,9 @@ def launch(cfg: RunConfig, out_dir: Path, host: str = "127.0.0.1", port: int = 7
     for key in ("NO_PROXY", "no_proxy"):  # gradio calls its own URL at start-up
         have = [x for x in os.environ.get(key, "").split(",") if x]
         os.environ[key] = ",".join(dict.fromkeys([*have, "127.0.0.1", "localhost"]))
+    # uvicorn takes X-Forwarded-For only from these peers (its default trusts any loopback peer,
+    # so any local client could claim another address and pass the per-address login limit)
+    os.environ["FORWARDED_ALLOW_IPS"] = ",".join(cfg.app.trusted_proxies)
     demo = demo or build_app(cfg, out_dir)
     store = demo.workbench_store
     policy = LoginPolicy.from_config(cfg.app)
@@ -147,5 +150,6 @@ def launch(cfg: RunConfig, out_dir: Path, host: str = "127.0.0.1", port: int = 7
                               f"logins within {policy.window_s / 60:g} min, logins are refused for "
                               f"{policy.lockout_s / 60:g} min."), head=KEYBOARD_JS,
                 css=CSS, quiet=True, show_error=True,
-                app_kwargs={"middleware": [Middleware(SessionMiddleware, max_age=cfg.app.session_max_age_s)]})
+                app_kwargs={"middleware": [Middleware(SessionMiddleware, max_age=cfg.app.session_max_age_s,
+                                                      store=store)]})
     return demo

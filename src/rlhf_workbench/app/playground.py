@@ -101,7 +101,11 @@ class Playground:
                 gr.Warning("Ask a question first.")
                 return "Ask a question first."
             version = state["version"] if which == "policy" else 0
-            record_binary_feedback(self.store, uid, version, state["prompt"], state[which], label)
+            try:
+                record_binary_feedback(self.store, uid, version, state["prompt"], state[which], label)
+            except AnnotationError as e:
+                gr.Warning(str(e))
+                return f"**{e}**"
             return f"Recorded thumbs {'up' if label else 'down'} for the {which} answer (v{version})."
         return fn
 

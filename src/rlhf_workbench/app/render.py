@@ -3,14 +3,53 @@
 Shared by the Annotate tab (:mod:`rlhf_workbench.app.annotate`), the Adjudicate tab
 (:mod:`rlhf_workbench.app.review`), the Playground (:mod:`rlhf_workbench.app.playground`) and the
 API for scripted clients (:mod:`rlhf_workbench.app.api`).
+
+Every piece of untrusted text (task questions, contexts, choices, model output, annotators'
+rationales, Playground answers) reaches a page only through :func:`safe_text`: one sanitising
+path, so no style, form, script or remote resource survives in any tab. The HTTP API returns the
+raw text (JSON, never rendered).
 """
 
 from __future__ import annotations
+
+import re
+
+import nh3
 
 from rlhf_workbench.human.duplicates import Entry, count_label, group_traces
 from rlhf_workbench.human.items import Item
 from rlhf_workbench.tasks.task import Task
 from rlhf_workbench.verify import NO_KEY_REASON
+
+# The HTML an untrusted text may keep: inline emphasis and structure, no attributes at all (so no
+# style, no event handler, no src / href), nothing that loads, submits or overlays.
+SAFE_TAGS = {"b", "strong", "i", "em", "code", "pre", "br", "p", "ul", "ol", "li", "sub", "sup", "blockquote"}
+MAX_SHOWN_CHARS = 20_000  # characters of one text shown on a page (a 200 KB trace is cut, saying so)
+BIDI_CONTROLS = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# Markdown images fetch a URL when the page opens: ![x](url) and ![x][ref]; raw links are kept.
+NOT_SAFE_TAG = re.compile("<(?!/?(?:" + "|".join(sorted(SAFE_TAGS, key=len, reverse=True)) + r")[\s/>])")
+MD_IMAGE = re.compile(r"!(?=\[)")
+
+
+def safe_text(text: str | None, limit: int = MAX_SHOWN_CHARS) -> str:
+    """``text`` made safe to render as Markdown: HTML cut to :data:`SAFE_TAGS` without attributes
+    (``nh3``, the Rust ``ammonia`` sanitiser), Markdown images neutralised (shown as text),
+    bidirectional-control characters shown as visible ``[U+202E]`` marks (so annotators see the
+    characters the verifier reads) and at most ``limit`` characters shown, with a note of how
+    many were left out."""
+    text = "" if text is None else str(text)
+    cut = len(text) - limit
+    if cut > 0:
+        text = text[:limit]
+    text = BIDI_CONTROLS.sub(lambda m: f"[U+{ord(m.group()):04X}]", text)
+    text = NOT_SAFE_TAG.sub("&lt;", text)  # other tags and a bare "a<b" stay visible as text
+    text = nh3.clean(text, tags=SAFE_TAGS, attributes={}, url_schemes=set(), strip_comments=True,
+                     link_rel=None)
+    text = MD_IMAGE.sub("\\\\!", text)
+    if cut > 0:
+        text += f"\n\n_(… {cut:,} more characters not shown)_"
+    return text
+
 
 LATEX = [  # the formula delimiters every Markdown component renders
     {"left": "$$", "right": "$$", "display": True},
@@ -25,30 +64,30 @@ def task_md(t: Task) -> str:
     An open task (no answer key) shows its whole conversation and no ground-truth panel."""
     parts = []
     if t.context:
-        parts.append(f"**Context**\n\n{t.context}")
+        parts.append(f"**Context**\n\n{safe_text(t.context)}")
     messages = t.chat_messages() if t.is_open else []
     if len(messages) > 1:
         parts.append(f"**Conversation** (task `{t.id}`)\n\n" + "\n\n".join(
-            f"**{m['role'].capitalize()}:** {m['content']}" for m in messages))
+            f"**{m['role'].capitalize()}:** {safe_text(m['content'])}" for m in messages))
     else:
-        parts.append(f"**Question** (task `{t.id}`)\n\n{t.question}")
+        parts.append(f"**Question** (task `{safe_text(t.id, 200)}`)\n\n{safe_text(t.question)}")
     if t.choices:
-        parts.append("\n".join(f"- **{k}.** {v}" for k, v in t.choices.items()))
+        parts.append("\n".join(f"- **{safe_text(k, 200)}.** {safe_text(v)}" for k, v in t.choices.items()))
     parts.append("_Open-ended: no answer key. Rank the replies by how well they answer._" if t.is_open
-                 else f"**Ground truth:** `{t.answer}`")
+                 else f"**Ground truth:** `{safe_text(t.answer, 2000)}`")
     return "\n\n".join(parts)
 
 
 def verdict_md(reason: str) -> str:
     """The verifier's line under a trace; none for an open task's traces (nothing was verified)."""
-    return "" if reason == NO_KEY_REASON else f"\n\nverifier: _{reason}_"
+    return "" if reason == NO_KEY_REASON else f"\n\nverifier: _{safe_text(reason, 2000)}_"
 
 
 def rejected_md(item: Item) -> str:
     """An item's rejected traces, each with the verifier's reason, or a line saying there are none."""
     if not item.rejected:
         return "_No rejected traces._"
-    return "\n\n---\n\n".join(f"**Rejected {j}**\n\n{tr.text}{verdict_md(tr.reason)}"
+    return "\n\n---\n\n".join(f"**Rejected {j}**\n\n{safe_text(tr.text)}{verdict_md(tr.reason)}"
                               for j, tr in enumerate(item.rejected, 1))
 
 
@@ -56,20 +95,20 @@ def trace_md(number: int, trace, count: int = 1) -> str:
     """A verified trace as shown for ranking, with the verifier's reason for accepting it (and
     how many identical copies it stands for, :mod:`rlhf_workbench.human.duplicates`)."""
     copies = f" · {count_label(count)}" if count > 1 else ""
-    return f"#### Trace {number}{copies}\n\n{trace.text}{verdict_md(trace.reason)}"
+    return f"#### Trace {number}{copies}\n\n{safe_text(trace.text)}{verdict_md(trace.reason)}"
 
 
 def pair_md(label: str, entry: Entry) -> str:
     """One side (A or B) of a pairwise judgment."""
     copies = f" · {count_label(entry.count)}" if entry.count > 1 else ""
-    return f"#### {label}{copies}\n\n{entry.trace.text}{verdict_md(entry.trace.reason)}"
+    return f"#### {label}{copies}\n\n{safe_text(entry.trace.text)}{verdict_md(entry.trace.reason)}"
 
 
 def answer_md(text: str) -> str:
     """A playground answer; a blank one says so (and how many whitespace characters it has)."""
     if not text.strip():
         return f"_(blank answer: {len(text)} whitespace characters)_"
-    return text
+    return safe_text(text)
 
 
 def item_state(item: Item | None) -> dict | None:

@@ -20,6 +20,7 @@ from typing import Callable
 
 import gradio as gr
 
+from rlhf_workbench.app.render import safe_text
 from rlhf_workbench.human.adjudication import Dispute, adjudicate, disputes
 from rlhf_workbench.human.errors import AnnotationError
 from rlhf_workbench.human.items import RATIONALE_MAX_CHARS
@@ -38,10 +39,11 @@ def dispute_md(d: Dispute, entries, question: str) -> str:
     """The disputed item as the admin reads it: the question, a table of every annotator's rank
     per entry (Trace numbers as in the rank boxes below) and their rationales."""
     users = sorted(d.rankings)
-    head = "| trace | " + " | ".join(users) + " |\n|---|" + "---|" * len(users)
+    head = "| trace | " + " | ".join(safe_text(u, 100) for u in users) + " |\n|---|" + "---|" * len(users)
     rows = [f"| Trace {i}{' · ' + count_label(e.count) if e.count > 1 else ''} | "
             + " | ".join(_rank_of(e, d.rankings[u]) for u in users) + " |" for i, e in enumerate(entries, 1)]
-    why = "\n".join(f"- **{u}**: {d.rationales[u]}" for u in users if d.rationales.get(u, "").strip())
+    why = "\n".join(f"- **{safe_text(u, 100)}**: {safe_text(d.rationales[u], 2000)}" for u in users
+                    if d.rationales.get(u, "").strip())
     return (f"{question}\n\n**Annotators' ranks** (1 = best, – not ranked; agreement: mean Kendall τ-b "
             f"= {d.agreement:.2f})\n\n{head}\n" + "\n".join(rows) + (f"\n\n**Rationales**\n\n{why}" if why else ""))
 
@@ -106,7 +108,7 @@ def adjudicate_tab(store: Store, tab: gr.Tab, threshold: float, n_slots: int, ch
             e = entries[i] if i < len(entries) else None
             copies = f" · {count_label(e.count)}" if e is not None and e.count > 1 else ""
             slots += [gr.update(visible=e is not None),
-                      f"#### Trace {i + 1}{copies}\n\n{e.trace.text}" if e is not None else ""]
+                      f"#### Trace {i + 1}{copies}\n\n{safe_text(e.trace.text)}" if e is not None else ""]
         n = len(waiting)
         head = f"### {n} item{'s' if n != 1 else ''} to adjudicate · task `{d.task_id}`"
         return ([head, dispute_md(d, entries, question), {"rollout_id": d.rollout_id, "task_id": d.task_id}]

@@ -46,6 +46,15 @@ Operating limits (:class:`ServeLimits`, ``rlhf serve-model`` options):
 - **Per-request limits**: ``n`` <= ``max_n``, ``max_tokens`` <= ``max_tokens``, the prompt <=
   ``max_prompt_tokens`` tokens (messages over 16 characters per allowed token are refused
   before tokenizing); over a limit is 400 naming the field and the limit.
+- **Request shape** (checked before the request waits for the model, so a hostile request
+  cannot hold the model lock): at most 4 ``stop`` strings of at most ``max_stop_chars``
+  characters each (a stop string is matched token by token inside generation, and its cost grows
+  with its length: four 100,000-character strings used to hold the model for over ten minutes),
+  ``seed`` in ``[0, 2**63 - 1]`` (what torch's generator takes), every string valid Unicode
+  (a lone surrogate such as ``"\\ud800"`` cannot be encoded as UTF-8), and a body of at most
+  ``max_body_bytes`` (413 beyond it, read no further). Each is a 400 (413) naming the field.
+- **Shutdown** waits at most ``SHUTDOWN_GRACE_S`` seconds for requests in flight (uvicorn's
+  graceful-shutdown timeout); generation is bounded by ``max_tokens``.
 """
 
 from __future__ import annotations
@@ -67,6 +76,8 @@ from rlhf_workbench.feedback.thumbs import ThumbsError, record_served, record_se
 from rlhf_workbench.model.chat import ChatModel, ContextLengthError
 
 DEFAULT_MAX_TOKENS = 256
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit seed; OpenAI's seed is an int64
+SHUTDOWN_GRACE_S = 5  # seconds a stopping server waits for requests in flight
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -80,6 +91,8 @@ class ServeLimits:
         max_n: choices per request.
         max_tokens: ``max_tokens`` per request (also caps the default).
         max_prompt_tokens: prompt length in tokens (after the chat template).
+        max_stop_chars: characters per ``stop`` string.
+        max_body_bytes: size of a request body in bytes (413 beyond it).
     """
 
     api_key: str | None = None
@@ -87,9 +100,11 @@ class ServeLimits:
     max_n: int = 4
     max_tokens: int = 512
     max_prompt_tokens: int = 2048
+    max_stop_chars: int = 64
+    max_body_bytes: int = 1_000_000
 
     def __post_init__(self):
-        for name in ("max_queue", "max_n", "max_tokens", "max_prompt_tokens"):
+        for name in ("max_queue", "max_n", "max_tokens", "max_prompt_tokens", "max_stop_chars", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.api_key is not None and not self.api_key.strip():
@@ -122,7 +137,7 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1, le=128)  # the server's own cap is ServeLimits.max_n
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
 
     @field_validator("stop")
@@ -189,8 +204,31 @@ class _Admission:
             self.inside -= 1
 
 
+def _check_text(req: ChatRequest) -> None:
+    """400 naming the field of the first string that is not valid Unicode (a lone surrogate from a
+    JSON ``\\udXXX`` escape cannot be encoded as UTF-8, so the tokenizer would fail with a 500)."""
+    fields = [("model", req.model)] + [(f"stop.{i}", s) for i, s in enumerate(req.stop or [])]
+    for i, m in enumerate(req.messages):
+        parts = [m.content] if isinstance(m.content, str) else [str(p.get("text", "")) for p in m.content]
+        fields += [(f"messages.{i}.content", p) for p in parts]
+    for field, text in fields:
+        if text is None:
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise APIError(400, f"{field}: not valid Unicode text (character {e.start} is a lone surrogate "
+                                f"{text[e.start]!r}); send UTF-8 text", field) from e
+
+
 def _check_limits(req: ChatRequest, chat: ChatModel, limits: ServeLimits) -> None:
-    """400 for a request over one of ``limits`` (checked before it waits for the model)."""
+    """400 for a request over one of ``limits`` or with text that is not valid Unicode (checked
+    before it waits for the model)."""
+    _check_text(req)
+    for i, s in enumerate(req.stop or []):
+        if len(s) > limits.max_stop_chars:
+            raise APIError(400, f"stop.{i}: at most {limits.max_stop_chars} characters per stop string on this "
+                                f"server, got {len(s)}", f"stop.{i}")
     if req.n > limits.max_n:
         raise APIError(400, f"n: at most {limits.max_n} choices per request on this server, got {req.n}", "n")
     for field in ("max_tokens", "max_completion_tokens"):
@@ -231,6 +269,7 @@ def make_app(model, tokenizer, model_name: str, limits: ServeLimits | None = Non
     app.state.chat, app.state.limits, app.state.feedback = chat, limits, feedback
     app.state.admission = admission = _Admission(limits.max_queue)
     _add_error_handling(app, limits)
+    app.add_middleware(_BodyLimit, max_bytes=limits.max_body_bytes)
 
     @app.get("/v1/models")
     def list_models() -> dict:
@@ -245,6 +284,47 @@ def make_app(model, tokenizer, model_name: str, limits: ServeLimits | None = Non
         return _post_feedback(req, feedback)
 
     return app
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` (by ``Content-Length`` or as it streams
+    in) is answered 413 without reading the rest."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self, size: int | None) -> JSONResponse:
+        got = f"{size} bytes" if size is not None else "more"
+        return JSONResponse(status_code=413, content=_error_body(
+            f"body: request body of {got}, over this server's limit of {self.max_bytes} bytes", "body"))
+
+    async def __call__(self, scope, receive, send):
+        """Handle one ASGI connection."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            await self._too_large(int(length) if length.isdigit() else None)(scope, receive, send)
+            return
+        seen, refused = 0, False
+
+        async def counted():
+            nonlocal seen, refused
+            message = await receive()
+            if message["type"] == "http.request" and not refused:
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:  # answer now; the app sees a client that went away
+                    refused = True
+                    await self._too_large(None)(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def tracked(message):
+            if not refused:
+                await send(message)
+
+        await self.app(scope, counted, tracked)
 
 
 def _add_error_handling(app: FastAPI, limits: ServeLimits) -> None:
@@ -350,7 +430,8 @@ class ServerThread:
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
         self.host = host
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                                                    timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
         self.thread = threading.Thread(target=self.server.run, name="rlhf-serve-model", daemon=True)
         self.port: int | None = None
 
@@ -397,4 +478,5 @@ def serve(model, tokenizer, model_name: str, host: str = "127.0.0.1", port: int 
     limits = limits or ServeLimits()
     if limits.api_key is None and host not in LOOPBACK_HOSTS:
         raise ValueError(f"--host {host}: serving beyond loopback needs an API key (--api-key-env VAR)")
-    uvicorn.run(make_app(model, tokenizer, model_name, limits, feedback), host=host, port=port, log_level="info")
+    uvicorn.run(make_app(model, tokenizer, model_name, limits, feedback), host=host, port=port, log_level="info",
+                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 
 from rlhf_workbench.model.rollout import render_prompt
 from rlhf_workbench.store import BinaryFeedback, PolicyVersion, ServedCompletion, Store
@@ -152,38 +153,55 @@ def record_served(sink: FeedbackStore, response: dict, messages: list[dict], ren
 
 def record_served_feedback(store: Store, response_id: str, index: int, label: bool) -> int:
     """Store a thumbs up (True) / down (False) on choice ``index`` of a served response, with the
-    policy version that wrote it; returns the :class:`BinaryFeedback` id. A second vote on the
-    same choice replaces the first while no round has trained on it.
+    policy version that wrote it; returns the :class:`BinaryFeedback` id. One row per choice
+    (a unique index on ``served_id``): a second vote, concurrent or later, replaces the label of
+    the first while no round has trained on it.
 
     Raises:
         ThumbsError: 404 ``id`` not served here (or not stored), 404 ``index`` not a choice of that
             response, 409 the vote was already consumed by a training round.
     """
-    with store.session() as s, s.begin():
+    with store.session() as s:
         choices = {c.index: c for c in s.scalars(
             select(ServedCompletion).where(ServedCompletion.response_id == response_id))}
-        if not choices:
-            raise ThumbsError(404, f"id: no chat completion {response_id!r} was served and stored here", "id")
-        served = choices.get(index)
-        if served is None:
-            raise ThumbsError(404, f"index: response {response_id!r} has choices {sorted(choices)}, not {index}",
-                              "index")
-        prior = s.scalars(select(BinaryFeedback).where(BinaryFeedback.served_id == served.id)
-                          .order_by(BinaryFeedback.id)).first()
-        if prior is None:
-            row = BinaryFeedback(user_id=None, policy_version_id=served.policy_version_id,
-                                 prompt=conversation_text(served.messages), completion=served.completion,
-                                 label=bool(label), served_id=served.id)
-            s.add(row)
-            s.flush()
-            return row.id
-        changed = s.execute(update(BinaryFeedback).where(BinaryFeedback.id == prior.id,
-                                                         BinaryFeedback.consumed_round.is_(None))
-                            .values(label=bool(label))).rowcount  # atomic against the loop's marking
-        if not changed:
-            raise ThumbsError(409, f"id: the feedback on {response_id!r} (choice {index}) was already trained on in "
-                                   f"round {prior.consumed_round}; it can no longer be changed", "id")
-        return prior.id
+    if not choices:
+        raise ThumbsError(404, f"id: no chat completion {response_id!r} was served and stored here", "id")
+    served = choices.get(index)
+    if served is None:
+        raise ThumbsError(404, f"index: response {response_id!r} has choices {sorted(choices)}, not {index}", "index")
+    row = dict(user_id=None, policy_version_id=served.policy_version_id, prompt=conversation_text(served.messages),
+               completion=served.completion, label=bool(label), served_id=served.id)
+    fid, consumed = upsert_vote(store, row, BinaryFeedback.served_id == served.id)
+    if consumed is not None:
+        raise ThumbsError(409, f"id: the feedback on {response_id!r} (choice {index}) was already trained on in "
+                               f"round {consumed}; it can no longer be changed", "id")
+    return fid
+
+
+def upsert_vote(store: Store, row: dict, same_answer) -> tuple[int, int | None]:
+    """Insert the :class:`BinaryFeedback` ``row`` or, when a vote matching ``same_answer`` (a
+    SQLAlchemy condition covered by a unique index) exists, set its label while it is unconsumed.
+    Safe under concurrent first votes: the unique index refuses the second insert, which then
+    updates. Returns ``(feedback id, consumed_round)``: ``consumed_round`` is None when this vote
+    was stored, else the round that trained on the existing vote (which is left as it was)."""
+    for _ in range(3):
+        try:
+            with store.session() as s, s.begin():
+                fb = BinaryFeedback(**row)
+                s.add(fb)
+                s.flush()
+                return fb.id, None
+        except IntegrityError:
+            pass  # a vote on this answer exists: update it
+        with store.session() as s, s.begin():
+            prior = s.scalars(select(BinaryFeedback).where(same_answer)).first()
+            if prior is None:
+                continue  # deleted meanwhile: insert again
+            changed = s.execute(update(BinaryFeedback).where(BinaryFeedback.id == prior.id,
+                                                             BinaryFeedback.consumed_round.is_(None))
+                                .values(label=row["label"])).rowcount  # atomic against the loop's marking
+            return prior.id, None if changed else prior.consumed_round
+    raise RuntimeError("binary_feedback: could neither insert nor update the vote (the row keeps changing)")
 
 
 # --- the loop's side ---------------------------------------------------------------------------

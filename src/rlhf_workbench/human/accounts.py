@@ -36,6 +36,25 @@ def check_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(hash_password(password, bytes.fromhex(salt)), stored)
 
 
+MIN_PASSWORD_CHARS = 8
+
+
+def check_new_account(username: str, password: str, role: str = "annotator") -> None:
+    """Check an account's fields before anything is created (the CLI calls it before it opens or
+    creates the run's database).
+
+    Raises:
+        AnnotationError: unknown role, empty username, or a password shorter than
+            :data:`MIN_PASSWORD_CHARS` characters; the message names the field.
+    """
+    if role not in ROLES:
+        raise AnnotationError(f"role must be one of {ROLES}, got {role!r}")
+    if not username.strip():
+        raise AnnotationError("username must not be empty")
+    if len(password) < MIN_PASSWORD_CHARS:
+        raise AnnotationError(f"password must have at least {MIN_PASSWORD_CHARS} characters, got {len(password)}")
+
+
 def create_user(store: Store, username: str, password: str, role: str = "annotator") -> int:
     """Create an account; returns its id.
 
@@ -43,12 +62,7 @@ def create_user(store: Store, username: str, password: str, role: str = "annotat
         AnnotationError: unknown role, empty username, password shorter than 8 characters, or
             the username is taken.
     """
-    if role not in ROLES:
-        raise AnnotationError(f"role must be one of {ROLES}, got {role!r}")
-    if not username.strip():
-        raise AnnotationError("username must not be empty")
-    if len(password) < 8:
-        raise AnnotationError("password must have at least 8 characters")
+    check_new_account(username, password, role)
     with store.session() as s, s.begin():
         if s.scalar(select(User).where(User.username == username)) is not None:
             raise AnnotationError(f"user {username!r} already exists")

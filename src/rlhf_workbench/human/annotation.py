@@ -23,6 +23,7 @@ wrong. The worker treats it like a flagged trace (never chosen, reward 0), and
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Callable
 
@@ -32,6 +33,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from rlhf_workbench.config import RunConfig
+from rlhf_workbench.feedback.thumbs import upsert_vote
 from rlhf_workbench.human.adjudication import effective_submissions
 from rlhf_workbench.human.assignment import claim_of, claimed_items, holders, is_trained, lock_round, take_claim
 from rlhf_workbench.human.errors import AnnotationError
@@ -236,15 +238,23 @@ def _save(s: Session, user_id: int, rollout_id: int, task_id: str, status: str, 
 def record_binary_feedback(store: Store, user_id: int | None, policy_version: int | None, prompt: str,
                            completion: str, label: bool) -> int:
     """Store a playground thumbs up (True) / down (False) with the policy version; returns its id.
+    One vote per user and answer (version, prompt and answer text): a repeated click, concurrent
+    or later, replaces the label of the first while no round has trained on it.
 
     With ``algorithm: kto`` (and ``feedback.thumbs``) the next round trains on it as a desirable /
-    undesirable example (:mod:`rlhf_workbench.feedback.thumbs`); other algorithms leave it stored."""
-    with store.session() as s, s.begin():
-        row = BinaryFeedback(user_id=user_id, policy_version_id=policy_version, prompt=prompt,
-                             completion=completion, label=bool(label))
-        s.add(row)
-        s.flush()
-        return row.id
+    undesirable example (:mod:`rlhf_workbench.feedback.thumbs`); other algorithms leave it stored.
+
+    Raises:
+        AnnotationError: this user's vote on this answer was already trained on (nothing changed).
+    """
+    key = hashlib.sha256(f"{policy_version}\0{prompt}\0{completion}".encode("utf-8", "replace")).hexdigest()
+    row = dict(user_id=user_id, policy_version_id=policy_version, prompt=prompt, completion=completion,
+               label=bool(label), answer_key=key)
+    fid, consumed = upsert_vote(store, row, (BinaryFeedback.user_id == user_id) & (BinaryFeedback.answer_key == key))
+    if consumed is not None:
+        raise AnnotationError(f"your vote on this answer was already trained on in round {consumed}; it can no "
+                              "longer be changed")
+    return fid
 
 
 # --- the worker's side --------------------------------------------------------------------------

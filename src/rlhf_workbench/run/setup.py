@@ -17,10 +17,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from rich.console import Console
+from transformers import AutoConfig
 
 from rlhf_workbench.config import RunConfig
 from rlhf_workbench.model.loading import PolicyPair, load_policy, load_tokenizer, resolve_mixed_precision, resolve_model_path
-from rlhf_workbench.model.rollout import HFEngine
+from rlhf_workbench.model.rollout import HFEngine, render_prompt
 from rlhf_workbench.model.sharding import Gatherer
 from rlhf_workbench.run.lock import RunInUseError, RunLock
 from rlhf_workbench.run.stages import Scorer, filter_prompt_length, load_scorers, prepare, resolve_run_paths
@@ -28,7 +29,7 @@ from rlhf_workbench.run.tracking import Tracking
 from rlhf_workbench.store import Store
 from rlhf_workbench.tasks.loading import load_tasks
 from rlhf_workbench.tasks.split import split_tasks
-from rlhf_workbench.tasks.task import Task
+from rlhf_workbench.tasks.task import Task, TaskFormatError
 from rlhf_workbench.train.ppo import load_critic, make_optimizer
 
 
@@ -92,18 +93,22 @@ class RunState:
 
 def load_run_tasks(cfg: RunConfig) -> tuple[list[Task], list[Task]]:
     """The run's ``(train, heldout)`` tasks: loaded, given the configured instruction, cut to the
-    pipeline's prompt length, split (seeded) and the held-out split capped.
+    pipeline's prompt length, checked against the model's positions (:func:`check_prompt_length`),
+    split (seeded) and the held-out split capped. Nothing is written: a refusal leaves no run.
 
     Raises:
-        TaskFormatError: bad task file.
+        TaskFormatError: bad task file, or a prompt too long for the model.
         ValueError: a task id in both splits.
     """
     tasks = load_tasks(cfg.tasks.path, cfg.tasks.format, cfg.tasks.limit)
     if cfg.tasks.instruction:
         tasks = [replace(t, instruction=cfg.tasks.instruction) for t in tasks]
+    model_path = resolve_model_path(cfg.model.name, cfg.model.cache_dir)
+    tokenizer = load_tokenizer(model_path)
     if cfg.pipeline is not None and cfg.pipeline.max_prompt_tokens:
-        tasks = filter_prompt_length(tasks, load_tokenizer(resolve_model_path(cfg.model.name, cfg.model.cache_dir)),
-                                     cfg.pipeline.max_prompt_tokens)
+        tasks = filter_prompt_length(tasks, tokenizer, cfg.pipeline.max_prompt_tokens)
+    check_prompt_length(tasks, tokenizer, model_positions(model_path),
+                        max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens), cfg.tasks.path)
     train, heldout = split_tasks(tasks, cfg.tasks.heldout_fraction, cfg.tasks.heldout_size, seed=cfg.seed)
     if cfg.tasks.max_heldout:
         heldout = heldout[: cfg.tasks.max_heldout]
@@ -111,6 +116,41 @@ def load_run_tasks(cfg: RunConfig) -> tuple[list[Task], list[Task]]:
     if leaked:
         raise ValueError(f"{cfg.tasks.path}: tasks in both splits: {sorted(leaked)[:5]}")
     return train, heldout
+
+
+def model_positions(model_path: str) -> int | None:
+    """The number of positions the model at ``model_path`` reads (``max_position_embeddings``, or
+    ``n_positions`` for GPT-2-like configs); None when its config names neither."""
+    config = AutoConfig.from_pretrained(model_path)
+    config = getattr(config, "text_config", None) or config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_prompt_length(tasks: list[Task], tokenizer, positions: int | None, max_new_tokens: int,
+                        source: str = "tasks") -> None:
+    """Refuse tasks whose chat-templated prompt plus ``max_new_tokens`` (the larger of
+    ``rollout.max_new_tokens`` and ``eval.max_new_tokens``) exceeds the model's ``positions``: a
+    4,000-token prompt on a 512-position model would otherwise run past what the model was
+    trained to read, without a word. Refused, not dropped, so the task set is what the file says;
+    ``pipeline.max_prompt_tokens`` drops long prompts on purpose (counted in the run log).
+
+    Raises:
+        TaskFormatError: naming the first five such tasks, their prompt lengths and the limit.
+    """
+    if positions is None:
+        return
+    too_long = [(t.id, n) for t in tasks if (n := len(render_prompt(tokenizer, t))) + max_new_tokens > positions]
+    if too_long:
+        named = ", ".join(f"task {tid!r} ({n:,} tokens)" for tid, n in too_long[:5])
+        more = f" and {len(too_long) - 5} more" if len(too_long) > 5 else ""
+        raise TaskFormatError(
+            f"{source}: {named}{more}: the prompt plus {max_new_tokens} new tokens exceeds the model's "
+            f"{positions:,} positions; shorten or drop these tasks, lower max_new_tokens, or set "
+            "pipeline.max_prompt_tokens to drop long prompts")
 
 
 def open_run(state: RunState, cleanup: ExitStack) -> tuple[int | None, str | None]:

@@ -22,8 +22,9 @@ from typing import Any
 
 from rlhf_workbench.tasks.files import file_extension, iter_records, looks_like_pubmedqa, parse_whole_json, read_text, resolve_path
 from rlhf_workbench.tasks.open import hh_task_from_record, is_open_record, looks_like_hh, open_task_from_record
-from rlhf_workbench.tasks.task import (ANSWER_TYPES, YES_NO_MAYBE, Task, TaskFormatError, check_id_length, choice_letter,
-                                       field_error, id_field, parse_choices, raw_answer, canonical_number, require_object,
+from rlhf_workbench.tasks.task import (ANSWER_TYPES, YES_NO_MAYBE, Task, TaskFormatError, check_id_length,
+                                       check_record_text, choice_letter, field_error, id_field, parse_choices,
+                                       raw_answer, canonical_number, require_object,
                                        text_field, validated_answer)
 
 FORMATS: tuple[str, ...] = ("auto", "jsonl", "gsm8k", "pubmedqa", "mcq", "hf", "hh")
@@ -54,6 +55,12 @@ def load_tasks(path: str | Path, format: str = "auto", limit: int | None = None)
         ``prompt``/``messages`` and no ``answer`` (see :mod:`rlhf_workbench.tasks.open`).
         ``"auto"``: picks one of the above by looking at the file (see :func:`detect_format`).
 
+    Every string of a record (keys and nested values too) is checked first, the same way for
+    every database (:func:`~rlhf_workbench.tasks.task.check_record_text`): a NUL character or a
+    lone surrogate is refused, and so is a text over
+    :data:`~rlhf_workbench.tasks.task.MAX_TEXT_CHARS` (100,000) characters.
+    Bidirectional-control characters are kept (the web app shows them as visible marks).
+
     Number answers are returned in canonical form (thousands separators removed, so
     ``"1,234"`` becomes ``"1234"``); yes/no/maybe answers are lower-cased.
 
@@ -68,7 +75,8 @@ def load_tasks(path: str | Path, format: str = "auto", limit: int | None = None)
         consistent with their type).
 
     Raises:
-        TaskFormatError: malformed JSON, a missing or invalid field, an answer that does not
+        TaskFormatError: malformed JSON, a missing or invalid field, a NUL character, a lone
+            surrogate or a text over ``MAX_TEXT_CHARS`` anywhere in a record, an answer that does not
             fit its type, a duplicate id, or no tasks at all; the message names the file,
             the 1-based line (``record '<pmid>'`` for PubMedQA, ``row N`` for ``hf``) and
             the field.
@@ -94,6 +102,7 @@ def load_tasks(path: str | Path, format: str = "auto", limit: int | None = None)
         tasks = []
         seen: dict[str, str] = {}
         for loc, line_no, record in iter_records(path):
+            check_record_text(record, path, loc)  # NUL, lone surrogates, size: the same on every database
             task = convert(record, path, loc, line_no)
             _check_unique(task, seen, path, loc)
             tasks.append(task)
@@ -321,6 +330,7 @@ def _load_pubmedqa(path: Path, limit: int | None) -> list[Task]:
     for pmid, record in data.items():
         loc = f"record {pmid!r}"
         record = require_object(record, path, loc)
+        check_record_text({pmid: record}, path, loc)
         question = text_field(record, ("QUESTION",), path, loc)
         contexts = record.get("CONTEXTS")
         if contexts is None:
@@ -392,6 +402,7 @@ def _load_hf(path: Path, limit: int | None) -> list[Task]:
                         record[key] = json.loads(value)
                     except json.JSONDecodeError as e:
                         raise field_error(path, loc, key, f"malformed JSON: {e.msg}") from None
+            check_record_text(record, path, loc)
             task = _from_schema(record, path, loc, i)
             _check_unique(task, seen, path, loc)
             tasks.append(task)

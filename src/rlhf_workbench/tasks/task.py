@@ -20,6 +20,10 @@ from typing import Any, Literal
 
 AnswerType = Literal["number", "choice", "yes_no_maybe", "text", "open"]
 MAX_TASK_ID_LENGTH = 200  # characters; the size of the database's task id column (store.TaskRow.id)
+# Characters of one text in a task record (a question, a context, one choice, one message, any
+# metadata string): 100,000, about 25,000 tokens, far beyond any prompt a policy here can read.
+# Checked when the file is loaded, before anything is written, on every database alike.
+MAX_TEXT_CHARS = 100_000
 ANSWER_TYPES: tuple[str, ...] = ("number", "choice", "yes_no_maybe", "text", "open")
 
 
@@ -111,12 +115,46 @@ YES_NO_MAYBE: tuple[str, ...] = ("yes", "no", "maybe")
 _LETTERS = string.ascii_uppercase
 _NUMBER_RE = re.compile(r"^[+-]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)$")
 _FRACTION_RE = re.compile(r"^[+-]?\d+/\d+$")
+_NOT_TEXT = re.compile("[\x00\ud800-\udfff]")  # NUL and lone surrogates: no database stores them alike
 
 
 def field_error(path: Path, loc: str, field_name: str, problem: str) -> TaskFormatError:
     """The :class:`TaskFormatError` for a bad field: ``"<path>: <loc>: field '<field_name>': <problem>"``
     (``loc`` is ``line N``, ``row N``, ``record N`` or ``record '<pmid>'``)."""
     return TaskFormatError(f"{path}: {loc}: field '{field_name}': {problem}")
+
+
+def check_record_text(record: Any, path: Path, loc: str, field_name: str = "") -> None:
+    """The character and size rules every string of a raw task record obeys (its keys too, nested
+    objects and lists included), the same on every database and checked before anything is written:
+    no NUL character (PostgreSQL refuses U+0000 in text and JSON, SQLite would store it), no lone
+    surrogate (not valid UTF-8 on either database), at most :data:`MAX_TEXT_CHARS` characters.
+    Bidirectional-control characters (U+202E ...) are kept as the verifier reads them; the web app
+    shows them as visible ``[U+202E]`` marks (:func:`rlhf_workbench.app.render.safe_text`).
+
+    Raises:
+        TaskFormatError: ``"<path>: <loc>: field '<field>': ..."``; nested fields are named with
+            dots and indices (``choices.B``, ``messages[2].content``).
+    """
+    if isinstance(record, dict):
+        for key, value in record.items():
+            name = f"{field_name}.{key}" if field_name else str(key)
+            check_record_text(key, path, loc, name)
+            check_record_text(value, path, loc, name)
+    elif isinstance(record, list):
+        for i, value in enumerate(record):
+            check_record_text(value, path, loc, f"{field_name}[{i}]")
+    elif isinstance(record, str):
+        bad = _NOT_TEXT.search(record)
+        if bad is not None and bad.group() == "\x00":
+            raise field_error(path, loc, field_name or "record", f"contains a NUL character (U+0000) at position "
+                              f"{bad.start() + 1}; PostgreSQL cannot store it, so no database takes it")
+        if bad is not None:
+            raise field_error(path, loc, field_name or "record", f"contains a lone surrogate "
+                              f"(U+{ord(bad.group()):04X}) at position {bad.start() + 1}; not valid Unicode text")
+        if len(record) > MAX_TEXT_CHARS:
+            raise field_error(path, loc, field_name or "record", f"{len(record):,} characters long; at most "
+                              f"{MAX_TEXT_CHARS:,} are allowed (tasks.task.MAX_TEXT_CHARS)")
 
 
 def require_object(record: Any, path: Path, loc: str) -> dict:
