@@ -31,6 +31,18 @@ SHARED_DATA = Path(os.environ.get("RLHF_SHARED_DATA", Path(__file__).resolve().p
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers are used on both sides of a fork
 
 
+def _loadavg() -> list[float] | None:
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+# The load average when the benchmark script started (this module is imported first thing);
+# :func:`write_result` records it beside the load at the end.
+LOAD_AT_START = _loadavg()
+
+
 # --------------------------------------------------------------------------------------------
 # memory
 # --------------------------------------------------------------------------------------------
@@ -91,8 +103,7 @@ def _child(conn, fn, args, kwargs):
 
 # Imported once by the fork server, so that each worker forked from it starts with them loaded.
 PRELOAD = ["torch", "transformers", "accelerate", "datasets", "trl.trainer.dpo_trainer", "trl.trainer.grpo_trainer",
-           "rlhf_workbench.train.grpo", "rlhf_workbench.train.dpo", "rlhf_workbench.model.rollout", "rlhf_workbench.model.loading",
-           "rlhf_workbench.verify"]
+           "rlhf_workbench.train.grpo", "rlhf_workbench.train.dpo", "rlhf_workbench.model.rollout", "rlhf_workbench.model.loading", "rlhf_workbench.verify"]
 
 
 def _context():
@@ -291,6 +302,8 @@ def processor_info() -> dict:
 
 
 def device_info(threads: int) -> dict:
+    """The software and processor a benchmark ran with (``cpu``, ``cores``, ``torch_threads``,
+    library versions, ``bf16_matmul_units``, ``cuda``) and the load average when it was called."""
     import torch
 
     cpu = processor_info()
@@ -369,12 +382,31 @@ def portable_paths(value: Any) -> Any:
     return value
 
 
-def write_result(result: dict, out: str | Path) -> Path:
+def command_line(script: str | Path | None = None, argv: list[str] | None = None) -> str:
+    """The command that ran the benchmark, as a result file records it: ``python
+    benchmarks/<script>.py`` and its arguments (``argv``, else ``sys.argv[1:]``; quoted as a shell
+    would need, absolute paths made portable). ``script`` defaults to ``sys.argv[0]``."""
+    import shlex
+
+    script = Path(script or sys.argv[0]).resolve()
+    args = list(sys.argv[1:] if argv is None else argv)
+    return shlex.join(["python", portable_path(str(script)), *(portable_paths(a) for a in args)])
+
+
+def write_result(result: dict, out: str | Path, command: str | None = None) -> Path:
     """Write ``result`` as JSON to ``out``, with the processor it ran on (``processor``,
-    :func:`processor_info`; added to ``result`` too) and paths made portable
-    (:func:`portable_paths`), so that a committed file holds no path of the machine that wrote it."""
+    :func:`processor_info`), the load average at the start of the script and now (``load``:
+    ``at_start``, ``at_end``, 1/5/15-minute averages, and ``cores``), the command that made it
+    (``command``: ``command`` when given, else the one already in ``result``, else
+    :func:`command_line` of this process) -- all added to ``result`` too -- and paths made
+    portable (:func:`portable_paths`), so that a committed file holds no path of the machine
+    that wrote it. Never edit these fields by hand: rerun the script."""
     out = Path(out)
     result.setdefault("processor", processor_info())
+    if command is not None:
+        result["command"] = command
+    result.setdefault("command", command_line())
+    result["load"] = {"at_start": LOAD_AT_START, "at_end": _loadavg(), "cores": os.cpu_count()}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(portable_paths(result), indent=2, default=str) + "\n")
     return out

@@ -45,6 +45,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `import _common` (beside this script)
+import _common  # noqa: E402  first: it records the load average at the start (stdlib only at import)
+
 LOOPBACK = "127.0.0.1"
 for _key, _val in (("GRADIO_ANALYTICS_ENABLED", "False"), ("HF_HUB_DISABLE_TELEMETRY", "1"), ("HF_HUB_OFFLINE", "1"),
                    ("TOKENIZERS_PARALLELISM", "false")):
@@ -463,8 +466,6 @@ def main(argv: list[str] | None = None) -> int:
     result = run_load_test(a.annotators, a.seconds, a.tasks, a.traces, a.annotators_per_item, a.keep,
                            a.client)
     print_table(result)
-    import _common  # beside this script; only the writer needs it, not the app this script serves
-
     _common.write_result(result, a.out)
     print(f"\nwritten to {a.out}")
     return 0 if result["lost"] == 0 and result["stored"] >= result["acknowledged"] else 1

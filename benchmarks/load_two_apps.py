@@ -48,6 +48,9 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `import _common` (beside this script)
+import _common  # noqa: E402  first: it records the load average at the start (stdlib only at import)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import load_annotators as la  # noqa: E402  (beside this script: model, HTTP client, recorder, percentiles)
 
@@ -459,8 +462,6 @@ def main(argv: list[str] | None = None) -> int:
     r["command"] = "python benchmarks/load_two_apps.py " + " ".join(argv if argv is not None else sys.argv[1:])
     r["ok"] = ok(r)
     print_summary(r)
-    import _common
-
     _common.write_result(r, a.out)
     print(f"\nwritten to {a.out}")
     return 0 if r["ok"] else 1

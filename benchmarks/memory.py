@@ -1,7 +1,8 @@
 """Peak memory of one policy update per algorithm on SmolLM2-135M, and PPO's options (issue 16).
 
     nice -n 5 python benchmarks/memory.py                  # every case (a few minutes of CPU)
-    python benchmarks/memory.py --only ppo ppo_lora        # some; the others are kept from the file
+    python benchmarks/memory.py --only ppo ppo_lora        # some: memory_only_ppo_ppo_lora.json
+    nice -n 5 python benchmarks/memory.py --full-round     # one whole PPO round: memory_full_round.json
 
 Each case runs in a fresh worker process (:func:`_common.run_isolated`, so no case inherits
 another's memory) and does what the loop does around an update: load the policy (and the
@@ -15,9 +16,11 @@ from a seeded generator: memory depends on the shapes, not the text.
 
 Why the update and not the whole round: the update is where the round's memory peaks — the
 models, their gradients, AdamW's two moments per trained weight and one micro-batch's
-activations meet there. A full PPO round through ``loop.run`` (4 prompts × 4 samples,
-evaluation before and after) measured on this machine peaked at 7127 MiB, all of it in the
-update (2380 MiB resident just before it): ``full_round`` in the result file.
+activations meet there. ``--full-round`` checks that on a whole PPO round through ``loop.run``
+(:data:`FULL_ROUND_SETTINGS`: 4 prompts × 4 samples, ≤ 24 new tokens, fp32, evaluation before and
+after, the checkpoint) in a fresh worker: its peak RSS, the RSS just before the update and the
+wall time, written by that run to its own file, ``benchmarks/results/memory_full_round.json``.
+Every number in either file is measured by the run that writes it.
 
 Reported per case (MiB): ``peak_rss_mb`` (the worker's peak resident set size, ``VmHWM``),
 ``loaded_rss_mb`` (resident after loading and preparing, before the update), and ``tensors``:
@@ -36,14 +39,14 @@ Writes ``benchmarks/results/memory.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, device_info, peak_rss_mb, print_table, reset_peak_rss, rss_mb, run_isolated, write_result  # noqa: E402
+from _common import (ROOT, RESULTS, command_line, device_info, peak_rss_mb, print_table, reset_peak_rss,  # noqa: E402
+                     rss_mb, run_isolated, write_result)
 
 MIB = 2 ** 20
 N_SEQ, PROMPT, COMPLETION, MICRO = 16, 64, 48, 16
@@ -65,11 +68,10 @@ CASES: dict[str, tuple[str, dict]] = {  # PPO first: on a busy machine the other
     "kto": ("kto", {}),
     "rloo": ("rloo", {}),
 }
-FULL_ROUND = {  # measured with loop.run, see the module docstring
-    "ppo": {"peak_rss_mb": 7126.5, "rss_before_update_mb": 2380.1, "wall_s": 1069.9,
-            "config": "4 prompts x 4 samples, <= 24 new tokens, micro-batch 16, fp32, evaluation before and after, "
-                      "one round of loop.run (load average 23 on 2 cores: the wall time is not a speed figure)"},
-}
+# the whole round of --full-round: configs/ppo.yaml with these overrides
+FULL_ROUND_SETTINGS = ["rounds=1", "rollout.prompts_per_round=4", "rollout.num_generations=4",
+                       "rollout.max_new_tokens=24", "optim.micro_batch_size=16", "model.mixed_precision=\"no\"",
+                       "tasks.max_heldout=32", "eval.kl_samples=0", "keep_checkpoints=1"]
 
 
 def _config(algorithm: str, overrides: dict) -> dict:
@@ -148,13 +150,69 @@ def one_update(algorithm: str, raw: dict) -> dict:
                         "trainable": _mib(trainable), "adamw": _mib(adamw)}}
 
 
-def main() -> None:
+def full_round(overrides: list[str], model: str | None = None) -> dict:
+    """One round of ``loop.run`` on ``configs/ppo.yaml`` with ``overrides`` in this process (run it
+    in a fresh worker): peak RSS of the whole round, RSS just before the update, wall seconds; MiB."""
+    import shutil
+    import tempfile
+
+    import torch
+    from rich.console import Console
+
+    import rlhf_workbench.run.loop as loop
+    from rlhf_workbench.cli import _parse_overrides
+    from rlhf_workbench.config import load_config
+
+    torch.set_num_threads(2)
+    cfg = load_config(ROOT / "configs" / "ppo.yaml", _parse_overrides(overrides + ([f"model.name={model}"] if model
+                                                                                   else [])))
+    seen: dict = {}
+    original = loop._update
+
+    def measured(*args, **kwargs):
+        seen["rss_before_update_mb"] = rss_mb()
+        return original(*args, **kwargs)
+
+    out = Path(tempfile.mkdtemp(prefix="memory-round-"))
+    loop._update = measured
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    try:
+        loop.run(cfg, out, Console(quiet=True))
+    finally:
+        loop._update = original
+        shutil.rmtree(out, ignore_errors=True)
+    return {"peak_rss_mb": peak_rss_mb(), "wall_s": round(time.perf_counter() - t0, 1), **seen,
+            "run_config": cfg.model_dump(mode="json")}
+
+
+def run_full_round(args) -> None:
+    """``--full-round``: :func:`full_round` in a fresh worker, written to ``--out`` (default
+    ``memory_full_round.json``)."""
+    out = Path(args.out or RESULTS / "memory_full_round.json")
+    measured = run_isolated(full_round, FULL_ROUND_SETTINGS, args.model)
+    result = {"benchmark": "peak RSS of one whole PPO round through loop.run (issue 16, 23)",
+              "config": "configs/ppo.yaml", "overrides": FULL_ROUND_SETTINGS, "device": device_info(2),
+              "ppo": measured}
+    write_result(result, out, command=command_line(__file__, args.argv))
+    print(f"full PPO round: peak {measured['peak_rss_mb']:.0f} MiB, before the update "
+          f"{measured['rss_before_update_mb']:.0f} MiB, {measured['wall_s']:.0f} s; wrote {out}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the cases (or ``--full-round``) and write the result file."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="*", choices=list(CASES), help="cases to run (default: all)")
-    parser.add_argument("--out", default=str(RESULTS / "memory.json"))
-    args = parser.parse_args()
-    out = Path(args.out)
-    cases = json.loads(out.read_text()).get("cases", {}) if args.only and out.exists() else {}
+    parser.add_argument("--full-round", action="store_true", help="one whole PPO round instead (own result file)")
+    parser.add_argument("--model", default=None, help="--full-round: another model (smoke runs)")
+    parser.add_argument("--out", default=None, help="result file (default memory.json / memory_full_round.json)")
+    args = parser.parse_args(argv)
+    args.argv = argv
+    if args.full_round:
+        return run_full_round(args)
+    # every case in a file is measured by the run that writes it: --only writes its own file
+    out = Path(args.out or RESULTS / ("memory.json" if not args.only else f"memory_only_{'_'.join(args.only)}.json"))
+    cases: dict = {}
     for name in args.only or list(CASES):
         algorithm, overrides = CASES[name]
         print(f"{name}: loading and one update ...", file=sys.stderr, flush=True)
@@ -165,8 +223,9 @@ def main() -> None:
                   "model": BASE["model"]["name"],
                   "batch": {"sequences": N_SEQ, "prompt_tokens": PROMPT, "completion_tokens": COMPLETION,
                             "micro_batch_size": MICRO},
-                  "base_config": BASE, "device": device_info(2), "cases": cases, "full_round": FULL_ROUND}
-        write_result(result, out)  # after every case: a long run interrupted keeps what it measured
+                  "base_config": BASE, "device": device_info(2), "cases": cases}
+        # after every case: a long run interrupted keeps what it measured
+        write_result(result, out, command=command_line(__file__, argv))
     print_table("peak RSS of one update (MiB)", ["case", "peak", "loaded", "policy", "reference", "critic", "trainable",
                                                  "AdamW", "update s"],
                 [[k, v["peak_rss_mb"], v["loaded_rss_mb"], *v["tensors"].values(), v["update_s"]]

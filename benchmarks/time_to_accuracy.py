@@ -22,7 +22,20 @@ other, each in its own worker process (``_common.run_isolated``):
   past 6.9 GB and the shared machine's memory), learning rate (constant, no warm-up), AdamW, weight decay, gradient clipping,
   β, ε, ``loss_type``, ``scale_rewards``, bf16 autocast (``bf16=True`` where the demo resolves
   ``mixed_precision`` to bf16), ``max_completion_length``, temperature, top-p 1, no top-k, one
-  optimizer step per generation (``num_iterations = 1``).
+  optimizer step per generation (``num_iterations = 1``), gradient checkpointing off on both
+  (``model.gradient_checkpointing`` for ours; TRL's ``GRPOConfig`` turns it *on* by default, so it
+  is set explicitly), and the same checkpoint saving: ours saves the policy and the AdamW state
+  after every round (the loop's checkpoint), TRL likewise after every step (``save_strategy =
+  "steps"``, ``save_steps = 1``, model and optimizer state, ``save_total_limit = 1``).
+
+Fair by construction: both sides are built from one settings object (the run config of
+:func:`bench_config` and the thread count), and each side records, read back from what it
+actually ran with (the loop's config, TRL's ``GRPOConfig`` and accelerator, ``torch`` threads),
+every setting that could differ (:data:`COMPARED`: gradient checkpointing, precision, threads,
+batch and micro-batch, epochs, learning rate and schedule, what the clock counts, checkpoint
+saving, ...) under ``systems.<side>.settings``. :func:`settings_differences` compares them; a
+difference without a reason in :data:`REASONS` stops the run before a result is written, and
+``settings_differences`` in the result file lists every difference with its reason.
 
 Reward (the same for both): 1 when ``rlhf_workbench.verify.verify(completion, task)`` says
 correct (the strict verifier: an explicit ``Answer: <n>`` equal to the key), else 0. The demo
@@ -39,7 +52,10 @@ evaluation (``eval.round_subset = tasks.max_heldout = --eval-n``), TRL's through
 Wall clock: starts when the evaluation of the untrained model ends and stops for every later
 evaluation, so it counts training only: for ours everything the loop does between two
 evaluations (sampling, verifying, ranking, the database, the update, saving the checkpoint of
-the round), for TRL everything ``Trainer.train`` does between two ``on_step_end`` evaluations.
+the round), for TRL everything ``Trainer.train`` does between two ``on_step_end`` evaluations
+(sampling, the update and saving the step's checkpoint: TRL saves after ``on_step_end``, ours
+after its evaluation, so on both sides a step's checkpoint falls into the next step's time and
+the last step's is not counted).
 Loading the model and the untrained evaluation are not counted for either. A side stops at the
 first evaluation whose strict accuracy is >= ``--target``, after ``--max-steps`` steps, or once
 its training clock passes ``--max-seconds``. ``ratios.time_to_target`` = TRL's seconds to the
@@ -100,7 +116,7 @@ def bench_config(spec: dict):
 
     sets = [f"rounds={spec['max_steps']}", "feedback.ranking_weight=0", "eval.every_round=true",
             f"eval.round_subset={spec['eval_n']}", f"tasks.max_heldout={spec['eval_n']}", "eval.kl_samples=0",
-            "keep_checkpoints=1", *spec["overrides"]]
+            "keep_checkpoints=1", "model.gradient_checkpointing=false", *spec["overrides"]]
     cfg = load_config(spec["config"], _parse_overrides(sets))
     cfg.model.mixed_precision = resolve_mixed_precision(cfg.model.mixed_precision)
     return cfg
@@ -277,7 +293,8 @@ def ours(spec: dict) -> dict:
     finally:
         loop.evaluate = original
         shutil.rmtree(out, ignore_errors=True)
-    return _side_result(clock, load_before, {"mixed_precision": cfg.model.mixed_precision})
+    settings = ours_settings(cfg, torch.get_num_threads())
+    return _side_result(clock, load_before, {"mixed_precision": cfg.model.mixed_precision, "settings": settings})
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,7 +318,11 @@ def trl_args(cfg, out: str):
     return trl.GRPOConfig(
         output_dir=out, max_steps=cfg.rounds, learning_rate=o.lr, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, optim="adamw_torch",
-        bf16=cfg.model.mixed_precision == "bf16", use_cpu=True, report_to="none", save_strategy="no",
+        bf16=cfg.model.mixed_precision == "bf16", use_cpu=True, report_to="none",
+        # TRL's default is gradient checkpointing on; transformers 5 names it activation_checkpointing (the old name
+        # is a deprecated alias that only applies while the new one is unset): set from the shared config
+        activation_checkpointing=cfg.model.gradient_checkpointing,
+        save_strategy="steps", save_steps=1, save_only_model=False, save_total_limit=1,  # as the loop's checkpoint
         logging_strategy="no", disable_tqdm=True, seed=cfg.seed, data_seed=cfg.seed,
         gradient_accumulation_steps=completions // o.micro_batch_size, dataloader_num_workers=0,
         per_device_train_batch_size=o.micro_batch_size,
@@ -391,9 +412,13 @@ def trl_side(spec: dict) -> dict:
             raise RuntimeError("TRL's chat template renders the prompt to other token ids than rollout.render_prompt")
         trainer.train()
         a = trainer.args
-        settings = {k: getattr(a, k) for k in TRL_FIELDS}
-        settings["mixed_precision"] = str(trainer.accelerator.mixed_precision)
-    return _side_result(clock, load_before, {"mixed_precision": settings["mixed_precision"], "trl_args": settings,
+        raw = {k: getattr(a, k) for k in TRL_FIELDS}
+        precision = str(trainer.accelerator.mixed_precision)
+        raw["mixed_precision"] = precision
+        m = trainer.model
+        active = m.is_activation_checkpointing if hasattr(m, "is_activation_checkpointing") else m.is_gradient_checkpointing
+        settings = trl_settings(a, precision, torch.get_num_threads(), active)
+    return _side_result(clock, load_before, {"mixed_precision": precision, "trl_args": raw, "settings": settings,
                                              "train_reward": rewards})
 
 
@@ -401,7 +426,77 @@ TRL_FIELDS = ("learning_rate", "lr_scheduler_type", "weight_decay", "max_grad_no
               "per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
               "generation_batch_size", "num_generations", "num_iterations",
               "max_completion_length", "temperature", "top_p", "top_k", "beta", "epsilon", "loss_type",
-              "scale_rewards", "max_steps", "seed")
+              "scale_rewards", "max_steps", "seed", "gradient_checkpointing", "activation_checkpointing", "save_strategy", "save_steps",
+              "save_only_model")
+
+
+# --------------------------------------------------------------------------------------------
+# equal settings, checked
+# --------------------------------------------------------------------------------------------
+
+CLOCK = ("training only: from the end of one evaluation to the start of the next (sampling, reward, update, "
+         "the previous step's checkpoint); evaluations and waiting for the turn excluded")
+SAVING = "policy weights and AdamW state after every optimizer step (the last step's not timed)"
+# every setting that could differ between the sides; each side records all of them
+COMPARED = ("gradient_checkpointing", "mixed_precision", "threads", "prompts_per_step", "num_generations",
+            "completions_per_step", "micro_batch_size", "optimizer_steps_per_step", "epochs_per_generation",
+            "learning_rate", "lr_schedule", "warmup_steps", "optimizer", "weight_decay", "max_grad_norm", "beta",
+            "epsilon", "loss_type", "scale_rewards", "max_new_tokens", "temperature", "top_p", "top_k", "clock",
+            "checkpoint_saving", "seed")
+# settings allowed to differ, with the reason (written into the result file); none at present
+REASONS: dict[str, str] = {}
+
+
+def ours_settings(cfg, threads: int) -> dict:
+    """Ours' values of :data:`COMPARED`, read from the loop's run config and the thread count."""
+    r, g, o = cfg.rollout, cfg.grpo, cfg.optim
+    return {"gradient_checkpointing": cfg.model.gradient_checkpointing, "mixed_precision": cfg.model.mixed_precision,
+            "threads": threads, "prompts_per_step": r.prompts_per_round, "num_generations": r.num_generations,
+            "completions_per_step": r.prompts_per_round * r.num_generations, "micro_batch_size": o.micro_batch_size,
+            "optimizer_steps_per_step": o.steps_per_round, "epochs_per_generation": 1, "learning_rate": o.lr,
+            "lr_schedule": "constant", "warmup_steps": 0, "optimizer": "adamw_torch", "weight_decay": o.weight_decay,
+            "max_grad_norm": o.max_grad_norm, "beta": g.beta, "epsilon": g.epsilon, "loss_type": g.loss_type,
+            "scale_rewards": g.scale_rewards, "max_new_tokens": r.max_new_tokens, "temperature": r.temperature,
+            "top_p": r.top_p, "top_k": 0, "clock": CLOCK,
+            "checkpoint_saving": SAVING if cfg.keep_checkpoints >= 1 else "none", "seed": cfg.seed}
+
+
+def trl_settings(args, mixed_precision: str, threads: int, checkpointing_active: bool | None = None) -> dict:
+    """TRL's values of :data:`COMPARED`, read from its ``GRPOConfig`` (``args``), its accelerator's
+    mixed precision and the thread count; ``checkpointing_active`` (the model's
+    ``is_gradient_checkpointing`` after the trainer set it up) overrides the config's flag."""
+    gc = getattr(args, "activation_checkpointing", args.gradient_checkpointing)
+    gc = gc if checkpointing_active is None else checkpointing_active
+    saves = args.save_strategy in ("steps", "SaveStrategy.STEPS") or str(args.save_strategy).endswith("STEPS")
+    every_step = saves and args.save_steps == 1 and not args.save_only_model
+    return {"gradient_checkpointing": bool(gc), "mixed_precision": "bf16" if mixed_precision == "bf16" else "no",
+            "threads": threads, "prompts_per_step": args.generation_batch_size // args.num_generations,
+            "num_generations": args.num_generations, "completions_per_step": args.generation_batch_size,
+            "micro_batch_size": args.per_device_train_batch_size,
+            "optimizer_steps_per_step": args.generation_batch_size // (
+                args.per_device_train_batch_size * args.gradient_accumulation_steps),
+            "epochs_per_generation": args.num_iterations, "learning_rate": args.learning_rate,
+            "lr_schedule": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+            "warmup_steps": args.warmup_steps, "optimizer": str(getattr(args.optim, "value", args.optim)),
+            "weight_decay": args.weight_decay, "max_grad_norm": args.max_grad_norm, "beta": args.beta,
+            "epsilon": args.epsilon, "loss_type": args.loss_type, "scale_rewards": args.scale_rewards,
+            "max_new_tokens": args.max_completion_length, "temperature": args.temperature, "top_p": args.top_p,
+            "top_k": args.top_k or 0, "clock": CLOCK, "checkpoint_saving": SAVING if every_step else "other",
+            "seed": args.seed}
+
+
+def settings_differences(ours: dict, trl: dict, reasons: dict[str, str] | None = None) -> dict:
+    """Compare the two sides' :data:`COMPARED` settings.
+
+    Returns:
+        ``{"differences": {key: {"ours", "trl", "reason"}}, "unexplained": [keys]}``: every key
+        whose values differ (or that a side did not record), and those without a reason in
+        ``reasons`` (default :data:`REASONS`).
+    """
+    reasons = REASONS if reasons is None else reasons
+    diff = {k: {"ours": ours.get(k), "trl": trl.get(k), "reason": reasons.get(k)}
+            for k in COMPARED if k not in ours or k not in trl or ours[k] != trl[k]}
+    return {"differences": diff, "unexplained": sorted(k for k, v in diff.items() if not v["reason"])}
 
 
 # --------------------------------------------------------------------------------------------
@@ -548,7 +643,12 @@ def main(argv=None) -> dict:
                         not args.no_isolate)
     if "trl" in systems and systems["trl"]["eval_task_ids"] != systems["ours"]["eval_task_ids"]:
         raise RuntimeError("the two systems were evaluated on different held-out tasks")
-    result = {"command": "python benchmarks/time_to_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    compared = settings_differences(systems["ours"]["settings"], systems["trl"]["settings"]) if "trl" in systems \
+        else None
+    if compared and compared["unexplained"]:
+        raise RuntimeError(f"the two sides ran with different settings and no recorded reason: "
+                           f"{ {k: compared['differences'][k] for k in compared['unexplained']} }")
+    result = {"command": _common.command_line(__file__, argv),
               "settings": {"config": _common.portable_path(args.config), "target": args.target,
                            "max_steps": args.max_steps, "max_seconds": args.max_seconds, "eval_n": args.eval_n,
                            "threads": args.threads, "overrides": overrides, "quick": args.quick,
@@ -557,7 +657,8 @@ def main(argv=None) -> dict:
                            "clock": "training only: starts after the untrained evaluation, stops during "
                                     "evaluations and while waiting for the turn"},
               "run_config": cfg.model_dump(mode="json"), "device": _common.device_info(args.threads),
-              "machine_busy_at_start": busy, "nice": os.nice(0), "systems": systems, "ratios": ratios(systems)}
+              "machine_busy_at_start": busy, "nice": os.nice(0), "systems": systems,
+              "settings_differences": compared, "ratios": ratios(systems)}
     for side in systems.values():
         side.pop("eval_task_ids")
     out = _common.write_result(result, args.out)

@@ -50,3 +50,25 @@ def test_ppo_memory_accounting_full_and_lora(tiny_model_dir, monkeypatch):
     adapters = lora["trainable"] - lora["critic"]
     assert 0 < adapters < 0.5 * size
     assert abs(lora["adamw"] - 2 * lora["trainable"]) < 1e-6
+
+
+def test_every_number_is_measured_by_the_run_that_writes_it(tiny_model_dir, tmp_path):
+    """No constant result in the script (the old ``FULL_ROUND`` wrote a fixed 7,126.5 MB peak into
+    every ``memory.json``): ``--full-round`` measures a whole PPO round and writes its own file,
+    whose figures come from that run (the tiny model's round is far below the old constant)."""
+    import json
+
+    from test_benchmarks_smoke import _load
+
+    mem = _load("memory")  # importable by its name: the worker process unpickles its functions
+    source = (BENCH / "memory.py").read_text()
+    assert not hasattr(mem, "FULL_ROUND") and "7126.5" not in source and "2380.1" not in source
+    out = tmp_path / "round.json"
+    mem.main(["--full-round", "--model", str(tiny_model_dir), "--out", str(out)])
+    got = json.loads(out.read_text())
+    ppo = got["ppo"]
+    assert 0 < ppo["rss_before_update_mb"] <= ppo["peak_rss_mb"] < 4000  # measured on the tiny model
+    assert ppo["wall_s"] > 0 and ppo["run_config"]["algorithm"] == "ppo" and ppo["run_config"]["rounds"] == 1
+    assert got["command"].startswith("python benchmarks/memory.py --full-round --model ")
+    assert set(got["load"]) == {"at_start", "at_end", "cores"} and len(got["load"]["at_end"]) == 3
+    assert got["processor"]["model"]

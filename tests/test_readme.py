@@ -32,7 +32,16 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_configs_validate():
-    from rlhf_workbench.config import load_config
+    """Every config the README's table names loads, validates, and is the config it says it is."""
+    from rlhf_workbench.config import RunConfig, load_config
 
-    for path in sorted((ROOT / "configs").glob("*.yaml")):
-        load_config(path)
+    paths = sorted((ROOT / "configs").glob("*.yaml"))
+    readme = (ROOT / "README.md").read_text()
+    named = set(re.findall(r"^\| `configs/([\w.]+\.yaml)` \|", readme, flags=re.M))
+    assert named and named <= {p.name for p in paths}, named - {p.name for p in paths}
+    loaded = {p.name: load_config(p) for p in paths}
+    assert all(isinstance(cfg, RunConfig) for cfg in loaded.values())
+    for cfg in loaded.values():  # a round trip keeps every field (no silently dropped keys)
+        assert RunConfig.model_validate(cfg.model_dump()) == cfg
+    assert loaded["demo.yaml"].algorithm == "grpo" and loaded["ppo.yaml"].algorithm == "ppo"
+    assert loaded["hh.yaml"].pipeline is not None and loaded["hh.yaml"].tasks.heldout_size == 256

@@ -98,18 +98,90 @@ def test_both_sides_follow_one_config(tmp_path):
     assert (args.num_generations, args.learning_rate, args.beta, args.max_completion_length) == (
         2, cfg.optim.lr, cfg.grpo.beta, 8)
     assert args.lr_scheduler_type == "constant" and args.bf16 == (cfg.model.mixed_precision == "bf16")
+    # TRL's GRPOConfig defaults to gradient checkpointing on: the shared config's value (off) is set explicitly
+    assert args.gradient_checkpointing is False and args.activation_checkpointing is False
+    assert cfg.model.gradient_checkpointing is False
+    assert args.save_steps == 1 and not args.save_only_model  # a checkpoint every step, as the loop's rounds
+
+
+def _both_sides(tmp_path, overrides=()):
+    cfg = tta.bench_config({"config": str(tta.DEFAULT_CONFIG), "overrides": [*tta.QUICK, *overrides],
+                            "max_steps": 2, "eval_n": 8})
+    args = tta.trl_args(cfg, str(tmp_path))
+    precision = "bf16" if args.bf16 else "no"
+    return tta.ours_settings(cfg, 2), tta.trl_settings(args, precision, 2)
+
+
+def test_both_sides_record_every_compared_setting_and_they_are_equal(tmp_path):
+    ours, trl = _both_sides(tmp_path)
+    assert set(ours) == set(trl) == set(tta.COMPARED)
+    for key in ("gradient_checkpointing", "mixed_precision", "threads", "micro_batch_size", "learning_rate",
+                "epochs_per_generation", "clock", "checkpoint_saving"):
+        assert key in tta.COMPARED
+    assert ours == trl, {k: (ours[k], trl[k]) for k in ours if ours[k] != trl.get(k)}
+    assert tta.settings_differences(ours, trl) == {"differences": {}, "unexplained": []}
+
+
+def test_a_difference_without_a_reason_is_caught(tmp_path):
+    """The check fails on the defect it exists for: TRL left with its default gradient checkpointing,
+    another thread count, or no checkpoint saving."""
+    import copy
+
+    def changed(args, **fields):
+        out = copy.copy(args)
+        for k, v in fields.items():
+            setattr(out, k, v)
+        return out
+
+    ours, trl = _both_sides(tmp_path)
+    cfg = tta.bench_config({"config": str(tta.DEFAULT_CONFIG), "overrides": tta.QUICK, "max_steps": 2, "eval_n": 8})
+    args = tta.trl_args(cfg, str(tmp_path))
+    trl_default_gc = tta.trl_settings(changed(args, gradient_checkpointing=True, activation_checkpointing=True), "bf16" if args.bf16
+                                      else "no", 2)
+    got = tta.settings_differences(ours, trl_default_gc)
+    assert got["unexplained"] == ["gradient_checkpointing"]
+    assert got["differences"]["gradient_checkpointing"] == {"ours": False, "trl": True, "reason": None}
+    unsaved = tta.trl_settings(changed(args, save_strategy="no"), "bf16" if args.bf16 else "no", 2)
+    assert tta.settings_differences(ours, unsaved)["unexplained"] == ["checkpoint_saving"]
+    assert tta.settings_differences(ours, {**trl, "threads": 1})["unexplained"] == ["threads"]
+    assert tta.settings_differences(ours, {k: v for k, v in trl.items() if k != "clock"})["unexplained"] == ["clock"]
+    explained = tta.settings_differences(ours, {**trl, "threads": 1}, {"threads": "a reason"})
+    assert explained["unexplained"] == [] and explained["differences"]["threads"]["reason"] == "a reason"
+
+
+def test_committed_result_records_equal_settings_for_both_sides():
+    """``time_to_accuracy.json`` as committed: both sides' settings recorded and equal, or each
+    difference with its reason. A file written before the settings were recorded needs a re-run."""
+    import json
+    from pathlib import Path
+
+    import pytest
+
+    result = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" /
+                         "time_to_accuracy.json").read_text())
+    if "settings" not in result["systems"]["ours"]:
+        pytest.skip("time_to_accuracy.json predates the recorded settings: re-run benchmarks/time_to_accuracy.py")
+    ours, trl = result["systems"]["ours"]["settings"], result["systems"]["trl"]["settings"]
+    assert set(ours) == set(trl) == set(tta.COMPARED)
+    assert ours["gradient_checkpointing"] is False and trl["gradient_checkpointing"] is False
+    got = tta.settings_differences(ours, trl, {k: v["reason"] for k, v in
+                                               result["settings_differences"]["differences"].items() if v["reason"]})
+    assert got["unexplained"] == []
+    assert got == result["settings_differences"]
 
 
 def test_readme_quotes_the_committed_result():
     """The README's time-to-accuracy paragraph holds the committed result file's numbers."""
     import json
+    import re
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     result = json.loads((root / "benchmarks" / "results" / "time_to_accuracy.json").read_text())
     readme = (root / "README.md").read_text()
-    start = readme.index("(`python benchmarks/time_to_accuracy.py`)")
+    start = readme.index("(`python benchmarks/time_to_accuracy.py`")
     para = readme[start: readme.index("time_to_accuracy.png", start)]
+    para = re.sub(r"<!-- result: [^>]*-->", "", para)  # the figure markers (tests/test_readme_figures.py)
     ratio = result["ratios"]["time_to_target"]
     assert (f"`ratios.time_to_target` = **{ratio:.2f}**" if ratio is not None else "= null") in para
     for side in result["systems"].values():

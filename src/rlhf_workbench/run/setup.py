@@ -24,7 +24,8 @@ from rlhf_workbench.model.loading import PolicyPair, load_policy, load_tokenizer
 from rlhf_workbench.model.rollout import HFEngine, render_prompt
 from rlhf_workbench.model.sharding import Gatherer
 from rlhf_workbench.run.lock import RunInUseError, RunLock
-from rlhf_workbench.run.stages import Scorer, filter_prompt_length, load_scorers, prepare, resolve_run_paths
+from rlhf_workbench.run.stages import (Scorer, drop_heldout_prompts, filter_prompt_length, load_scorers, prepare,
+                                      resolve_run_paths)
 from rlhf_workbench.run.tracking import Tracking
 from rlhf_workbench.store import Store
 from rlhf_workbench.tasks.loading import load_tasks
@@ -94,7 +95,9 @@ class RunState:
 def load_run_tasks(cfg: RunConfig) -> tuple[list[Task], list[Task]]:
     """The run's ``(train, heldout)`` tasks: loaded, given the configured instruction, cut to the
     pipeline's prompt length, checked against the model's positions (:func:`check_prompt_length`),
-    split (seeded) and the held-out split capped. Nothing is written: a refusal leaves no run.
+    split (seeded), the held-out split capped, and training tasks whose normalised prompt text is a
+    held-out task's dropped (:func:`~rlhf_workbench.run.stages.drop_heldout_prompts`: HH-RLHF repeats
+    prompts under different records). Nothing is written: a refusal leaves no run.
 
     Raises:
         TaskFormatError: bad task file, or a prompt too long for the model.
@@ -112,6 +115,7 @@ def load_run_tasks(cfg: RunConfig) -> tuple[list[Task], list[Task]]:
     train, heldout = split_tasks(tasks, cfg.tasks.heldout_fraction, cfg.tasks.heldout_size, seed=cfg.seed)
     if cfg.tasks.max_heldout:
         heldout = heldout[: cfg.tasks.max_heldout]
+    train = drop_heldout_prompts(train, heldout)  # a duplicate of a held-out prompt never trains
     leaked = {t.id for t in train} & {t.id for t in heldout}
     if leaked:
         raise ValueError(f"{cfg.tasks.path}: tasks in both splits: {sorted(leaked)[:5]}")

@@ -17,9 +17,13 @@ InstructGPT's recipe (Ouyang et al. 2022, §3.5; Stiennon et al. 2020) in one ru
    proxy and gold rewards of the greedy held-out answers and the **win rate against the
    reference** under the gold model.
 
-Which pairs each stage uses is fixed by the seeded task split: the proxy takes the first
-``reward_model.pairs`` training tasks, the gold model the next ``gold_reward_model.pairs``, the
-warm-up the chosen replies of the first ``sft_warmup.examples``; the held-out tasks are in none.
+Which pairs each stage uses is fixed by the seeded task split, by *prompt text*, not by record:
+HH-RLHF repeats prompts under other record ids ("call me a bad name"), so every training task
+whose normalised prompt (:func:`prompt_key`) is also a held-out prompt is left out of every stage
+(:func:`drop_heldout_prompts`): a prompt and its duplicates stay on one side. Of the rest the
+proxy takes the first ``reward_model.pairs`` training tasks, the gold model the next
+``gold_reward_model.pairs`` whose prompts the proxy's pairs do not hold, the warm-up the chosen
+replies of the first ``sft_warmup.examples``; the held-out prompts are in none.
 
 The reference's greedy answers are the v0 evaluation's: the reference is the policy as round 1
 starts, so its greedy answers on the held-out prompts are v0's (no second generation pass).
@@ -30,6 +34,7 @@ nothing (the stage reruns on resume) or the finished stage (skipped on resume).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -65,24 +70,44 @@ def task_pairs(tasks: Sequence[Task]) -> list[RewardPair]:
     return out
 
 
-def stage_tasks(train: Sequence[Task], cfg: PipelineConfig) -> dict[str, list[Task]]:
-    """The training tasks each stage uses: ``reward_model`` the first proxy ``pairs`` tasks with a
-    pair, ``gold_reward_model`` the next ``pairs`` (disjoint), ``sft_warmup`` the first
-    ``examples`` with a chosen reply (it may share the proxy's: both are the policy's side).
+def prompt_key(task: Task) -> str:
+    """The normalised prompt text of ``task``: its :meth:`~rlhf_workbench.tasks.task.Task.transcript`
+    (every turn up to the user's last) case-folded, with punctuation and whitespace runs reduced
+    to single spaces between words. Two records with the same key ask the same thing."""
+    return " ".join(re.findall(r"\w+", task.transcript().casefold()))
+
+
+def drop_heldout_prompts(train: Sequence[Task], heldout: Sequence[Task]) -> list[Task]:
+    """The training tasks whose :func:`prompt_key` is no held-out task's (order kept)."""
+    held = {prompt_key(t) for t in heldout}
+    return [t for t in train if prompt_key(t) not in held]
+
+
+def stage_tasks(train: Sequence[Task], cfg: PipelineConfig, heldout: Sequence[Task] = ()) -> dict[str, list[Task]]:
+    """The training tasks each stage uses, none with a held-out prompt (:func:`drop_heldout_prompts`):
+    ``reward_model`` the first proxy ``pairs`` tasks with a pair, ``gold_reward_model`` the next
+    ``pairs`` whose prompts are not among the proxy's (disjoint by prompt text, not only by
+    record), ``sft_warmup`` the first ``examples`` with a chosen reply (it may share the proxy's:
+    both are the policy's side).
 
     Raises:
-        ValueError: fewer training tasks with pairs than the two reward models ask for.
+        ValueError: fewer usable training tasks with pairs than the two reward models ask for.
     """
-    paired = [t for t in train
+    usable = drop_heldout_prompts(train, heldout)
+    paired = [t for t in usable
               if isinstance(t.metadata.get("chosen"), str) and isinstance(t.metadata.get("rejected"), str)]
     n_proxy = cfg.reward_model.pairs if cfg.reward_model else 0
     n_gold = cfg.gold_reward_model.pairs if cfg.gold_reward_model else 0
-    if n_proxy + n_gold > len(paired):
+    proxy = paired[:n_proxy]
+    proxy_keys = {prompt_key(t) for t in proxy}
+    gold = [t for t in paired[n_proxy:] if prompt_key(t) not in proxy_keys][:n_gold]
+    if len(proxy) < n_proxy or len(gold) < n_gold:
         raise ValueError(f"pipeline: reward_model.pairs + gold_reward_model.pairs = {n_proxy + n_gold} but only "
-                         f"{len(paired)} training tasks carry a (chosen, rejected) pair")
+                         f"{len(proxy) + len(gold)} training tasks carry a (chosen, rejected) pair with a prompt "
+                         "that is neither held out nor the other reward model's")
     n_sft = cfg.sft_warmup.examples if cfg.sft_warmup else 0
-    return {"reward_model": paired[:n_proxy], "gold_reward_model": paired[n_proxy:n_proxy + n_gold],
-            "sft_warmup": [t for t in train if isinstance(t.metadata.get("chosen"), str)][:n_sft]}
+    return {"reward_model": proxy, "gold_reward_model": gold,
+            "sft_warmup": [t for t in usable if isinstance(t.metadata.get("chosen"), str)][:n_sft]}
 
 
 def filter_prompt_length(tasks: list[Task], tokenizer, max_tokens: int | None) -> list[Task]:
@@ -195,7 +220,7 @@ def prepare(cfg: RunConfig, train: Sequence[Task], out: Path, accelerator, conso
     p = cfg.pipeline
     if p is None:
         return {}
-    chosen = stage_tasks(train, p)
+    chosen = stage_tasks(train, p, heldout)
     records = {}
     if p.sft_warmup is not None:
         path = out / "sft_model"
