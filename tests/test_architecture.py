@@ -5,7 +5,8 @@
 * no import of a project module inside a function, except in the CLI, whose commands import
   what they run lazily so that ``rlhf --help`` does not load torch, transformers or Gradio
   (:mod:`rlhf_workbench.cli`'s docstring);
-* no underscore (private) name imported from another module.
+* no underscore (private) name imported from another module;
+* no import cycle between the project's modules (grimp, import-linter's graph).
 
 Each check collects every violation and asserts the list is empty, so a failure names the
 file, line and name at fault.
@@ -132,3 +133,56 @@ def test_import_layers_contract():
         pytest.skip("import-linter not installed")
     proc = subprocess.run([exe], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+def import_cycles(package: str = "rlhf_workbench") -> list[list[str]]:
+    """The strongly connected components of more than one module in ``package``'s import graph
+    (Tarjan's algorithm over grimp's graph, every import counted, inside functions too)."""
+    grimp = pytest.importorskip("grimp")
+    graph = grimp.build_graph(package)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.find_modules_directly_imported_by(v):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for module in sorted(graph.modules):
+        if module not in index:
+            visit(module)
+    return out
+
+
+def test_no_import_cycles():
+    assert import_cycles() == []
+
+
+def test_cycle_check_can_fail(tmp_path, monkeypatch):
+    """A planted two-module cycle is reported."""
+    pkg = tmp_path / "cyclepkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    from cyclepkg import b\n")
+    (pkg / "b.py").write_text("from cyclepkg import a\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert import_cycles("cyclepkg") == [["cyclepkg.a", "cyclepkg.b"]]
