@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from accelerate.state import AcceleratorState
 from test_benchmark_results import absolute_paths
 
 pytest.importorskip("trl")
@@ -130,9 +131,12 @@ def test_reward_model_hh_smoke(tiny_model_dir, shared_data, tmp_path):
     its reason), the same pairs; the default command reproduces the README's 320 / 1,992 split."""
     rm = _load("reward_model_hh")
     out = tmp_path / "rm.json"
-    result = rm.main(["--model", str(tiny_model_dir), "--data", str(shared_data / "hh-rlhf" / "harmless-base-test.jsonl.gz"),
-                      "--max-tokens", "16", "--heldout", "32", "--limit", "160", "--epochs", "1", "--lrs", "1e-2", "3e-3",
-                      "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    try:
+        result = rm.main(["--model", str(tiny_model_dir), "--data", str(shared_data / "hh-rlhf" / "harmless-base-test.jsonl.gz"),
+                          "--max-tokens", "16", "--heldout", "32", "--limit", "160", "--epochs", "1", "--lrs", "1e-2", "3e-3",
+                          "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    finally:  # TRL's Trainer set accelerate's process-wide state (bf16): later tests build their own
+        AcceleratorState._reset_state(reset_partial_state=True)
     on_disk = json.loads(out.read_text())
     assert absolute_paths(on_disk) == [] and on_disk["command"].startswith("python benchmarks/reward_model_hh.py --model ")
     eq = result["equal"]

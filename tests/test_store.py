@@ -146,7 +146,7 @@ def test_unique_round_index_added_to_an_old_database(tmp_path):
     for _ in range(2):
         con.execute("INSERT INTO rollouts (round, policy_version_id, settings, created_at) VALUES (1, 0, '{}', '2026-01-01')")
     con.commit()
-    with pytest.warns(UserWarning, match="two rollouts of one round"):
+    with pytest.warns(UserWarning, match=r"rollouts holds duplicate \(round\) rows"):
         Store(url)
     con.execute("DELETE FROM rollouts WHERE id = 2")
     con.commit()
