@@ -480,6 +480,34 @@ def tally_drift(tally: Tally, samples: list[Sample], logps) -> None:
     tally.add("drift_tokens", count)
 
 
+def policy_and_old_logps(pair: PolicyPair, samples: list[Sample], mb: "MicroBatch", cfg: RunConfig, on_policy: bool,
+                         fresh: dict[int, torch.Tensor] | None, phase: "Phase"):
+    """One micro-batch of a clipped policy-gradient update (GRPO, RLOO): the policy's current
+    per-token log-probs and the ratio's denominator ("old" log-probs).
+
+    ``old`` is the detached current log-probs when ``on_policy`` (one optimizer step per rollout:
+    ratio 1, as TRL with ``num_iterations = 1``), else ``fresh[i]`` (recomputed before the
+    phase, :func:`old_logps_pass`) or the rollout's recorded ``old_logps``. On the phase's first
+    step without recomputed log-probs, the drift between the rollout's and the current log-probs
+    is tallied for free (:func:`tally_drift`).
+
+    Returns:
+        ``(batch, logps, completion_mask, old)``: the micro-batch's samples and three ``[B, T]``
+        tensors (nats; mask 1.0 on completion tokens).
+    """
+    idx = mb.items
+    batch = [samples[i] for i in idx]
+    logps, cmask = forward_logps(pair.train_module, batch, pair.tokenizer.pad_token_id, cfg.rollout.temperature,
+                                 cfg.model.mixed_precision, phase.accelerator.device)
+    if mb.first_step and fresh is None:  # the policy has not moved yet: drift for free
+        tally_drift(phase.tally, batch, logps)
+    if on_policy:
+        old = logps.detach()
+    else:
+        old = pad_rows([fresh[i] if fresh is not None else s.old_logps for i, s in zip(idx, batch)], logps)
+    return batch, logps, cmask, old
+
+
 def drift_metric(sums: dict[str, float]) -> dict[str, float]:
     """``{"rollout_logp_diff": nats per token}`` from a tally's ``drift``/``drift_tokens``, or {}."""
     return {"rollout_logp_diff": sums["drift"] / sums["drift_tokens"]} if sums["drift_tokens"] else {}

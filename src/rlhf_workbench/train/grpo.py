@@ -22,6 +22,7 @@ from rlhf_workbench.train.engine import (
     forward_logps,
     old_logps_pass,
     pad_rows,
+    policy_and_old_logps,
     plan,
     rank_items,
     recompute_old_logps,
@@ -64,15 +65,7 @@ def _micro_loss(pair: PolicyPair, samples: list[Sample], mb: MicroBatch, cfg: Ru
     """``(loss, stats, completion mask)`` of one micro-batch (:func:`~rlhf_workbench.train.losses.grpo_loss`
     with ``num_items`` 1: the caller divides by the step's normaliser)."""
     g, idx = cfg.grpo, mb.items
-    batch = [samples[i] for i in idx]
-    logps, cmask = forward_logps(pair.train_module, batch, pair.tokenizer.pad_token_id, cfg.rollout.temperature,
-                                 cfg.model.mixed_precision, phase.accelerator.device)
-    if mb.first_step and fresh is None:  # the policy has not moved yet: drift for free
-        tally_drift(phase.tally, batch, logps)
-    if on_policy:
-        old = logps.detach()
-    else:
-        old = pad_rows([fresh[i] if fresh is not None else s.old_logps for i, s in zip(idx, batch)], logps)
+    batch, logps, cmask, old = policy_and_old_logps(pair, samples, mb, cfg, on_policy, fresh, phase)
     ref_t = None if ref is None else pad_rows([ref[i] for i in idx], logps)
     adv = torch.tensor([s.advantage for s in batch], dtype=logps.dtype, device=logps.device)
     loss, stats = grpo_loss(

@@ -23,7 +23,7 @@ from rlhf_workbench.train.engine import (
     drift_metric,
     forward_logps,
     old_logps_pass,
-    pad_rows,
+    policy_and_old_logps,
     plan,
     recompute_old_logps,
     require_old_logps,
@@ -60,15 +60,7 @@ def _micro_loss(pair: PolicyPair, samples: list[Sample], mb: MicroBatch, advanta
                 on_policy: bool, fresh, phase: Phase):
     """``(loss, stats)`` of one micro-batch (:func:`~rlhf_workbench.train.losses.rloo_loss`)."""
     idx = mb.items
-    batch = [samples[i] for i in idx]
-    logps, cmask = forward_logps(pair.train_module, batch, pair.tokenizer.pad_token_id, cfg.rollout.temperature,
-                                 cfg.model.mixed_precision, phase.accelerator.device)
-    if mb.first_step and fresh is None:  # the policy has not moved yet: drift for free
-        tally_drift(phase.tally, batch, logps)
-    if on_policy:
-        old = logps.detach()
-    else:
-        old = pad_rows([fresh[i] if fresh is not None else s.old_logps for i, s in zip(idx, batch)], logps)
+    _, logps, cmask, old = policy_and_old_logps(pair, samples, mb, cfg, on_policy, fresh, phase)
     adv = torch.tensor([advantages[i] for i in idx], dtype=logps.dtype, device=logps.device)
     return rloo_loss(logps, old, adv, cmask, epsilon=cfg.rloo.epsilon, epsilon_high=cfg.rloo.epsilon_high)
 
