@@ -30,6 +30,30 @@ def test_bundled_gguf_converts_to_identical_plain_model():
     assert getattr(pair.policy.config, "quantization_config", None) is None
 
 
+def _convert(out: str) -> None:
+    from rlhf_workbench.model.loading import bundled_gguf_path, convert_gguf
+
+    convert_gguf(bundled_gguf_path(), Path(out))
+
+
+def test_two_processes_converting_the_bundled_model_at_once_both_succeed(tmp_path):
+    """Two workers of a benchmark converted into one fresh cache at the same moment; the second
+    rename failed with 'Directory not empty' and stopped the benchmark. Both must succeed, and
+    leave one complete copy and no temporary directory."""
+    import multiprocessing as mp
+
+    out = tmp_path / "cache" / "smollm2-135m-instruct"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_convert, args=(str(out),)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["smollm2-135m-instruct"]
+
+
 @pytest.mark.parametrize("name,fmt,file", [("gsm8k", "gsm8k", "gsm8k/train.jsonl"),
                                            ("pubmedqa", "pubmedqa", "pubmedqa/pqal_train.json")])
 def test_one_round_on_shared_data(name, fmt, file, shared_data, tmp_path):

@@ -14,7 +14,9 @@ import functools
 import importlib.util
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,8 +144,10 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         out_dir: directory written with ``save_pretrained`` (model and tokenizer).
 
     Returns:
-        ``out_dir``. Written to a temporary sibling first and renamed, so an interrupted
-        conversion never leaves a half-written cache.
+        ``out_dir``. Written to a temporary sibling of its own (a unique name per call) first and
+        renamed, so an interrupted conversion never leaves a half-written cache, and two processes
+        converting at once (the workers of a benchmark, the ranks of a distributed run) do not
+        collide: the one that renames second finds ``out_dir`` complete and discards its copy.
     """
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
@@ -153,10 +157,18 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(out_dir)
+        except OSError:
+            if not (out_dir / "config.json").exists():  # not another process's finished copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
