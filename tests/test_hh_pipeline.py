@@ -124,6 +124,7 @@ def test_pipeline_runs_and_reports_gold_win_rate(tiny_model_dir, tmp_path):
     assert after["reward_gold_reference"] == pytest.approx(sum(ev1["reward_gold_reference"]) / 4)
     report = (out / "report.md").read_text()
     assert "win rate vs reference (gold RM)" in report and (out / "plots" / "rewards.png").is_file()
+    assert (out / "plots" / "gold_vs_length.png").is_file() and "![gold_vs_length]" in report
     # a resume trains no stage again
     mtimes = {n: (out / n / "stage.json").stat().st_mtime_ns for n in stages}
     loop_mod.run(_cfg(tiny_model_dir, data, rounds=2), out)

@@ -159,6 +159,18 @@ class ConstitutionConfig(_Strict):
     max_new_tokens: int = Field(128, ge=1, description="cap of each critique and each revision")
 
 
+class RefitConfig(_Strict):
+    """The online reward model (:mod:`rlhf_workbench.feedback.online_rm`): refit every round on the
+    experts' rankings of the policy's own samples, it scores the groups no expert ranked."""
+
+    path: str = Field("run:reward_model", description="frozen-backbone reward model whose backbone, pooling and window "
+                      "the refit head reads (run:<dir> = in the run directory); a model name gives a zero head")
+    prior: bool = Field(False, description="also fit on the pipeline proxy's static training pairs every round")
+    epochs: int = Field(30, ge=1, description="head epochs per refit (AdamW, cosine schedule)")
+    lr: float = Field(3e-3, gt=0, description="head learning rate")
+    weight_decay: float = Field(0.1, ge=0, description="head weight decay")
+
+
 class FeedbackConfig(_Strict):
     source: Literal["rules", "human"] = Field(
         "rules", description="who ranks the verified traces: rule rewards now, or annotators in the web app"
@@ -189,6 +201,12 @@ class FeedbackConfig(_Strict):
         description="sources whose weighted sum ranks the verified traces of a prompt",
     )
     ranking_weight: float = Field(0.2, ge=0, description="GRPO reward = correct + ranking_weight * rank_reward (correct only)")
+    refit: RefitConfig | None = Field(
+        None, description="human: refit a reward model on every expert ranking so far each round and let it rank the "
+        "round's groups no expert ranked (the expert budget is min_rankings items a round; None: experts' groups only)")
+    length_penalty: float = Field(
+        0.0, ge=0, lt=1, description="reward of a ranked trace minus length_penalty * its tokens / rollout.max_new_tokens "
+        "(guards against length hacking; below 1, so a correct trace still beats a wrong one)")
     safety: SafetyConfig | None = Field(None, description="flag unsafe traces so they are never preferred (None: no filter)")
     thumbs: bool = Field(True, description="algorithm kto: each round also trains on the thumbs up / down not yet used "
                          "(web app playground, `rlhf serve-model --run` POST /v1/feedback) as desirable / undesirable "
@@ -201,6 +219,9 @@ class FeedbackConfig(_Strict):
         if self.constitution is not None and self.constitution.critic == "judge" and not any(
                 s.name == "judge" for s in self.sources):
             raise ValueError("constitution.critic: 'judge' needs a judge source in feedback.sources")
+        if self.refit is not None and self.source != "human":
+            raise ValueError("feedback.refit: the online reward model learns from the experts' rankings; "
+                             "it needs feedback.source: human")
         return self
 
 

@@ -360,3 +360,56 @@ def newcombe_paired_diff_ci(a: Sequence[bool], b: Sequence[bool], confidence: fl
     lo = d - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
     hi = d + math.sqrt(max(0.0, (p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2))
     return max(-1.0, lo), min(1.0, hi)
+
+
+def _logistic_intercepts(y: np.ndarray, x: np.ndarray, ridge: float = 1e-3, steps: int = 25) -> np.ndarray:
+    """Intercepts ``a`` of ``y ~ σ(a + b·x)`` fit by Newton–Raphson for each row of ``y, x``
+    (``[B, n]``; fractional ``y`` allowed), with a small ridge on both coefficients so that a
+    row with only wins (separation) stays finite."""
+    coef = np.zeros((y.shape[0], 2))
+    for _ in range(steps):
+        p = 1.0 / (1.0 + np.exp(-(coef[:, :1] + coef[:, 1:] * x)))
+        w = p * (1 - p)
+        r = y - p
+        g = np.stack([r.sum(1), (r * x).sum(1)], 1) - ridge * coef
+        h00, h01, h11 = w.sum(1) + ridge, (w * x).sum(1), (w * x * x).sum(1) + ridge
+        det = h00 * h11 - h01 * h01
+        coef += np.stack([h11 * g[:, 0] - h01 * g[:, 1], h00 * g[:, 1] - h01 * g[:, 0]], 1) / det[:, None]
+    return coef[:, 0]
+
+
+def length_controlled_estimate(outcomes: Sequence[float], length_diffs: Sequence[float],
+                               confidence: float = CONFIDENCE, n_boot: int = N_BOOT,
+                               seed: int = BOOT_SEED) -> Estimate:
+    """Length-controlled win rate: the win rate a logistic regression of the outcome on the length
+    difference predicts at equal lengths (Dubois et al. 2024, "Length-Controlled AlpacaEval",
+    eq. 2, with only the length term: ``P(win) = σ(a + b · tanh(Δ / sd(Δ)))``, reported as
+    ``σ(a)``), with a percentile bootstrap interval over prompts (resample, refit).
+
+    Args:
+        outcomes: per prompt 1 (win), 0 (loss) or 0.5 (tie), e.g. from
+            :func:`rlhf_workbench.evaluation.scoring.win_value`.
+        length_diffs: per prompt the answer's length minus the reference answer's (tokens).
+
+    Returns:
+        An :class:`Estimate` (``method`` "bootstrap"); nan for no prompts.
+
+    Raises:
+        ValueError: lengths of the two sequences differ, or an outcome is outside [0, 1].
+    """
+    y, d = np.asarray(outcomes, dtype=float), np.asarray(length_diffs, dtype=float)
+    if y.shape != d.shape:
+        raise ValueError(f"length_controlled_estimate: {len(y)} outcomes vs {len(d)} length differences")
+    if len(y) == 0:
+        return Estimate(math.nan, math.nan, math.nan, "bootstrap", 0, confidence)
+    if ((y < 0) | (y > 1)).any():
+        raise ValueError("length_controlled_estimate: outcomes must lie in [0, 1]")
+    sd = d.std()
+    x = np.tanh(d / sd) if sd > 0 else np.zeros_like(d)
+    point = float(1 / (1 + np.exp(-_logistic_intercepts(y[None], x[None])[0])))
+    _z(confidence)
+    idx = np.random.default_rng(seed).integers(0, len(y), size=(n_boot, len(y)))
+    boot = 1 / (1 + np.exp(-_logistic_intercepts(y[idx], x[idx])))
+    alpha = 1.0 - confidence
+    lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+    return Estimate(point, float(lo), float(hi), "bootstrap", len(y), confidence)

@@ -124,6 +124,33 @@ def completion_rewards(ranks: Sequence[int | None], ranking_weight: float) -> li
     return [0.0 if r is None else 1.0 + ranking_weight * rr for r, rr in zip(ranks, rank_rewards(ranks))]
 
 
+def length_penalized(rewards: Sequence[float], ranks: Sequence[int | None], lengths: Sequence[int],
+                     penalty: float, max_tokens: int) -> list[float]:
+    """``rewards`` of ranked traces minus ``penalty · length / max_tokens``; unranked traces keep
+    theirs (0).
+
+    A guard against length hacking (a reward model or a judge that likes longer answers teaches
+    the policy to fill its token budget: Singhal et al. 2023, "A long way to go: investigating
+    length correlations in RLHF"); the penalty is linear in the completion's tokens, as the
+    length penalty of Park et al. 2024 ("Disentangling length from quality in DPO") is in the
+    implicit reward. With ``penalty < 1`` a ranked trace (reward >= 1) still scores above an
+    unranked one.
+
+    Args:
+        rewards, ranks, lengths: per trace, same length (lengths in tokens).
+        penalty: the coefficient (0: rewards unchanged).
+        max_tokens: the rollout's token cap (the length's unit).
+
+    Raises:
+        ValueError: the sequences differ in length.
+    """
+    if not len(rewards) == len(ranks) == len(lengths):
+        raise ValueError(f"length_penalized: {len(rewards)} rewards, {len(ranks)} ranks, {len(lengths)} lengths")
+    if penalty == 0:
+        return list(rewards)
+    return [x if r is None else x - penalty * n / max_tokens for x, r, n in zip(rewards, ranks, lengths)]
+
+
 def build_pairs(
     ranks: Sequence[int | None], pairing: str = "best_vs_wrong", max_pairs: int = 2, flagged: Sequence[bool] | None = None
 ) -> list[tuple[int, int]]:

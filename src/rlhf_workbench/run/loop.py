@@ -38,8 +38,10 @@ from sqlalchemy import select
 from rlhf_workbench.config import RunConfig
 from rlhf_workbench.evaluation.heldout import EvalResult, evaluate
 from rlhf_workbench.feedback.constitution import constitution_round
+from rlhf_workbench.feedback.online_rm import REFIT_SOURCE, refit_round
 from rlhf_workbench.feedback.safety import make_safety_filter
-from rlhf_workbench.feedback.sources import build_pairs, completion_rewards, make_ranker, rank_group, rankable
+from rlhf_workbench.feedback.sources import (build_pairs, completion_rewards, length_penalized, make_ranker,
+                                             rank_group, rankable)
 from rlhf_workbench.feedback.thumbs import thumbs_batch
 from rlhf_workbench.human.annotation import consume_human_rankings, wait_for_human_rankings
 from rlhf_workbench.human.selection import score_rollout
@@ -111,7 +113,8 @@ def _record_rankings(store: Store, rollout: Rollout, source: str, scores: dict[s
     """Turn per-task scores of the traces into rankings, rewards and DPO pairs (one transaction,
     or written into ``session``, the caller's transaction, when given).
 
-    Wrong and flagged traces are unranked: reward 0, never chosen. Every unflagged trace of an
+    Wrong and flagged traces are unranked: reward 0, never chosen. Ranked traces lose
+    ``feedback.length_penalty`` times their share of ``rollout.max_new_tokens`` (none by default). Every unflagged trace of an
     open task (no answer key) is ranked (:func:`rlhf_workbench.feedback.sources.rankable`); its pairs
     are best against flagged traces, else best against the worst-ranked one (``best_vs_worst``).
     """
@@ -128,7 +131,9 @@ def _record_rankings(store: Store, rollout: Rollout, source: str, scores: dict[s
         is_open = task_id in open_ids
         ok = [rankable(v.correct, c.id in flagged, is_open) for v, c in zip(vers, rows)]
         ranks = rank_group(ok, [task_scores.get(c.id, 0.0) for c in rows])
-        rewards = completion_rewards(ranks, cfg.feedback.ranking_weight)
+        rewards = length_penalized(completion_rewards(ranks, cfg.feedback.ranking_weight), ranks,
+                                   [len(c.token_ids) for c in rows], cfg.feedback.length_penalty,
+                                   cfg.rollout.max_new_tokens)
         ranking = RankingRow(rollout_id=rollout.id, task_id=task_id, source=source,
                              ranks={str(c.id): k for c, k in zip(rows, ranks)},
                              rewards={str(c.id): x for c, x in zip(rows, rewards)})
@@ -429,9 +434,16 @@ def _feedback(state: RunState, rollout: Rollout, algorithm: str) -> tuple[Rollou
         _record_rankings(store, rollout, "rules", scores, set(unsafe), cfg)
     else:  # experts rank in the web app; wait for enough of them (see annotation.py)
         wait_for_human_rankings(store, rollout, cfg, state.console)
+        refit = state.online_rm is not None  # tasks no expert ranked are left to the refit reward model
         consume_human_rankings(store, rollout, lambda s, scores, flagged: _record_rankings(
-            store, rollout, "human", scores, flagged | set(unsafe), cfg, session=s),
-            cfg.feedback.adjudication_threshold)
+            store, rollout, "human", {t: v for t, v in scores.items() if v or not refit}, flagged | set(unsafe),
+            cfg, session=s), cfg.feedback.adjudication_threshold)
+        if refit:  # refit on the experts' rankings; it ranks the groups they did not
+            scores, refit_stats = refit_round(state.online_rm, store, rollout, state.tasks_by_id,
+                                              cfg.seed + rollout.round)
+            _record_rankings(store, rollout, REFIT_SOURCE, scores, set(unsafe), cfg)
+            state.online_rm.save(state.out / "online_reward_model")
+            feedback_stats.update(refit_stats)
     feedback_stats["safety_flagged"] = float(len(unsafe))
     if cfg.feedback.constitution is not None:  # critique -> revision pairs (constitution.py)
         feedback_stats.update(constitution_round(store, rollout, cfg, state.pair, state.tasks_by_id, algorithm))

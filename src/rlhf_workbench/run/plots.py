@@ -70,13 +70,38 @@ def plot_rewards(metrics: dict[str, list[tuple[int, float]]], out_dir: Path) -> 
     return path
 
 
+def plot_gold_vs_length(metrics: dict[str, list[tuple[int, float]]], out_dir: Path) -> Path | None:
+    """``gold_vs_length.png``: the held-out gold reward against the mean answer length (tokens), one
+    point per evaluated round, joined in round order and labelled with the round: a policy that
+    buys gold reward with length (a reward model's length bias, Singhal et al. 2023) moves to the
+    right as it moves up. None without both metrics."""
+    gold, length = dict(metrics.get("eval/reward_gold", [])), dict(metrics.get("eval/completion_length", []))
+    rounds = sorted(set(gold) & set(length))
+    if not rounds:
+        return None
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=100)
+    xs, ys = [length[r] for r in rounds], [gold[r] for r in rounds]
+    ax.plot(xs, ys, marker="o")
+    for r, x, y in zip(rounds, xs, ys):
+        ax.annotate(str(r), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("mean answer length (tokens)")
+    ax.set_ylabel("gold reward")
+    ax.set_title("gold reward vs length, per round", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / "gold_vs_length.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def write_report(out: Path, store: Store, summary: dict) -> Path:
     """Write ``out/report.md`` (summary table, significance, per-round table, plots)."""
     plots_dir = out / "plots"
     plots_dir.mkdir(exist_ok=True)
     metrics = store.metrics()
     pngs = plot_metrics(metrics, plots_dir)
-    pngs += [p for p in [plot_rewards(metrics, plots_dir)] if p is not None]
+    pngs += [p for p in [plot_rewards(metrics, plots_dir), plot_gold_vs_length(metrics, plots_dir)] if p is not None]
     b, a, sig = summary["eval_before"], summary["eval_after"], summary["significance"]
     lines = [
         "# Online RLHF run report", "",
@@ -96,7 +121,8 @@ def write_report(out: Path, store: Store, summary: dict) -> Path:
         "## Per round", "",
     ]
     keys = ["eval/accuracy", "eval/lenient_accuracy", "train/reward", "train/acceptance_rate", "train/loss",
-            "eval/kl", "eval/reward_proxy", "eval/reward_gold", "eval/win_rate", "time/round_s"]
+            "eval/kl", "eval/reward_proxy", "eval/reward_gold", "eval/win_rate", "eval/completion_length",
+            "train/refit/heldout_agreement", "time/round_s"]
     keys = [k for k in keys if k in metrics]
     lines += ["| round | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     rounds = sorted({r for k in keys for r, _ in metrics[k]})

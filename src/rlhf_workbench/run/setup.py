@@ -20,12 +20,13 @@ from rich.console import Console
 from transformers import AutoConfig
 
 from rlhf_workbench.config import RunConfig
+from rlhf_workbench.feedback.online_rm import OnlineRewardModel
 from rlhf_workbench.model.loading import PolicyPair, load_policy, load_tokenizer, resolve_mixed_precision, resolve_model_path
 from rlhf_workbench.model.rollout import HFEngine, render_prompt
 from rlhf_workbench.model.sharding import Gatherer
 from rlhf_workbench.run.lock import RunInUseError, RunLock
 from rlhf_workbench.run.stages import (Scorer, drop_heldout_prompts, filter_prompt_length, load_scorers, prepare,
-                                      resolve_run_paths)
+                                      resolve_run_paths, stage_tasks, task_pairs)
 from rlhf_workbench.run.tracking import Tracking
 from rlhf_workbench.store import Store
 from rlhf_workbench.tasks.loading import load_tasks
@@ -60,7 +61,8 @@ class RunState:
 
     ``store``, ``lock`` and ``tracking`` exist on the main process only (None elsewhere); the
     models (``pair``, ``critic``, ``optimizer``, ``gatherer``, ``engine``) are set by
-    :func:`load_models`, ``scorers`` (the pipeline's reward models, main process) with them.
+    :func:`load_models`, ``scorers`` (the pipeline's reward models, main process) and
+    ``online_rm`` (``feedback.refit``'s online reward model, main process) with them.
     ``cfg`` is the run's config as the rounds use it (after the pipeline stages, see
     :func:`pipeline_stages`); ``t0`` the wall-clock start (seconds since the epoch).
     """
@@ -81,6 +83,7 @@ class RunState:
     gatherer: Gatherer | None = None
     engine: HFEngine | None = None
     scorers: dict[str, Scorer] = field(default_factory=dict)
+    online_rm: OnlineRewardModel | None = None
     tasks_by_id: dict[str, Task] = field(init=False)
 
     def __post_init__(self):
@@ -241,3 +244,7 @@ def load_models(state: RunState, ckpt: str | None) -> None:
         pair.reference.to(state.accelerator.device)
     state.engine = HFEngine(pair.policy, pair.tokenizer, cfg.rollout.batch_size, cfg.model.mixed_precision)
     state.scorers = load_scorers(cfg, state.out) if state.main else {}  # the pipeline's proxy and gold reward models
+    if state.main and cfg.feedback.refit is not None:  # the online reward model (feedback/online_rm.py)
+        prior = task_pairs(stage_tasks(state.train, cfg.pipeline, state.heldout)["reward_model"]) \
+            if cfg.pipeline is not None and cfg.pipeline.reward_model is not None else []
+        state.online_rm = OnlineRewardModel.load(cfg.feedback.refit.path, cfg.feedback.refit, prior)

@@ -119,10 +119,15 @@ def filter_prompt_length(tasks: list[Task], tokenizer, max_tokens: int | None) -
 
 
 def resolve_run_paths(cfg: RunConfig, out: Path) -> RunConfig:
-    """A copy of ``cfg`` whose feedback-source paths starting with ``run:`` point into ``out``."""
+    """A copy of ``cfg`` whose feedback-source and ``feedback.refit`` paths starting with ``run:``
+    point into ``out``."""
     sources = [s.model_copy(update={"path": str(out / s.path[len(RUN_PREFIX):])})
                if s.path and s.path.startswith(RUN_PREFIX) else s for s in cfg.feedback.sources]
-    return cfg.model_copy(update={"feedback": cfg.feedback.model_copy(update={"sources": sources})})
+    update = {"sources": sources}
+    refit = cfg.feedback.refit
+    if refit is not None and refit.path.startswith(RUN_PREFIX):
+        update["refit"] = refit.model_copy(update={"path": str(out / refit.path[len(RUN_PREFIX):])})
+    return cfg.model_copy(update={"feedback": cfg.feedback.model_copy(update=update)})
 
 
 def _done(path: Path) -> bool:
