@@ -53,19 +53,22 @@ def build_store(tmp_path, db_url=None):
     return store, ids1, (a_id, b_id, wrong)
 
 
+SAMPLED = {"chosen_origin": "sample", "rejected_origin": "sample"}  # both traces the policy's own samples
+
+
 def expected_rows(ids1, ids2):
     a_id, b_id, wrong = ids2
     return [
         {"prompt": f"What is 2 + 2?\n\n{INSTRUCTION}", "chosen": "2 + 2 = 4\nAnswer: 4", "rejected": "Answer: 5",
          "task_id": "t1", "source": "rules", "annotator": None, "policy_version": 0, "round": 1,
-         "rationale": None, "chosen_id": ids1[0], "rejected_id": ids1[1]},
+         "rationale": None, "chosen_id": ids1[0], "rejected_id": ids1[1], **SAMPLED},
         # "4" without an answer line is no answer for the strict verifier: wrong, so rejected too.
         {"prompt": f"What is 2 + 2?\n\n{INSTRUCTION}", "chosen": "2 + 2 = 4\nAnswer: 4", "rejected": "4",
          "task_id": "t1", "source": "rules", "annotator": None, "policy_version": 0, "round": 1,
-         "rationale": None, "chosen_id": ids1[0], "rejected_id": ids1[2]},
+         "rationale": None, "chosen_id": ids1[0], "rejected_id": ids1[2], **SAMPLED},
         {"prompt": f"What is 3 + 5?\n\n{INSTRUCTION}", "chosen": "Answer: 8", "rejected": "Answer: 9",
          "task_id": "t2", "source": "human", "annotator": "ann,bob", "policy_version": 1, "round": 2,
-         "rationale": "short and right\n\nboth fine", "chosen_id": b_id, "rejected_id": wrong},
+         "rationale": "short and right\n\nboth fine", "chosen_id": b_id, "rejected_id": wrong, **SAMPLED},
     ]
 
 
@@ -90,7 +93,8 @@ def test_export_writes_both_forms_and_dataset(tmp_path, db_url):
                {k: v for k, v in p.items() if k not in ("prompt", "chosen", "rejected")}
     ds = datasets.load_from_disk(str(out / "dataset"))
     assert ds.column_names == ["prompt", "chosen", "rejected", "task_id", "source", "annotator", "policy_version",
-                               "round", "rationale", "chosen_id", "rejected_id"]
+                               "round", "rationale", "chosen_id", "rejected_id", "chosen_origin",
+                               "rejected_origin"]
     assert ds.to_list() == want
     # Chosen traces are verified correct in the database; rejected ones are exactly as stored.
     with store.session() as s:

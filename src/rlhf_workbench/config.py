@@ -51,6 +51,47 @@ class TaskConfig(_Strict):
         "lenient (opt-in): the last number/label counts too (reported as a separate metric either way)")
 
 
+class TeacherConfig(_Strict):
+    """An API model as a second trace source (:mod:`rlhf_workbench.model.api_rollout`): any
+    OpenAI-compatible chat endpoint answers each prompt of a round ``num_generations`` (M) times,
+    next to the policy's K samples. Its traces are verified, filtered, grouped and ranked like the
+    policy's; only the off-policy updates (DPO, KTO, SFT) train on them."""
+
+    base_url: str = Field(..., description="API root with its version, e.g. https://api.openai.com/v1 or "
+                          "http://127.0.0.1:8001/v1 (`rlhf serve-model`)")
+    model: str = Field(..., min_length=1, description="model name sent with every request")
+    api_key_env: str | None = Field(None, description="environment variable holding the API key (the key itself "
+                                    "is never in the config); None sends no key")
+    num_generations: int = Field(4, ge=1, description="M, teacher traces per prompt (one request each)")
+    max_concurrency: int = Field(4, ge=1, description="requests in flight at once")
+    timeout_s: float = Field(60.0, gt=0, description="seconds allowed per request (then it is retried)")
+    max_retries: int = Field(5, ge=0, description="retries of one request after a timeout, a connection error, "
+                             "HTTP 429 or 5xx (exponential backoff, Retry-After honoured)")
+    backoff_s: float = Field(1.0, gt=0, description="first backoff (doubled after every retry, capped at 60 s)")
+    temperature: float = Field(0.7, ge=0, le=2, description="teacher's sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="teacher's nucleus sampling")
+    max_tokens: int | None = Field(None, ge=1, description="teacher's completion cap (None: rollout.max_new_tokens)")
+    logprobs: bool = Field(True, description="ask for the sampled tokens' log-probs (`logprobs: true`); stored "
+                           "when the endpoint returns them, absent otherwise")
+    show_source: bool = Field(False, description="show annotators which model wrote a trace (default blind)")
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https://, got {url!r}")
+        return url.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _check_key_env(cls, name: str | None) -> str | None:
+        import re
+
+        if name is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ValueError("names an environment variable (e.g. OPENAI_API_KEY), not the key itself")
+        return name
+
+
 class RolloutConfig(_Strict):
     num_generations: int = Field(8, ge=2, description="K, traces sampled per prompt (TRL's num_generations)")
     prompts_per_round: int = Field(16, ge=1, description="prompts sampled per round")
@@ -59,6 +100,8 @@ class RolloutConfig(_Strict):
     max_new_tokens: int = Field(64, ge=1, description="completion length cap")
     stop: list[str] = Field(default_factory=list, description="stop strings (completion cut after them)")
     batch_size: int = Field(64, ge=1, description="sequences generated per forward batch")
+    teacher: TeacherConfig | None = Field(None, description="an API model's M traces per prompt next to the policy's "
+                                          "K (None: the policy's samples only)")
 
 
 class FeedbackSource(_Strict):
@@ -384,7 +427,9 @@ class TrackingConfig(_Strict):
 class RunConfig(_Strict):
     """A whole run: the loop in :func:`rlhf_workbench.run.loop.run` reads nothing else."""
 
-    algorithm: Literal["grpo", "dpo", "ppo", "rloo", "kto"] = Field("grpo", description="policy update")
+    algorithm: Literal["grpo", "dpo", "ppo", "rloo", "kto", "none"] = Field(
+        "grpo", description="policy update; none: collection only (rlhf_workbench.run.collect: the teacher's traces "
+        "are verified and ranked, no policy is loaded or trained)")
     rounds: int = Field(10, ge=0, description="online rounds (rollout -> update -> eval)")
     seed: int = Field(0, description="seed for sampling, task order and initialisation")
     db_url: str | None = Field(None, description="SQLAlchemy URL (default: sqlite file in the run directory)")
@@ -404,6 +449,22 @@ class RunConfig(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     app: AppConfig = Field(default_factory=AppConfig)
     pipeline: PipelineConfig | None = Field(None, description="stages before the loop: SFT warm-up, proxy and gold reward models")
+
+    @model_validator(mode="after")
+    def _check_teacher(self) -> "RunConfig":
+        if self.rollout.teacher is not None and self.feedback.selection == "uncertainty":
+            raise ValueError("feedback.selection: 'uncertainty' reads the policy's log-probs of every trace; the "
+                             "teacher's traces (rollout.teacher) have none: use 'fewest' or 'random'")
+        if self.algorithm != "none":
+            return self
+        if self.rollout.teacher is None:
+            raise ValueError("algorithm: 'none' (collection only) needs rollout.teacher, the API model whose "
+                             "traces are collected")
+        for field, value in (("feedback.constitution", self.feedback.constitution),
+                             ("feedback.refit", self.feedback.refit), ("pipeline", self.pipeline)):
+            if value is not None:
+                raise ValueError(f"{field}: needs a local policy; algorithm 'none' (collection only) loads none")
+        return self
 
 
 class ConfigError(ValueError):

@@ -116,8 +116,13 @@ class CompletionRow(Base):
     logps: Mapped[list] = mapped_column(JSON)
     finished: Mapped[bool] = mapped_column(Boolean)
     # "sample": sampled by the policy in the rollout; "revision": a constitutional revision of one
-    # (rlhf_workbench.feedback.constitution), stored with its pair but never part of the K samples
+    # (rlhf_workbench.feedback.constitution), stored with its pair but never part of the K samples;
+    # "teacher": written by the API model of rollout.teacher (its name in the rollout's settings), with
+    # prompt_ids / token_ids under the policy's tokenizer and logps empty (the policy's are unknown)
     origin: Mapped[str] = mapped_column(String(20), default="sample", server_default=_SAMPLE)
+    # teacher traces: the endpoint's own {"tokens", "logprobs"} (its tokenizer, nats) when it returned
+    # them; None otherwise, and for the policy's samples (their log-probs are ``logps``)
+    api_logprobs: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     rollout: Mapped[Rollout] = relationship(back_populates="completions")
     verification: Mapped["VerificationRow"] = relationship(back_populates="completion", uselist=False)
 

@@ -44,12 +44,15 @@ class AnnotatePage:
     Args:
         store: the run's database.
         fb: the run's ``feedback`` config (annotators per item, claim time, minimum verified traces).
-        n_slots: trace slots on the page (``rollout.num_generations``).
+        n_slots: trace slots on the page (K + M traces of an item, :func:`rlhf_workbench.app.build.trace_slots`).
         guidelines: the guidelines an annotator acknowledges before the first item, or None.
+        show_source: say who wrote each trace (``rollout.teacher.show_source``); default blind.
     """
 
-    def __init__(self, store: Store, fb: FeedbackConfig, n_slots: int, guidelines: Guidelines | None):
+    def __init__(self, store: Store, fb: FeedbackConfig, n_slots: int, guidelines: Guidelines | None,
+                 show_source: bool = False):
         self.store, self.fb, self.n_slots, self.guidelines = store, fb, n_slots, guidelines
+        self.show_source = show_source
         self.outputs: list = []
 
     def _hidden_slots(self) -> list:
@@ -60,8 +63,8 @@ class AnnotatePage:
         """Updates for every output of the annotation page (see :attr:`outputs`); ``pair``: the
         two entries (A, B) to judge in pairwise mode, None for a full ranking."""
         views = [gr.update(visible=pair is None), gr.update(visible=pair is not None),
-                 gr.update(value=pair_md("A", pair[0]) if pair else ""),
-                 gr.update(value=pair_md("B", pair[1]) if pair else "")]
+                 gr.update(value=pair_md("A", pair[0], self.show_source) if pair else ""),
+                 gr.update(value=pair_md("B", pair[1], self.show_source) if pair else "")]
         if item is None:
             updates = [gr.update(value="### Nothing to rank right now"),
                        gr.update(value="All open items are done. New items appear here when the worker has "
@@ -97,7 +100,8 @@ class AnnotatePage:
                 continue
             tr = entries[i].trace
             rank = draft_ranks.get(tr.completion_id)
-            updates += [gr.update(visible=True), gr.update(value=trace_md(i + 1, tr, entries[i].count)),
+            sources = entries[i].sources if self.show_source else None
+            updates += [gr.update(visible=True), gr.update(value=trace_md(i + 1, tr, entries[i].count, sources)),
                         gr.update(value=None if rank is None else rank + 1, label=f"Rank of Trace {i + 1} (1 = best)"),
                         gr.update(value=tr.completion_id in draft_flags),
                         gr.update(value=tr.completion_id in draft_wrong)]

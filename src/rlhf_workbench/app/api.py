@@ -42,10 +42,11 @@ class AnnotationAPI:
     Args:
         store: the run's database.
         fb: the run's ``feedback`` config.
+        show_source: answer who wrote each trace (``rollout.teacher.show_source``); default blind.
     """
 
-    def __init__(self, store: Store, fb: FeedbackConfig):
-        self.store, self.fb = store, fb
+    def __init__(self, store: Store, fb: FeedbackConfig, show_source: bool = False):
+        self.store, self.fb, self.show_source = store, fb, show_source
 
     def register(self) -> None:
         """Expose the endpoints as ``/next_item``, ``/submit``, ``/next_pair`` and ``/submit_pair``."""
@@ -66,7 +67,7 @@ class AnnotationAPI:
             return json.dumps({"error": str(e)})
         fb = self.fb
         item = next_item(self.store, uid, fb.annotators_per_item, fb.min_verified, fb.claim_seconds)
-        return "null" if item is None else json.dumps(item_json(item))
+        return "null" if item is None else json.dumps(item_json(item, self.show_source))
 
     def api_next_pair(self, request: gr.Request) -> str:
         """The logged-in annotator's next item for a pairwise judgment as JSON (null when there is
@@ -82,8 +83,8 @@ class AnnotationAPI:
         if item is None:
             return "null"
         pair = choose_pair(self.store, uid, item.rollout_id, item.task.id)
-        return json.dumps({**item_json(item), "a": entry_json(pair[0]) if pair else None,
-                           "b": entry_json(pair[1]) if pair else None})
+        return json.dumps({**item_json(item, self.show_source), "a": entry_json(pair[0], self.show_source)
+                           if pair else None, "b": entry_json(pair[1], self.show_source) if pair else None})
 
     def api_submit_pair(self, rollout_id: int, task_id: str, a_json: str, b_json: str, outcome: str, rationale: str,
                         revision: int, request: gr.Request) -> str:

@@ -52,6 +52,13 @@ from rlhf_workbench.human.guidelines import Guidelines, has_acknowledged, load_g
 from rlhf_workbench.store import Store  # noqa: E402
 
 
+def trace_slots(cfg: RunConfig) -> int:
+    """Traces an item can hold: the policy's K samples (none when collecting only) plus the
+    teacher's M (``rollout.teacher``)."""
+    teacher = cfg.rollout.teacher.num_generations if cfg.rollout.teacher is not None else 0
+    return (0 if cfg.algorithm == "none" else cfg.rollout.num_generations) + teacher
+
+
 def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
     """The Blocks app for a run (``Store(cfg.db_url, out_dir)``); launch with :func:`launch`.
 
@@ -61,7 +68,8 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
     store = Store(cfg.db_url, out_dir)
     fb = cfg.feedback
     guidelines = load_guidelines(fb.guidelines)  # FileNotFoundError / ValueError naming feedback.guidelines
-    page = AnnotatePage(store, fb, cfg.rollout.num_generations, guidelines)
+    show_source = cfg.rollout.teacher is not None and cfg.rollout.teacher.show_source
+    page = AnnotatePage(store, fb, trace_slots(cfg), guidelines, show_source)
     check = functools.partial(request_user, store)  # check(request, action) -> user id
     with gr.Blocks(title="RLHF workbench", analytics_enabled=False) as demo:
         gr.Markdown("## Online RLHF workbench")
@@ -84,7 +92,7 @@ def build_app(cfg: RunConfig, out_dir: Path) -> gr.Blocks:
         optional = [t for t in (guide_tab, adj_tab) if t is not None]
         demo.load(role_tabs(store, guidelines, guide_tab is not None, adj_tab is not None), None,
                   [tabs, annotate, dash_tab, pg_tab, *optional], api_visibility="private", concurrency_limit=None)
-        AnnotationAPI(store, fb).register()
+        AnnotationAPI(store, fb, show_source).register()
     demo.queue(default_concurrency_limit=8)
     demo.workbench_store = store  # for launch()'s login check
     return demo

@@ -91,17 +91,25 @@ def rejected_md(item: Item) -> str:
                               for j, tr in enumerate(item.rejected, 1))
 
 
-def trace_md(number: int, trace, count: int = 1) -> str:
+def source_label(sources: list[str] | None) -> str:
+    """`` · written by the policy`` (or ``teacher``, or both for identical copies) when the run shows
+    sources (``rollout.teacher.show_source``; callers pass None otherwise: blind by default)."""
+    return f" · written by the {' and the '.join(sources)}" if sources else ""
+
+
+def trace_md(number: int, trace, count: int = 1, sources: list[str] | None = None) -> str:
     """A verified trace as shown for ranking, with the verifier's reason for accepting it (and
-    how many identical copies it stands for, :mod:`rlhf_workbench.human.duplicates`)."""
+    how many identical copies it stands for, :mod:`rlhf_workbench.human.duplicates`); ``sources``
+    only when the run shows who wrote each trace (:func:`source_label`)."""
     copies = f" · {count_label(count)}" if count > 1 else ""
-    return f"#### Trace {number}{copies}\n\n{safe_text(trace.text)}{verdict_md(trace.reason)}"
+    return f"#### Trace {number}{copies}{source_label(sources)}\n\n{safe_text(trace.text)}{verdict_md(trace.reason)}"
 
 
-def pair_md(label: str, entry: Entry) -> str:
-    """One side (A or B) of a pairwise judgment."""
+def pair_md(label: str, entry: Entry, show_source: bool = False) -> str:
+    """One side (A or B) of a pairwise judgment (who wrote it only with ``show_source``)."""
     copies = f" · {count_label(entry.count)}" if entry.count > 1 else ""
-    return f"#### {label}{copies}\n\n{safe_text(entry.trace.text)}{verdict_md(entry.trace.reason)}"
+    who = source_label(entry.sources) if show_source else ""
+    return f"#### {label}{copies}{who}\n\n{safe_text(entry.trace.text)}{verdict_md(entry.trace.reason)}"
 
 
 def answer_md(text: str) -> str:
@@ -124,14 +132,18 @@ def item_state(item: Item | None) -> dict | None:
             "revision": item.draft.revision if item.draft is not None else -1}
 
 
-def entry_json(entry: Entry) -> dict:
-    """An entry (identical traces collapsed) as the HTTP API returns it."""
-    return {"completion_ids": entry.completion_ids, "text": entry.trace.text, "count": entry.count}
+def entry_json(entry: Entry, show_source: bool = False) -> dict:
+    """An entry (identical traces collapsed) as the HTTP API returns it; with ``show_source`` also
+    its ``sources`` (who wrote the copies: ``policy`` / ``teacher``), else nothing says who did."""
+    out = {"completion_ids": entry.completion_ids, "text": entry.trace.text, "count": entry.count}
+    return {**out, "sources": entry.sources} if show_source else out
 
 
-def item_json(item: Item) -> dict:
+def item_json(item: Item, show_source: bool = False) -> dict:
     """An item as ``/next_item`` returns it: :func:`item_state` plus texts (the verified traces'
-    texts in display order), groups as :func:`entry_json` objects, question and answer."""
-    groups = [entry_json(e) for e in group_traces(item.verified)]
-    return {**item_state(item), "texts": [t.text for t in item.verified], "groups": groups,
-            "question": item.task.question, "answer": item.task.answer}
+    texts in display order), groups as :func:`entry_json` objects, question and answer; with
+    ``show_source`` also ``sources`` (one per text) and each group's ``sources``."""
+    groups = [entry_json(e, show_source) for e in group_traces(item.verified)]
+    out = {**item_state(item), "texts": [t.text for t in item.verified], "groups": groups,
+           "question": item.task.question, "answer": item.task.answer}
+    return {**out, "sources": [t.source for t in item.verified]} if show_source else out

@@ -9,8 +9,10 @@ harness needs; https://platform.openai.com/docs/api-reference/chat):
 
 - ``POST /v1/chat/completions``: ``messages`` (required), ``model``, ``temperature`` (0 is
   greedy), ``top_p``, ``max_tokens`` (``max_completion_tokens`` is accepted as an alias), ``n``,
-  ``stop`` (a string or a list of strings; cut from the returned text, as OpenAI does) and
-  ``seed``. Unknown fields are ignored, ``stream: true`` is refused. The answer follows the
+  ``stop`` (a string or a list of strings; cut from the returned text, as OpenAI does),
+  ``seed`` and ``logprobs`` (true: each choice's ``logprobs.content`` lists its generated tokens
+  with their log-probabilities under the model, raw logits at temperature 1; ``top_logprobs`` is
+  not supported and left empty). Unknown fields are ignored, ``stream: true`` is refused. The answer follows the
   OpenAI schema: ``id``, ``object: "chat.completion"``, ``created``, ``model``,
   ``choices[{index, message{role, content}, finish_reason}]`` (``"stop"`` when the model
   emitted EOS or a stop string, ``"length"`` when it hit ``max_tokens``) and ``usage``
@@ -138,6 +140,7 @@ class ChatRequest(BaseModel):
     n: int = Field(1, ge=1, le=128)  # the server's own cap is ServeLimits.max_n
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    logprobs: bool = False
     stream: bool = False
 
     @field_validator("stop")
@@ -392,10 +395,12 @@ def _complete(chat: ChatModel, req: ChatRequest, messages: list[dict[str, str]])
     max_new = req.max_tokens or req.max_completion_tokens or DEFAULT_MAX_TOKENS
     try:
         done = chat.complete(messages, max_new, temperature=req.temperature, top_p=req.top_p, n=req.n,
-                             stop=req.stop, seed=req.seed)
+                             stop=req.stop, seed=req.seed, logprobs=req.logprobs)
     except ContextLengthError as e:
         raise APIError(400, str(e), "max_tokens") from e
-    choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+    choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
+                "logprobs": None if c.logprobs is None else {"content": [
+                    {"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []} for t, lp in c.logprobs]},
                 "finish_reason": c.finish_reason} for i, c in enumerate(done.choices)]
     completion_tokens = sum(c.n_tokens for c in done.choices)
     return {

@@ -37,8 +37,8 @@ from rlhf_workbench.feedback.thumbs import upsert_vote
 from rlhf_workbench.human.adjudication import effective_submissions
 from rlhf_workbench.human.assignment import claim_of, claimed_items, holders, is_trained, lock_round, take_claim
 from rlhf_workbench.human.errors import AnnotationError
-from rlhf_workbench.human.items import (Item, Trace, blind_order, checked_input, item_rows, open_item_rollout,
-                                        rankable)
+from rlhf_workbench.human.items import (Item, blind_order, checked_input, item_rows, open_item_rollout, rankable,
+                                        trace_of)
 from rlhf_workbench.human.selection import serve_order
 from rlhf_workbench.stats import wilson_interval
 from rlhf_workbench.store import Annotation, BinaryFeedback, CompletionRow, Rollout, Store, TaskRow, VerificationRow
@@ -104,8 +104,8 @@ def _serve(store: Store, user_id: int, annotators_per_item: int, min_verified: i
             return Item(
                 rollout_id=rollout.id, round=rollout.round, policy_version=rollout.policy_version_id,
                 task=s.get(TaskRow, task_id).to_task(),
-                verified=[Trace(verified[i].id, verified[i].text, verified[i].verification.reason) for i in order],
-                rejected=[Trace(c.id, c.text, c.verification.reason) for c in rejected],
+                verified=[trace_of(verified[i]) for i in order],
+                rejected=[trace_of(c) for c in rejected],
                 draft=mine.get(task_id),
             )
     return None

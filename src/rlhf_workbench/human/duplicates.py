@@ -12,20 +12,23 @@ every copy ranked (copies tie).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rlhf_workbench.human.annotation import save_annotation
 from rlhf_workbench.human.errors import AnnotationError
-from rlhf_workbench.human.items import Trace, blind_order, item_traces, normalise
+from rlhf_workbench.human.items import Trace, blind_order, item_traces, normalise, trace_of
 from rlhf_workbench.store import Annotation, Store
 
 
 @dataclass
 class Entry:
-    """One distinct trace text as shown: its first copy, and the ids of every copy."""
+    """One distinct trace text as shown: its first copy, the ids of every copy and who wrote them
+    (``sources``: ``Trace.source`` of the copies, distinct, in order; a policy sample and a teacher
+    trace with the same text are one entry)."""
 
     trace: Trace
     completion_ids: list[int]
+    sources: list[str] = field(default_factory=list)
 
     @property
     def count(self) -> int:
@@ -40,8 +43,10 @@ def group_traces(traces: list[Trace]) -> list[Entry]:
         key = normalise(tr.text)
         if key in entries:
             entries[key].completion_ids.append(tr.completion_id)
+            if tr.source not in entries[key].sources:
+                entries[key].sources.append(tr.source)
         else:
-            entries[key] = Entry(tr, [tr.completion_id])
+            entries[key] = Entry(tr, [tr.completion_id], [tr.source])
     return list(entries.values())
 
 
@@ -54,7 +59,7 @@ def shown_entries(store: Store, user_id: int, rollout_id: int, task_id: str) -> 
     """The entries of an item as this annotator sees them (their blind order, copies grouped)."""
     verified, _ = item_traces(store, rollout_id, task_id)
     order = blind_order(len(verified), user_id, rollout_id, task_id)
-    return group_traces([Trace(verified[i].id, verified[i].text, verified[i].verification.reason) for i in order])
+    return group_traces([trace_of(verified[i]) for i in order])
 
 
 def entry_ranks(entries: list[Entry], ranks: list) -> dict[int, int]:

@@ -13,7 +13,10 @@ The prompt is :meth:`Task.prompt` of the stored task with the run's ``tasks.inst
 columns: ``task_id``, ``source`` (``human`` or ``rules``), ``annotator`` (the usernames
 that submitted the item, joined by ``","``; None for rules), ``policy_version`` that sampled
 the traces, ``round``, ``rationale`` (the annotators' rationales joined; None for rules),
-``chosen_id``, ``rejected_id`` (completion ids in the database).
+``chosen_id``, ``rejected_id`` (completion ids in the database), ``chosen_origin``,
+``rejected_origin`` (who wrote the trace: ``sample`` the policy, ``teacher`` the API model of
+``rollout.teacher``, ``revision`` a constitutional revision). A collection-only run
+(``algorithm: none``) exports the teacher's ranked traces this way, for ``rlhf train --algorithm dpo``.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def preference_rows(store: Store, source: str = "all") -> list[dict]:
     chosen, rejected = aliased(CompletionRow), aliased(CompletionRow)
     q = (select(PreferencePair.id, PreferencePair.chosen_id, PreferencePair.rejected_id, RankingRow.source,
                 RankingRow.rollout_id, RankingRow.task_id, Rollout.round, Rollout.policy_version_id,
-                chosen.text, rejected.text)
+                chosen.text, rejected.text, chosen.origin, rejected.origin)
          .join(RankingRow, RankingRow.id == PreferencePair.ranking_id)
          .join(Rollout, Rollout.id == RankingRow.rollout_id)
          .join(chosen, chosen.id == PreferencePair.chosen_id)
@@ -72,7 +75,7 @@ def preference_rows(store: Store, source: str = "all") -> list[dict]:
             "annotator": ",".join(u for u, _ in subs) if human else None,
             "policy_version": p.policy_version_id, "round": p.round,
             "rationale": RATIONALE_SEP.join(r for _, r in subs if r.strip()) if human else None,
-            "chosen_id": p.chosen_id, "rejected_id": p.rejected_id,
+            "chosen_id": p.chosen_id, "rejected_id": p.rejected_id, "chosen_origin": p[10], "rejected_origin": p[11],
         })
     return rows
 
@@ -108,6 +111,7 @@ def export_preferences(store: Store, out_dir: str | Path, source: str = "all") -
         "annotator": datasets.Value("string"), "policy_version": datasets.Value("int64"),
         "round": datasets.Value("int64"), "rationale": datasets.Value("string"),
         "chosen_id": datasets.Value("int64"), "rejected_id": datasets.Value("int64"),
+        "chosen_origin": datasets.Value("string"), "rejected_origin": datasets.Value("string"),
     })
     columns = {k: [r[k] for r in rows] for k in features}
     target = out / "dataset"

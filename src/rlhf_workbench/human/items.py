@@ -29,11 +29,18 @@ RATIONALE_MAX_CHARS = 2000
 
 @dataclass
 class Trace:
-    """One trace as an annotator sees it."""
+    """One trace as an annotator sees it; ``source`` (who wrote it) is shown only when the run
+    says so (``rollout.teacher.show_source``): the page is blind to it by default."""
 
     completion_id: int
     text: str
     reason: str  # the verifier's reason for its verdict
+    source: str = "policy"  # "policy" (its own sample) or "teacher" (the API model of rollout.teacher)
+
+
+def trace_of(c: CompletionRow) -> Trace:
+    """The :class:`Trace` of a stored completion (its verification loaded)."""
+    return Trace(c.id, c.text, c.verification.reason, "teacher" if c.origin == "teacher" else "policy")
 
 
 @dataclass

@@ -39,11 +39,15 @@ class ChatChoice:
         text: the answer, special tokens removed, cut at EOS or the first stop string.
         n_tokens: generated tokens it counts (the EOS token included when one ended it).
         finish_reason: ``"stop"`` (EOS or a stop string) or ``"length"`` (hit ``max_tokens``).
+        logprobs: when asked for, ``(token, logprob)`` of each of the ``n_tokens`` generated tokens:
+            the token's text and its log-probability (nats) under the model's own distribution
+            (raw logits, temperature 1, before top-p), as OpenAI's ``logprobs.content``; else None.
     """
 
     text: str
     n_tokens: int
     finish_reason: str
+    logprobs: tuple[tuple[str, float], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,7 @@ class ChatModel:
     @torch.no_grad()
     def complete(self, messages: list[dict[str, str]], max_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, n: int = 1, stop: list[str] | None = None,
-                 seed: int | None = None) -> ChatCompletion:
+                 seed: int | None = None, logprobs: bool = False) -> ChatCompletion:
         """Answer ``messages`` (``{"role", "content"}`` dicts) ``n`` times.
 
         Args:
@@ -100,6 +104,7 @@ class ChatModel:
                 repeated); above 0 samples with ``top_p`` (nucleus) and no top-k.
             stop: strings that end an answer (cut from the text, as OpenAI does).
             seed: seeds torch's generator before generating, for reproducible samples.
+            logprobs: also return each generated token's log-probability (:class:`ChatChoice`).
 
         Raises:
             ContextLengthError: the prompt plus ``max_tokens`` exceeds the model's
@@ -124,9 +129,23 @@ class ChatModel:
         with self.lock:
             if seed is not None:
                 torch.manual_seed(seed)
-            seqs = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+            out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                      return_dict_in_generate=True, output_logits=logprobs, **kwargs)
+        seqs = out.sequences
         choices = [self._finish(seqs[i % rows, len(prompt):].tolist(), max_tokens, stop or []) for i in range(n)]
+        if logprobs:
+            choices = [self._with_logprobs(c, seqs[i % rows, len(prompt):], out.logits, i % rows)
+                       for i, c in enumerate(choices)]
         return ChatCompletion(prompt_tokens=len(prompt), choices=choices)
+
+    def _with_logprobs(self, choice: ChatChoice, row: torch.Tensor, logits: tuple, r: int) -> ChatChoice:
+        """``choice`` with the log-probabilities of its ``n_tokens`` tokens (row ``r`` of the step logits)."""
+        pairs = []
+        for step in range(min(choice.n_tokens, len(logits))):
+            token = int(row[step])
+            logp = torch.log_softmax(logits[step][r].float(), dim=-1)[token].item()
+            pairs.append((self.tokenizer.decode([token]), logp))
+        return ChatChoice(choice.text, choice.n_tokens, choice.finish_reason, tuple(pairs))
 
     def _finish(self, row: list[int], max_new: int, stop: list[str]) -> ChatChoice:
         """The answer in one generated row: cut at EOS, padding or a stop string."""

@@ -45,9 +45,12 @@ from rlhf_workbench.feedback.sources import (build_pairs, completion_rewards, le
 from rlhf_workbench.feedback.thumbs import thumbs_batch
 from rlhf_workbench.human.annotation import consume_human_rankings, wait_for_human_rankings
 from rlhf_workbench.human.selection import score_rollout
+from rlhf_workbench.model.api_rollout import (TEACHER_ORIGIN, sample_in_background, teacher_completions,
+                                               teacher_rollout)
 from rlhf_workbench.model.loading import PolicyPair, save_policy
 from rlhf_workbench.model.rollout import Completion
 from rlhf_workbench.model.sharding import make_accelerator
+from rlhf_workbench.run.collect import collect
 from rlhf_workbench.run.outputs import prune_checkpoints, save_eval, v0_texts, write_summary
 from rlhf_workbench.run.plots import write_report
 from rlhf_workbench.run.setup import RunState, load_models, load_run_tasks, open_run, pipeline_stages, share
@@ -79,7 +82,8 @@ def prompts_for_round(train: list, round: int, n: int, seed: int) -> list:
 def store_rollout(store: Store, round: int, version: int, settings: dict, tasks_by_id: dict,
                   comps: list[Completion], lenient: bool = False, selection: str = "fewest", seed: int = 0) -> int:
     """Verify one round's completions and store them with their verdicts in one transaction
-    (strict verifier; ``lenient`` rewards the lenient reading instead, the opt-in setting), with
+    (strict verifier; ``lenient`` rewards the lenient reading instead, the opt-in setting; a
+    teacher's trace is stored with ``extra``'s origin and API log-probs), with
     each item's informativeness under ``selection`` (``feedback.selection``, seeded by the run's
     ``seed``; :func:`rlhf_workbench.human.selection.score_rollout`)."""
     verdicts = [verify(c.text, tasks_by_id[c.task_id], lenient) for c in comps]
@@ -92,7 +96,8 @@ def store_rollout(store: Store, round: int, version: int, settings: dict, tasks_
         s.add(rollout)
         s.flush()
         rows = [CompletionRow(rollout_id=rollout.id, task_id=c.task_id, index=c.index, text=c.text,
-                              prompt_ids=c.prompt_ids, token_ids=c.token_ids, logps=c.logps, finished=c.finished)
+                              prompt_ids=c.prompt_ids, token_ids=c.token_ids, logps=c.logps, finished=c.finished,
+                              origin=c.extra.get("origin", "sample"), api_logprobs=c.extra.get("api_logprobs"))
                 for c in comps]
         s.add_all(rows)
         s.flush()
@@ -177,6 +182,56 @@ def _rule_scores(rollout: Rollout, cfg: RunConfig, tasks_by_id: dict | None = No
     return out, stats
 
 
+ON_POLICY = ("grpo", "rloo", "ppo")  # updates whose loss assumes the policy sampled every trace
+
+
+def _ranked_groups(store: Store, rollout: Rollout, comps: dict, on_policy: bool):
+    """The rollout's rankings as :class:`~rlhf_workbench.train.samples.SampleGroup` objects (one per
+    task, its traces with their rewards), with per trace ``(task_id, text, rank)``, the open task's
+    worst rank (None for keyed tasks) and whether the teacher wrote it. ``on_policy`` leaves the
+    teacher's traces out (see :func:`_round_batch`)."""
+    groups, ranks, open_worst, teacher = [], [], [], []
+    for rk in store.rankings_for_rollout(rollout.id):
+        worst = max((x for x in rk.ranks.values() if x is not None), default=0)
+        groups.append(SampleGroup())
+        for cid, reward in rk.rewards.items():
+            c = comps[int(cid)]
+            if on_policy and c.origin == TEACHER_ORIGIN:
+                continue
+            old = None if c.origin == TEACHER_ORIGIN else c.logps  # the policy's are unknown for a teacher's text
+            groups[-1].samples.append(Sample(c.prompt_ids, c.token_ids, old, reward=reward))
+            ranks.append((rk.task_id, c.text, rk.ranks.get(cid)))
+            # open task (no key): its worst rank, the undesirable end for KTO; None for keyed tasks
+            open_worst.append(worst if c.verification.reason == NO_KEY_REASON else None)
+            teacher.append(c.origin == TEACHER_ORIGIN)
+    return groups, ranks, open_worst, teacher
+
+
+def _rollout_stats(rollout: Rollout, comps: dict, samples: list[Sample], groups: list[SampleGroup]) -> dict:
+    """A stored rollout's statistics: rewards of the batch, rates over the policy's own samples
+    (``origin == "sample"``), and with a teacher its acceptance rate and the round's API usage
+    (``teacher/requests``, ``teacher/retries``, ``teacher/prompt_tokens``, ... from the rollout's settings)."""
+    sampled = [c for c in comps.values() if c.origin == "sample"]  # the policy's K: no revision, no teacher
+    n = max(1, len(sampled))
+    stats = {
+        "reward": torch.tensor([s.reward for s in samples], dtype=torch.float32).mean().item() if samples else 0.0,
+        "reward_std": torch.stack([torch.tensor(g.rewards, dtype=torch.float32).std() for g in groups]).mean().item()
+        if groups else 0.0,
+        "acceptance_rate": sum(c.verification.correct for c in sampled) / n,
+        "format_rate": sum(c.verification.format_ok for c in sampled) / n,
+        "lenient_acceptance_rate": sum(bool(c.verification.lenient_correct) for c in sampled) / n,
+        "ambiguous_rate": sum(bool(c.verification.ambiguous) for c in sampled) / n,
+        "unparsed_rate": sum(c.verification.verdict == Verdict.UNPARSED for c in sampled) / n,
+        "completions/mean_length": sum(len(c.token_ids) for c in sampled) / n,
+        "completions/clipped_ratio": sum(not c.finished for c in sampled) / n,
+    }
+    taught = [c for c in comps.values() if c.origin == TEACHER_ORIGIN]
+    if taught:
+        stats["teacher/acceptance_rate"] = sum(c.verification.correct for c in taught) / len(taught)
+        stats.update({f"teacher/{k}": float(v) for k, v in (rollout.settings.get("teacher_usage") or {}).items()})
+    return stats
+
+
 def _round_batch(store: Store, rollout: Rollout, cfg: RunConfig, algorithm: str | None = None, tokenizer=None):
     """Training inputs of a stored rollout for ``algorithm``, plus rollout statistics.
 
@@ -196,66 +251,60 @@ def _round_batch(store: Store, rollout: Rollout, cfg: RunConfig, algorithm: str 
       for open tasks the best-ranked traces only.
     - ``dpo``: ``(chosen, rejected)`` pairs stored with the ranking.
 
+    Teacher traces (``rollout.teacher``, origin ``"teacher"``) are in the DPO pairs, the KTO and
+    the SFT batches like the policy's: those losses are correct for any sampler (DPO's and KTO's
+    log-ratios are to the reference, SFT is likelihood). GRPO, RLOO and PPO leave them out: their
+    importance ratio divides by the behaviour policy's log-probs, which a text the policy did not
+    sample does not have, and their advantages are baselines over the policy's own samples.
+    ``teacher_in_batch`` counts the teacher's traces in the batch (chosen ones for DPO).
+
     ``algorithm`` defaults to ``cfg.algorithm``.
     """
     algorithm = algorithm or cfg.algorithm
     comps = {c.id: c for c in rollout.completions}
-    sampled = [c for c in comps.values() if c.origin != "revision"]  # statistics: the K samples, not revisions
-    groups, ranks, open_worst = [], [], []
-    for rk in store.rankings_for_rollout(rollout.id):
-        worst = max((x for x in rk.ranks.values() if x is not None), default=0)
-        groups.append(SampleGroup())
-        for cid, reward in rk.rewards.items():
-            c = comps[int(cid)]
-            groups[-1].samples.append(Sample(c.prompt_ids, c.token_ids, c.logps, reward=reward))
-            ranks.append((rk.task_id, c.text, rk.ranks.get(cid)))
-            # open task (no key): its worst rank, the undesirable end for KTO; None for keyed tasks
-            open_worst.append(worst if c.verification.reason == NO_KEY_REASON else None)
+    groups, ranks, open_worst, teacher = _ranked_groups(store, rollout, comps, algorithm in ON_POLICY)
     samples = flatten(groups)
-    n = max(1, len(sampled))
-    stats = {
-        "reward": torch.tensor([s.reward for s in samples], dtype=torch.float32).mean().item() if samples else 0.0,
-        "reward_std": torch.stack([torch.tensor(g.rewards, dtype=torch.float32).std() for g in groups]).mean().item()
-        if groups else 0.0,
-        "acceptance_rate": sum(c.verification.correct for c in sampled) / n,
-        "format_rate": sum(c.verification.format_ok for c in sampled) / n,
-        "lenient_acceptance_rate": sum(bool(c.verification.lenient_correct) for c in sampled) / n,
-        "ambiguous_rate": sum(bool(c.verification.ambiguous) for c in sampled) / n,
-        "unparsed_rate": sum(c.verification.verdict == Verdict.UNPARSED for c in sampled) / n,
-        "completions/mean_length": sum(len(c.token_ids) for c in sampled) / n,
-        "completions/clipped_ratio": sum(not c.finished for c in sampled) / n,
-    }
+    stats = _rollout_stats(rollout, comps, samples, groups)
     if algorithm == "grpo":
         set_group_advantages(groups, cfg.grpo.scale_rewards)
         return samples, stats
     if algorithm in ("rloo", "ppo"):
         return (groups if algorithm == "rloo" else samples), stats
+    taught, mixed = 0, "teacher/acceptance_rate" in stats  # teacher traces in the batch; a teacher this round
     if algorithm == "kto":
         batch = []
-        for s, (_, _, rank), worst in zip(samples, ranks, open_worst):
+        for s, (_, _, rank), worst, t in zip(samples, ranks, open_worst, teacher):
             if rank is None or rank == 0 or (worst is not None and rank == worst):
                 s.label = rank == 0
                 batch.append(s)
+                taught += t
         stats["desirable"] = float(sum(s.label for s in batch))
         stats["undesirable"] = float(sum(not s.label for s in batch))
         if cfg.feedback.thumbs and tokenizer is not None:  # deployment thumbs (playground, serve-model)
             thumbs, thumb_stats = thumbs_batch(store, tokenizer, rollout.round, cfg.eval.max_new_tokens)
             batch += thumbs
             stats.update(thumb_stats)
+        stats.update({"teacher_in_batch": float(taught)} if mixed else {})
         return batch, stats
     if algorithm == "sft":
         seen, batch = set(), []
-        for s, (task_id, text, rank), worst in zip(samples, ranks, open_worst):
+        for s, (task_id, text, rank), worst, t in zip(samples, ranks, open_worst, teacher):
             if rank is not None and (worst is None or rank == 0) and (task_id, text) not in seen:
                 seen.add((task_id, text))
                 batch.append(s)
+                taught += t
         stats["sft_traces"] = float(len(batch))
+        stats.update({"teacher_in_batch": float(taught)} if mixed else {})
         return batch, stats
+    stored = store.pairs_for_rollout(rollout.id)
     pairs = [(Sample(comps[p.chosen_id].prompt_ids, comps[p.chosen_id].token_ids),
-              Sample(comps[p.rejected_id].prompt_ids, comps[p.rejected_id].token_ids))
-             for p in store.pairs_for_rollout(rollout.id)]
+              Sample(comps[p.rejected_id].prompt_ids, comps[p.rejected_id].token_ids)) for p in stored]
     stats["pairs"] = float(len(pairs))
+    stats.update({"teacher_in_batch": float(sum(comps[p.chosen_id].origin == TEACHER_ORIGIN for p in stored))}
+                 if mixed else {})
     return pairs, stats
+
+
 def _update(algorithm: str, pair, critic, optimizer, accelerator, batch, cfg: RunConfig) -> dict[str, float]:
     """One round's policy update with ``algorithm`` (looked up at call time)."""
     if algorithm == "ppo":
@@ -272,6 +321,9 @@ def run(cfg: RunConfig, out_dir: str | Path, console: Console | None = None) -> 
     database, ranks, evaluates and saves checkpoints, and broadcasts each round's training batch;
     every process then trains on its shard of that batch (see :mod:`rlhf_workbench.train.engine`).
     With human feedback the other processes wait (process-group timeout: one day).
+    With ``rollout.teacher`` each round also holds an API model's traces (:func:`_rollout`,
+    :func:`_round_batch` says which updates train on them); ``algorithm: none`` collects the
+    teacher's traces only (:func:`rlhf_workbench.run.collect.collect`: no policy, no update).
 
     Returns:
         The summary also written to ``out_dir/summary.json``: ``eval_before`` / ``eval_after``
@@ -285,6 +337,8 @@ def run(cfg: RunConfig, out_dir: str | Path, console: Console | None = None) -> 
         RunInUseError: another live ``rlhf run`` or ``rlhf worker`` owns the run (nothing changed).
     """
     with ExitStack() as cleanup:  # the run's lock and tracker, released however the run ends
+        if cfg.algorithm == "none":  # collection only: the teacher's traces ranked, no policy (run/collect.py)
+            return collect(cfg, Path(out_dir), console, cleanup, _collect_round)
         return _run(cfg, out_dir, console, cleanup)
 
 
@@ -394,15 +448,22 @@ def _round(state: RunState, round: int) -> None:
 def _rollout(state: RunState, round: int) -> Rollout | None:
     """Round ``round``'s rollout on the main process (None on the others): the one an interrupted
     attempt stored, else K samples per prompt of the round from policy version ``round - 1``
-    (every process generates its share), verified and stored by :func:`store_rollout`."""
+    (every process generates its share) and, with ``rollout.teacher``, the API model's M answers
+    (main process, requested in the background while the policy samples:
+    :func:`rlhf_workbench.model.api_rollout.sample_in_background`; its usage in the settings'
+    ``teacher_usage``), verified and stored by :func:`store_rollout`."""
     cfg, accelerator, r = state.cfg, state.accelerator, state.cfg.rollout
     rollout = state.store.rollout_for_round(round) if state.main else None
     if share(accelerator, rollout is not None):
         return rollout
     rank, world = accelerator.process_index, accelerator.num_processes
+    tasks = prompts_for_round(state.train, round, r.prompts_per_round, cfg.seed)
+    teacher = None
     if state.main:
         state.store.set_meta("status", {"state": "generating", "round": round})  # shown on the dashboard
-    batch_tasks = prompts_for_round(state.train, round, r.prompts_per_round, cfg.seed)[rank::world]
+        if r.teacher is not None:  # the API model answers every prompt of the round while the policy samples
+            teacher = sample_in_background(r.teacher, tasks, round, cfg.seed, r.max_new_tokens, r.stop)
+    batch_tasks = tasks[rank::world]
     set_seed(cfg.seed * 1000 + round + 7919 * rank)
     with Progress(console=state.console, transient=True) as bar, state.gatherer.generating(state.engine):
         job = bar.add_task(f"round {round}: rollout", total=len(batch_tasks) * r.num_generations)
@@ -414,9 +475,33 @@ def _rollout(state: RunState, round: int) -> Rollout | None:
         return None
     settings = {**r.model_dump(), "do_sample": True, "mixed_precision": cfg.model.mixed_precision,
                 "num_processes": world}
+    if teacher is not None:  # its M answers per prompt, after the K samples, under the policy's tokenizer
+        traces, settings["teacher_usage"] = teacher.result()
+        comps = comps + teacher_completions(traces, state.tasks_by_id, state.pair.tokenizer, r.num_generations)
     store_rollout(state.store, round, round - 1, settings, state.tasks_by_id, comps, cfg.tasks.verifier == "lenient",
                   cfg.feedback.selection, cfg.seed)
     return state.store.rollout_for_round(round)
+
+
+def _collect_round(state: RunState, round: int, tokenizer) -> dict[str, float]:
+    """One round of collection only (``algorithm: none``, :func:`rlhf_workbench.run.collect.collect`):
+    the rollout an interrupted attempt stored, else the teacher's M answers to each prompt of the round
+    (``tokenizer``: the configured model's, for token counts and export), stored by :func:`store_rollout`
+    as in a mixed round, then ranked by :func:`_feedback` (rule sources, or experts in the web app).
+    Returns the round's statistics: the teacher's (``teacher/...``), the feedback's and ``pairs``."""
+    cfg, store, r = state.cfg, state.store, state.cfg.rollout
+    rollout = store.rollout_for_round(round)
+    if rollout is None:
+        store.set_meta("status", {"state": "generating", "round": round})
+        tasks = prompts_for_round(state.train, round, r.prompts_per_round, cfg.seed)
+        comps, usage = teacher_rollout(r.teacher, tasks, tokenizer, round, cfg.seed, r.max_new_tokens, r.stop)
+        store_rollout(store, round, round - 1, {**r.model_dump(), "teacher_usage": usage, "collection_only": True},
+                      state.tasks_by_id, comps, cfg.tasks.verifier == "lenient", cfg.feedback.selection, cfg.seed)
+        rollout = store.rollout_for_round(round)
+    rollout, feedback_stats = _feedback(state, rollout, "none")
+    stats = _rollout_stats(rollout, {c.id: c for c in rollout.completions}, [], [])
+    return {**{k: v for k, v in stats.items() if k.startswith("teacher/")}, **feedback_stats,
+            "pairs": float(len(store.pairs_for_rollout(rollout.id)))}
 
 
 def _feedback(state: RunState, rollout: Rollout, algorithm: str) -> tuple[Rollout, dict[str, float]]:

@@ -8,10 +8,12 @@ import json
 import shutil
 from pathlib import Path
 
+from sqlalchemy import select
+
 from rlhf_workbench.config import RunConfig
 from rlhf_workbench.evaluation.heldout import EvalResult
 from rlhf_workbench.stats import mcnemar_exact
-from rlhf_workbench.store import Store
+from rlhf_workbench.store import Rollout, Store
 
 SUMMARY_METRICS = ("accuracy", "lenient_accuracy", "format_rate", "ambiguous_rate", "unparsed_rate",
                    "accuracy_ci_low",
@@ -62,11 +64,24 @@ def _eval_block(ev: dict) -> dict:
     return block
 
 
+def teacher_totals(store: Store) -> dict[str, int] | None:
+    """The API model's usage summed over the run's rollouts (each round's ``teacher_usage`` in its
+    settings: requests, retries and their causes, prompt and completion tokens, traces; see
+    :class:`rlhf_workbench.model.api_rollout.APIUsage`); None when no round asked a teacher."""
+    with store.session() as s:
+        usages = [st.get("teacher_usage") for st in s.scalars(select(Rollout.settings).order_by(Rollout.round))]
+    usages = [u for u in usages if u]
+    if not usages:
+        return None
+    return {k: sum(int(u.get(k, 0)) for u in usages) for k in dict.fromkeys(k for u in usages for k in u)}
+
+
 def write_summary(out: Path, store: Store, cfg: RunConfig, wall: float) -> dict:
     """The run's summary, also written to ``out/summary.json``: the first and last published
     versions' evaluations (``eval_before`` / ``eval_after``), ``rounds``, ``algorithm``,
-    ``wall_seconds`` (``wall``, seconds), ``model``, ``tasks`` and the exact McNemar test on their
-    paired strict (``significance``) and lenient (``significance_lenient``) held-out outcomes."""
+    ``wall_seconds`` (``wall``, seconds), ``model``, ``tasks``, the exact McNemar test on their
+    paired strict (``significance``) and lenient (``significance_lenient``) held-out outcomes and,
+    with a teacher, its ``teacher_usage`` (:func:`teacher_totals`)."""
     versions = store.versions()
     first, last = versions[0], versions[-1]
     ev0 = json.loads((out / "eval" / f"v{first.id}.json").read_text())
@@ -78,5 +93,7 @@ def write_summary(out: Path, store: Store, cfg: RunConfig, wall: float) -> dict:
                          **mcnemar_exact(ev0["correct"], ev1["correct"])},
         "significance_lenient": mcnemar_exact(ev0.get("lenient_correct", []), ev1.get("lenient_correct", [])),
     }
+    if (teacher := teacher_totals(store)) is not None:  # rollout.teacher's cost over the run
+        summary["teacher_usage"] = teacher
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
