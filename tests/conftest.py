@@ -203,3 +203,54 @@ def gradio_api_call(http, api_name: str, data: list) -> tuple[str, object]:
             elif line.startswith("data:") and event in ("complete", "error"):
                 return event, json.loads(line[5:])
     raise AssertionError(f"{api_name}: no result")
+
+
+def loop_beside_app(cfg, out, expert, timeout: float = 300.0) -> tuple[dict, list[str]]:
+    """Run the loop (:func:`rlhf_workbench.run.loop.run`) in a thread beside the web app on a free
+    loopback port, with ``expert(url, stop)`` (a scripted annotator: a callable taking the app's
+    URL and a ``threading.Event`` set when the loop ends) in another thread, as ``rlhf serve
+    --with-worker`` and an annotator would run. Stops at the loop's end, at the first error of
+    either thread or after ``timeout`` seconds.
+
+    Returns:
+        ``(summary, errors)``: the loop's summary, and the tracebacks of either thread (plus
+        ``"timeout"`` when the loop was still running).
+    """
+    import socket
+    import threading
+    import time
+    import traceback
+
+    from rich.console import Console
+
+    from rlhf_workbench.app.build import launch
+    from rlhf_workbench.run.loop import run
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = launch(cfg, out, "127.0.0.1", port, block=False)
+    stop, errors, summary = threading.Event(), [], {}
+
+    def guard(fn, *args):
+        try:
+            fn(*args)
+        except BaseException:  # noqa: BLE001 - returned to the test
+            errors.append(traceback.format_exc())
+
+    worker = threading.Thread(target=guard, args=(lambda: summary.update(run(cfg, out, Console(quiet=True))),),
+                              daemon=True)
+    ranker = threading.Thread(target=guard, args=(expert, f"http://127.0.0.1:{port}", stop), daemon=True)
+    deadline = time.time() + timeout
+    try:
+        worker.start()
+        ranker.start()
+        while worker.is_alive() and not errors and time.time() < deadline:
+            worker.join(0.5)
+    finally:
+        stop.set()
+        ranker.join(60)
+        demo.close()
+    if worker.is_alive():
+        errors.append("timeout")
+    return summary, errors

@@ -5,17 +5,15 @@ no expert ranked, and a length penalty guards against length hacking."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
 import pytest
 import torch
 from pydantic import ValidationError
-from rich.console import Console
 from sqlalchemy import select
 
-from conftest import gradio_api_call
+from conftest import gradio_api_call, loop_beside_app
 from rlhf_workbench.config import RunConfig
 from rlhf_workbench.feedback.sources import length_penalized
 from rlhf_workbench.store import RankingRow, Store
@@ -39,12 +37,6 @@ def test_refit_needs_experts_and_the_penalty_stays_below_one():
         RunConfig.model_validate({"feedback": {"refit": {}}})
     with pytest.raises(ValidationError, match="length_penalty"):
         RunConfig.model_validate({"feedback": {"length_penalty": 1.0}})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tasks(tmp_path):
@@ -101,9 +93,7 @@ def test_online_arm_through_the_http_api_refit_learns_what_the_expert_prefers(ti
     /next_item and /submit by a scripted expert), the refit reward model ranks the rest. Its
     agreement with the expert on each round's expert pairs, measured before it is refit on them,
     starts at chance (a zero head) and rises above it."""
-    from rlhf_workbench.app.build import launch
     from rlhf_workbench.human.accounts import create_user
-    from rlhf_workbench.run import loop as loop_mod
 
     rounds, per_round, budget = 5, 6, 3
     task_file, prompts = _tasks(tmp_path)
@@ -122,23 +112,8 @@ def test_online_arm_through_the_http_api_refit_learns_what_the_expert_prefers(ti
     store = Store(cfg.db_url, out)
     create_user(store, "expert", PASSWORD)
     expert = ScriptedExpert(tiny_model_dir, prompts, budget)
-    port = _free_port()
-    demo = launch(cfg, out, "127.0.0.1", port, block=False)
-    stop, errors = threading.Event(), []
-    worker = threading.Thread(target=lambda: _run(loop_mod, cfg, out, errors), daemon=True)
-    ranker = threading.Thread(target=lambda: _guard(expert.work, errors, f"http://127.0.0.1:{port}", stop), daemon=True)
-    try:
-        worker.start()
-        ranker.start()
-        deadline = time.time() + 600
-        while worker.is_alive() and ranker.is_alive() and time.time() < deadline:
-            time.sleep(0.5)
-    finally:
-        stop.set()
-        ranker.join(60)
-        demo.close()
+    _, errors = loop_beside_app(cfg, out, expert.work, timeout=600)
     assert not errors, errors[0]
-    assert not worker.is_alive()
     with store.session() as s:
         sources = [(r.rollout_id, r.source) for r in s.scalars(select(RankingRow))]
     for rid in {r for r, _ in sources}:  # per round: the budget's expert groups, the refit model the rest
@@ -152,15 +127,3 @@ def test_online_arm_through_the_http_api_refit_learns_what_the_expert_prefers(ti
     assert metrics[-1]["train/refit/expert_pairs"] == sum(n for _, n in later) + metrics[0]["train/refit/heldout_pairs"]
     assert (out / "online_reward_model" / "reward_head.safetensors").exists()
 
-
-def _run(loop_mod, cfg, out, errors):
-    _guard(loop_mod.run, errors, cfg, out, Console(quiet=True))
-
-
-def _guard(fn, errors, *args):
-    try:
-        fn(*args)
-    except BaseException as e:  # noqa: BLE001 - reported by the test
-        import traceback
-
-        errors.append(traceback.format_exc())

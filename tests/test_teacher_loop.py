@@ -8,7 +8,6 @@ only, exported and trained on with ``rlhf train --algorithm dpo``."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 from sqlalchemy import select
 
-from conftest import gradio_api_call
+from conftest import gradio_api_call, loop_beside_app
 from teacher_endpoint import ByOrder, TeacherEndpoint
 
 from rlhf_workbench.config import RunConfig
@@ -183,12 +182,6 @@ def test_serve_model_logprobs_are_the_models_own_and_absent_when_not_returned(se
     assert [r.origin for r in rows] == ["teacher", "teacher"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _open_tasks(tmp_path):
     things = ["tea", "rivers", "owls", "bread", "maps", "clocks"]
     rows = [{"id": f"t{i}", "prompt": f"Tell me something about {w}.", "metadata": {"split": "train"}}
@@ -211,7 +204,7 @@ def shortest_first(item: dict, origin: dict) -> list[int]:
     return [lengths.index(len(g["text"])) for g in item["groups"]]
 
 
-def _expert(url: str, store: Store, stop: threading.Event, seen: list, errors: list, rank=teacher_first) -> None:
+def _expert(url: str, stop: threading.Event, store: Store, seen: list, rank=teacher_first) -> None:
     """Ranks through /next_item and /submit only, by ``rank(item, origin)`` (one rank per group)."""
     with httpx.Client(base_url=url, timeout=60, trust_env=False) as http:
         http.post("/login", data={"username": "expert", "password": PASSWORD}).raise_for_status()
@@ -228,16 +221,12 @@ def _expert(url: str, store: Store, stop: threading.Event, seen: list, errors: l
             ranks = rank(item, origin)
             event, out = gradio_api_call(http, "submit", [item["rollout_id"], item["task_id"], json.dumps(ranks),
                                                           "teacher first", "[]", item["revision"], "[]"])
-            if event != "complete" or not str(out[0]).startswith("ok"):
-                errors.append(f"submit: {event} {out}")
-                return
+            assert event == "complete" and str(out[0]).startswith("ok"), f"submit: {event} {out}"
 
 
 def test_teacher_behind_serve_model_is_ranked_blind_in_the_app_and_trains_the_student(
         served_teacher, tiny_model_dir, tmp_path):
-    from rlhf_workbench.app.build import launch
     from rlhf_workbench.human.accounts import create_user
-    from rlhf_workbench.run.loop import run
 
     url = served_teacher[0]
     out = tmp_path / "run"
@@ -248,29 +237,9 @@ def test_teacher_behind_serve_model_is_ranked_blind_in_the_app_and_trains_the_st
                       "rollout.teacher.model": "tiny-teacher"})
         store = Store(cfg.db_url, out)
         create_user(store, "expert", PASSWORD)
-        port = _free_port()
-        demo = launch(cfg, out, "127.0.0.1", port, block=False)
-        stop, errors, seen, started = threading.Event(), [], [], time.time()
-
-        def work():
-            try:
-                run(cfg, out, Console(quiet=True))
-            except BaseException as e:  # noqa: BLE001 - reported below
-                errors.append(repr(e))
-
-        worker = threading.Thread(target=work, daemon=True)
-        expert = threading.Thread(target=_expert, args=(f"http://127.0.0.1:{port}", store, stop, seen, errors),
-                                  daemon=True)
-        try:
-            worker.start()
-            expert.start()
-            while worker.is_alive() and not errors and time.time() - started < 300:
-                worker.join(1)
-        finally:
-            stop.set()
-            expert.join(60)
-            demo.close()
-    assert not errors and not worker.is_alive(), errors
+        seen = []
+        _, errors = loop_beside_app(cfg, out, lambda url, stop: _expert(url, stop, store, seen))
+    assert not errors, errors
     assert [f for _, _, f in proxy.received].count("429") == 3  # every other trace was rate-limited once
     rollout = store.rollout_for_round(1)
     teacher_rows = [c for c in rollout.completions if c.origin == "teacher"]
@@ -382,10 +351,8 @@ def test_the_page_has_a_slot_per_trace_and_names_sources_only_when_asked():
 def test_collection_only_with_experts_in_the_app_exports_their_rankings(served_teacher, tiny_model_dir, tmp_path):
     """``algorithm: none`` with ``feedback.source: human``: the teacher's traces alone, served in the
     app (M per item), ranked by an expert through the HTTP API, exported with the expert's name."""
-    from rlhf_workbench.app.build import launch
     from rlhf_workbench.human.accounts import create_user
     from rlhf_workbench.human.export import preference_rows
-    from rlhf_workbench.run.loop import run
 
     out = tmp_path / "collect"
     cfg = _cfg(tiny_model_dir, served_teacher[0], {"path": str(_open_tasks(tmp_path))}, algorithm="none", rounds=1,
@@ -393,30 +360,9 @@ def test_collection_only_with_experts_in_the_app_exports_their_rankings(served_t
                   "feedback.source": "human", "feedback.min_rankings": 3, "feedback.poll_seconds": 0.2})
     store = Store(cfg.db_url, out)
     create_user(store, "expert", PASSWORD)
-    port = _free_port()
-    demo = launch(cfg, out, "127.0.0.1", port, block=False)
-    stop, errors, seen, summary = threading.Event(), [], [], {}
-
-    def work():
-        try:
-            summary.update(run(cfg, out, Console(quiet=True)))
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(repr(e))
-
-    worker = threading.Thread(target=work, daemon=True)
-    expert = threading.Thread(target=_expert, args=(f"http://127.0.0.1:{port}", store, stop, seen, errors,
-                                                    shortest_first), daemon=True)
-    started = time.time()
-    try:
-        worker.start()
-        expert.start()
-        while worker.is_alive() and not errors and time.time() - started < 300:
-            worker.join(1)
-    finally:
-        stop.set()
-        expert.join(60)
-        demo.close()
-    assert not errors and not worker.is_alive(), errors
+    seen = []
+    summary, errors = loop_beside_app(cfg, out, lambda url, stop: _expert(url, stop, store, seen, shortest_first))
+    assert not errors, errors
     assert summary["algorithm"] == "none" and summary["teacher_usage"]["traces"] == 3 * 3
     assert len(seen) == 3 and all(len(i["completion_ids"]) == 3 for i in seen)  # the M teacher traces
     rows = preference_rows(store)
